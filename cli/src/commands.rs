@@ -1,0 +1,223 @@
+//! What each subcommand asks the daemon and prints. Input has already been checked by the argument parsers,
+//! and the connection made, by the time these run.
+
+use std::time::SystemTime;
+
+use remote_network::api::control::{
+    ForgetPeerRequest, GetNodeInfoRequest, GetPeerRequest, JoinTopicRequest, LeaveTopicRequest,
+    ListPeersRequest, ListPeersResponse, ListTopicsRequest, NodeType, PeerEvent, PeerEventKind, PeerOrder,
+    WatchPeersRequest,
+};
+use remote_network::api::names::NodeId;
+use tokio::signal::unix::{SignalKind, signal};
+
+use crate::args::{DaemonCommand, ListPeersArgs, NodeCommand, PeersCommand, TopicsCommand};
+use crate::daemon::Daemon;
+use crate::exit::Failure;
+use crate::output::Printer;
+use crate::render;
+use crate::timefmt::{timestamp_before, unix_seconds};
+
+/// Runs a subcommand against the connected daemon.
+pub async fn run(command: DaemonCommand, daemon: &Daemon, printer: &mut Printer) -> Result<(), Failure> {
+    match command {
+        DaemonCommand::Node(NodeCommand::Info) => node_info(daemon, printer).await,
+        DaemonCommand::Peers(PeersCommand::List(args)) => list_peers(daemon, printer, args).await,
+        DaemonCommand::Peers(PeersCommand::Show { id }) => show_peer(daemon, printer, id).await,
+        DaemonCommand::Peers(PeersCommand::Watch { topic, snapshot }) => {
+            watch_peers(daemon, printer, topic, snapshot).await
+        }
+        DaemonCommand::Peers(PeersCommand::Forget { id }) => forget_peer(daemon, printer, id).await,
+        DaemonCommand::Topics(TopicsCommand::Join { topic }) => join_topic(daemon, printer, topic).await,
+        DaemonCommand::Topics(TopicsCommand::Leave { topic }) => leave_topic(daemon, printer, topic).await,
+        DaemonCommand::Topics(TopicsCommand::List) => list_topics(daemon, printer).await,
+    }
+}
+
+fn now() -> i64 {
+    unix_seconds(SystemTime::now())
+}
+
+async fn node_info(daemon: &Daemon, printer: &mut Printer) -> Result<(), Failure> {
+    let mut client = daemon.nodes();
+    let response = daemon.unary(client.get_node_info(GetNodeInfoRequest {})).await?;
+    let now = now();
+    printer.response(&response, |response| render::node_info(&response.node.clone().unwrap_or_default(), now))
+}
+
+/// How many peers `peers list` should print.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Wanted {
+    AtMost(u64),
+    All,
+}
+
+/// Fetches pages until `wanted` peers are collected or the store has no more. Each request asks for at most the
+/// number still wanted, so no page is cut short and the last page's token stays valid for `--page-token`.
+async fn list_peers(daemon: &Daemon, printer: &mut Printer, args: ListPeersArgs) -> Result<(), Failure> {
+    let wanted = match (args.all, args.limit) {
+        (true, _) => Wanted::All,
+        (false, Some(limit)) => Wanted::AtMost(limit),
+        (false, None) => Wanted::AtMost(u64::from(args.page_size)),
+    };
+    let mut request = ListPeersRequest {
+        topic: args.topic.unwrap_or_default(),
+        node_type: args.node_type.map_or(NodeType::Unknown, NodeType::from) as i32,
+        seen_since: args.seen_since.map(|age| timestamp_before(SystemTime::now(), age)),
+        order: PeerOrder::from(args.order) as i32,
+        page_size: args.page_size,
+        page_token: args.page_token.unwrap_or_default(),
+    };
+    let mut client = daemon.peers();
+    let mut listing = ListPeersResponse::default();
+    loop {
+        request.page_size = page_size_for(wanted, args.page_size, listing.peers.len());
+        let page = daemon.unary(client.list_peers(request.clone())).await?;
+        let page_was_empty = page.peers.is_empty();
+        listing.peers.extend(page.peers);
+        listing.total = page.total;
+        listing.next_page_token = page.next_page_token;
+        let have_enough = match wanted {
+            Wanted::AtMost(limit) => listing.peers.len() as u64 >= limit,
+            Wanted::All => false,
+        };
+        // An empty page with a token would loop forever on a misbehaving daemon; treat it as the end.
+        if listing.next_page_token.is_empty() || have_enough || page_was_empty {
+            break;
+        }
+        request.page_token = listing.next_page_token.clone();
+    }
+    if wanted == Wanted::All {
+        listing.next_page_token.clear();
+    }
+
+    let now = now();
+    printer.response(&listing, |listing| {
+        if listing.peers.is_empty() {
+            return "no peers\n".to_owned();
+        }
+        let mut text = render::peer_table(&listing.peers, now);
+        if !listing.next_page_token.is_empty() {
+            text.push_str(&render::more_peers_footer(listing.peers.len(), listing.total));
+        }
+        text
+    })
+}
+
+/// Page size for the next request: the configured size, or less when fewer peers are still wanted.
+fn page_size_for(wanted: Wanted, page_size: u32, collected: usize) -> u32 {
+    match wanted {
+        Wanted::All => page_size,
+        Wanted::AtMost(limit) => {
+            let remaining = limit.saturating_sub(collected as u64).max(1);
+            u32::try_from(remaining).map_or(page_size, |remaining| remaining.min(page_size))
+        }
+    }
+}
+
+async fn show_peer(daemon: &Daemon, printer: &mut Printer, id: NodeId) -> Result<(), Failure> {
+    let mut client = daemon.peers();
+    let request = GetPeerRequest { node_id: id.to_string() };
+    let response = daemon.unary(client.get_peer(request)).await?;
+    if !printer.is_json() && response.peer.is_none() {
+        return Err(Failure::NotFound(format!("the daemon returned no peer for {id}")));
+    }
+    let now = now();
+    printer
+        .response(&response, |response| render::peer_detail(&response.peer.clone().unwrap_or_default(), now))
+}
+
+/// Streams events until the daemon ends the stream or the user stops rnctl (Ctrl-C or SIGTERM), both of which
+/// are a normal end. No deadline applies: the stream is meant to stay open.
+async fn watch_peers(
+    daemon: &Daemon,
+    printer: &mut Printer,
+    topic: Option<String>,
+    include_snapshot: bool,
+) -> Result<(), Failure> {
+    let signal_error = |error| Failure::Other(anyhow::Error::new(error).context("cannot handle Ctrl-C"));
+    let mut interrupt = signal(SignalKind::interrupt()).map_err(signal_error)?;
+    let mut terminate = signal(SignalKind::terminate()).map_err(signal_error)?;
+
+    let request = WatchPeersRequest { include_snapshot, topic: topic.unwrap_or_default() };
+    let mut client = daemon.peers();
+    let mut stream = tokio::select! {
+        response = client.watch_peers(request) => response?.into_inner(),
+        _ = interrupt.recv() => return Ok(()),
+        _ = terminate.recv() => return Ok(()),
+    };
+    let mut snapshot_peers: u64 = 0;
+    loop {
+        let event: Option<PeerEvent> = tokio::select! {
+            message = stream.message() => message?,
+            _ = interrupt.recv() => return Ok(()),
+            _ = terminate.recv() => return Ok(()),
+        };
+        let Some(event) = event else {
+            return Ok(());
+        };
+        if event.kind == PeerEventKind::Snapshot as i32 {
+            snapshot_peers += 1;
+        }
+        let now = now();
+        printer.stream_item(&event, |event| render::peer_event_line(event, now, snapshot_peers))?;
+    }
+}
+
+/// Forgetting an unknown peer is "not found" (exit status 5), so scripts can tell it from a real deletion.
+async fn forget_peer(daemon: &Daemon, printer: &mut Printer, id: NodeId) -> Result<(), Failure> {
+    let mut client = daemon.peers();
+    let request = ForgetPeerRequest { node_id: id.to_string() };
+    let response = daemon.unary(client.forget_peer(request)).await?;
+    if printer.is_json() {
+        printer.response(&response, |_| String::new())?;
+    } else if response.forgotten {
+        printer.text(&format!("forgot {id}"))?;
+    }
+    if response.forgotten { Ok(()) } else { Err(Failure::NotFound(format!("no peer {id} in the store"))) }
+}
+
+async fn join_topic(daemon: &Daemon, printer: &mut Printer, topic: String) -> Result<(), Failure> {
+    let mut client = daemon.topics();
+    let request = JoinTopicRequest { topic: topic.clone() };
+    let response = daemon.unary(client.join_topic(request)).await?;
+    printer.response(&response, |response| {
+        if response.newly_joined { format!("joined {topic}\n") } else { format!("already joined {topic}\n") }
+    })
+}
+
+async fn leave_topic(daemon: &Daemon, printer: &mut Printer, topic: String) -> Result<(), Failure> {
+    let mut client = daemon.topics();
+    let request = LeaveTopicRequest { topic: topic.clone() };
+    let response = daemon.unary(client.leave_topic(request)).await?;
+    printer.response(&response, |response| {
+        if response.left { format!("left {topic}\n") } else { format!("was not in {topic}\n") }
+    })
+}
+
+async fn list_topics(daemon: &Daemon, printer: &mut Printer) -> Result<(), Failure> {
+    let mut client = daemon.topics();
+    let response = daemon.unary(client.list_topics(ListTopicsRequest {})).await?;
+    let now = now();
+    printer.response(&response, |response| {
+        if response.topics.is_empty() {
+            "no topics joined\n".to_owned()
+        } else {
+            render::topic_table(&response.topics, now)
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn page_sizes_never_overshoot_a_limit() {
+        assert_eq!(page_size_for(Wanted::All, 100, 500), 100);
+        assert_eq!(page_size_for(Wanted::AtMost(100), 100, 0), 100);
+        assert_eq!(page_size_for(Wanted::AtMost(5), 100, 0), 5);
+        assert_eq!(page_size_for(Wanted::AtMost(250), 100, 200), 50);
+        assert_eq!(page_size_for(Wanted::AtMost(u64::MAX), 1000, 0), 1000);
+    }
+}

@@ -1,0 +1,960 @@
+//! The node's configuration: a TOML file, `RN_*` environment variables and command-line flags, layered with
+//! precedence flags > environment > file > defaults.
+//!
+//! Every setting is declared once in [`SETTINGS`] (its key, environment variable, flag, meaning and kind). That
+//! one table drives loading, unknown-key detection, validation messages ("what was wrong and what is accepted")
+//! and `remote-network config show`, which prints the effective value of each key with where it came from.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// File name looked up in the configuration directories.
+const CONFIG_FILE: &str = "config.toml";
+/// Directory name used under the XDG and systemd directories.
+const APP_DIR: &str = "remote-network";
+/// The control socket's file name inside its runtime directory.
+const SOCKET_FILE: &str = "control.sock";
+/// `sun_path` holds 108 bytes including the terminating NUL.
+const MAX_SOCKET_PATH: usize = 107;
+
+/// What kind of value a setting holds; decides parsing and the "accepted values" text of errors.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Path,
+    Addr,
+    OptionalAddr,
+    HostPortList,
+    Duration,
+    Count,
+    LogLevel,
+    Secret,
+    OptionalPath,
+}
+
+impl Kind {
+    fn accepted(self) -> &'static str {
+        match self {
+            Kind::Path | Kind::OptionalPath => "a file system path",
+            Kind::Addr => "IP:PORT, such as 0.0.0.0:30906 or [::1]:30906",
+            Kind::OptionalAddr => "IP:PORT such as 127.0.0.1:50051, or an empty string for none",
+            Kind::HostPortList => "a list of HOST:PORT, such as [\"router.bittorrent.com:6881\"]",
+            Kind::Duration => "a duration such as 90s, 15m, 12h, 30d or 1h30m (a bare number is seconds)",
+            Kind::Count => "a whole number of at least 1",
+            Kind::LogLevel => {
+                "error, warn, info, debug, trace, or a tracing filter such as info,remote_network=debug"
+            }
+            Kind::Secret => "a string of printable ASCII without spaces",
+        }
+    }
+}
+
+/// One configuration key.
+struct Setting {
+    key: &'static str,
+    env: &'static str,
+    flag: Option<&'static str>,
+    kind: Kind,
+    doc: &'static str,
+}
+
+/// Every configuration key, in the order `config show` prints them.
+const SETTINGS: &[Setting] = &[
+    Setting {
+        key: "data_dir",
+        env: "RN_DATA_DIR",
+        flag: Some("--data-dir"),
+        kind: Kind::Path,
+        doc: "Directory holding the node key and the peer database. Default: $STATE_DIRECTORY (systemd), \
+              else $XDG_DATA_HOME/remote-network.",
+    },
+    Setting {
+        key: "log_level",
+        env: "RN_LOG_LEVEL",
+        flag: Some("--log-level"),
+        kind: Kind::LogLevel,
+        doc: "Log filter. RUST_LOG, when set, is used before RN_LOG_LEVEL.",
+    },
+    Setting {
+        key: "shutdown_timeout",
+        env: "RN_SHUTDOWN_TIMEOUT",
+        flag: None,
+        kind: Kind::Duration,
+        doc: "How long a graceful stop may take before the process gives up and exits with an error.",
+    },
+    Setting {
+        key: "control.socket",
+        env: "RN_CONTROL_SOCKET",
+        flag: Some("--control-socket"),
+        kind: Kind::Path,
+        doc: "Unix socket of the gRPC control API (mode 0660). Default: $RUNTIME_DIRECTORY/control.sock, \
+              else $XDG_RUNTIME_DIR/remote-network/control.sock, else /run/remote-network/control.sock for \
+              root, else in the data dir.",
+    },
+    Setting {
+        key: "control.tcp",
+        env: "RN_CONTROL_TCP",
+        flag: Some("--control-tcp"),
+        kind: Kind::OptionalAddr,
+        doc: "Optional TCP listener for the control API. A non-loopback address requires a token.",
+    },
+    Setting {
+        key: "control.token",
+        env: "RN_CONTROL_TOKEN",
+        flag: None,
+        kind: Kind::Secret,
+        doc: "Bearer token required on the TCP listener. Prefer control.token_file.",
+    },
+    Setting {
+        key: "control.token_file",
+        env: "RN_CONTROL_TOKEN_FILE",
+        flag: Some("--control-token-file"),
+        kind: Kind::OptionalPath,
+        doc: "File holding the bearer token (must not be readable by others).",
+    },
+    Setting {
+        key: "quic.listen",
+        env: "RN_QUIC_LISTEN",
+        flag: Some("--quic-listen"),
+        kind: Kind::Addr,
+        doc: "UDP address of the QUIC endpoint (listening and dialing share this one socket).",
+    },
+    Setting {
+        key: "dht.listen",
+        env: "RN_DHT_LISTEN",
+        flag: Some("--dht-listen"),
+        kind: Kind::Addr,
+        doc: "UDP address of the Mainline DHT node.",
+    },
+    Setting {
+        key: "dht.bootstrap",
+        env: "RN_DHT_BOOTSTRAP",
+        flag: Some("--bootstrap"),
+        kind: Kind::HostPortList,
+        doc: "DHT bootstrap nodes (comma-separated in the environment). Giving any replaces the public \
+              default routers.",
+    },
+    Setting {
+        key: "monitoring.listen",
+        env: "RN_MONITORING_LISTEN",
+        flag: Some("--monitoring-listen"),
+        kind: Kind::Addr,
+        doc: "HTTP address of the metrics and profiling endpoints. Keep it on loopback unless protected.",
+    },
+    Setting {
+        key: "store.retention",
+        env: "RN_STORE_RETENTION",
+        flag: None,
+        kind: Kind::Duration,
+        doc: "Peers not seen for this long are removed from the database.",
+    },
+    Setting {
+        key: "store.max_peers",
+        env: "RN_STORE_MAX_PEERS",
+        flag: None,
+        kind: Kind::Count,
+        doc: "Hard bound on stored peers; beyond it the least recently seen are removed.",
+    },
+    Setting {
+        key: "store.max_joined_topics",
+        env: "RN_STORE_MAX_JOINED_TOPICS",
+        flag: None,
+        kind: Kind::Count,
+        doc: "Hard bound on topics the node can join at once.",
+    },
+];
+
+/// The public Mainline routers (as listed by the `mainline` crate). Production default only: tests and the
+/// devnet always pass their own bootstrap nodes.
+const DEFAULT_BOOTSTRAP: &[&str] = &[
+    "router.bittorrent.com:6881",
+    "dht.transmissionbt.com:6881",
+    "dht.libtorrent.org:25401",
+    "relay.pkarr.org:6881",
+];
+
+/// The node's effective configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub data_dir: PathBuf,
+    pub log_level: String,
+    pub shutdown_timeout: Duration,
+    pub control: ControlConfig,
+    pub quic_listen: SocketAddr,
+    pub dht: DhtConfig,
+    pub monitoring_listen: SocketAddr,
+    pub store: StoreConfig,
+}
+
+#[derive(Debug, Clone)]
+pub struct ControlConfig {
+    pub socket: PathBuf,
+    pub tcp: Option<SocketAddr>,
+    /// Where the token comes from; read when the listener starts so that the secret stays out of this struct's
+    /// `Debug` output and of `config show`.
+    pub token: Option<TokenSource>,
+}
+
+#[derive(Clone)]
+pub enum TokenSource {
+    Inline(String),
+    File(PathBuf),
+}
+
+impl fmt::Debug for TokenSource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Inline(_) => f.write_str("Inline(<redacted>)"),
+            Self::File(path) => f.debug_tuple("File").field(path).finish(),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct DhtConfig {
+    pub listen: SocketAddr,
+    pub bootstrap: Vec<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct StoreConfig {
+    pub retention: Duration,
+    pub max_peers: u64,
+    pub max_joined_topics: u64,
+}
+
+/// Where an effective value came from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Source {
+    Default,
+    /// A default derived from an environment variable (such as `$STATE_DIRECTORY`).
+    DefaultFrom(&'static str),
+    File(PathBuf),
+    Env(String),
+    Flag(&'static str),
+}
+
+impl fmt::Display for Source {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Default => f.write_str("default"),
+            Self::DefaultFrom(var) => write!(f, "default (from ${var})"),
+            Self::File(path) => write!(f, "file {}", path.display()),
+            Self::Env(var) => write!(f, "env {var}"),
+            Self::Flag(flag) => write!(f, "flag {flag}"),
+        }
+    }
+}
+
+/// A value as given, before it is parsed according to its [`Kind`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Raw {
+    Text(String),
+    List(Vec<String>),
+}
+
+/// Each key's effective value as TOML text, with its source.
+type Shown = Vec<(&'static str, String, Source)>;
+
+/// Values given on the command line, by key. Built by the binary from its flags.
+#[derive(Debug, Clone, Default)]
+pub struct FlagValues {
+    values: BTreeMap<&'static str, Raw>,
+}
+
+impl FlagValues {
+    /// Sets a single-valued key; `None` leaves it unset.
+    pub fn set(&mut self, key: &'static str, value: Option<String>) {
+        if let Some(value) = value {
+            self.values.insert(key, Raw::Text(value));
+        }
+    }
+
+    /// Sets a list key; an empty list leaves it unset.
+    pub fn set_list(&mut self, key: &'static str, values: Vec<String>) {
+        if !values.is_empty() {
+            self.values.insert(key, Raw::List(values));
+        }
+    }
+}
+
+/// The process environment, captured once so that loading is a pure function of its inputs (and testable).
+#[derive(Debug, Clone, Default)]
+pub struct Env(HashMap<String, String>);
+
+impl Env {
+    pub fn capture() -> Self {
+        Self(std::env::vars().collect())
+    }
+
+    pub fn from_pairs<'a>(pairs: impl IntoIterator<Item = (&'a str, &'a str)>) -> Self {
+        Self(pairs.into_iter().map(|(k, v)| (k.to_owned(), v.to_owned())).collect())
+    }
+
+    fn get(&self, name: &str) -> Option<&str> {
+        self.0.get(name).map(String::as_str).filter(|v| !v.is_empty())
+    }
+}
+
+/// Why the configuration could not be loaded. Each message names the key or file and says what is accepted.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("config file {path} is not valid TOML: {message}")]
+    Syntax { path: PathBuf, message: String },
+    #[error("unknown config key `{key}` in {path}; known keys: {known}")]
+    UnknownKey { key: String, path: PathBuf, known: String },
+    #[error("config key `{key}` ({origin}): {problem}; expected {accepted}")]
+    BadValue { key: &'static str, origin: Source, problem: String, accepted: &'static str },
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// The effective configuration plus, for each key, the value as text and its source (for `config show`).
+#[derive(Debug, Clone)]
+pub struct Loaded {
+    pub config: Config,
+    pub file: Option<PathBuf>,
+    shown: Shown,
+}
+
+impl Loaded {
+    /// The effective configuration as TOML, each key followed by a comment naming where its value came from;
+    /// with `with_docs`, each key is preceded by what it means.
+    pub fn render(&self, with_docs: bool) -> String {
+        let width = self.shown.iter().map(|(k, v, _)| k.len() + v.len() + 3).max().unwrap_or(0);
+        let mut out = String::new();
+        match &self.file {
+            Some(path) => out.push_str(&format!("# config file: {}\n", path.display())),
+            None => out.push_str("# config file: none found\n"),
+        }
+        for (key, value, source) in &self.shown {
+            if with_docs && let Some(setting) = setting(key) {
+                out.push_str(&format!("\n# {}\n# env {}", setting.doc, setting.env));
+                if let Some(flag) = setting.flag {
+                    out.push_str(&format!(", flag {flag}"));
+                }
+                out.push('\n');
+            }
+            let line = format!("{key} = {value}");
+            out.push_str(&format!("{line:<width$}  # {source}\n"));
+        }
+        out
+    }
+}
+
+/// Finds the config file: the explicit path if given (it must exist), else the first that exists of
+/// `$XDG_CONFIG_HOME/remote-network/config.toml` (default `~/.config`) and `/etc/remote-network/config.toml`.
+pub fn find_file(explicit: Option<&Path>, env: &Env) -> Option<PathBuf> {
+    if let Some(path) = explicit {
+        return Some(path.to_path_buf());
+    }
+    let user_dir = env
+        .get("XDG_CONFIG_HOME")
+        .map(PathBuf::from)
+        .or_else(|| env.get("HOME").map(|home| Path::new(home).join(".config")));
+    user_dir
+        .map(|dir| dir.join(APP_DIR).join(CONFIG_FILE))
+        .into_iter()
+        .chain([Path::new("/etc").join(APP_DIR).join(CONFIG_FILE)])
+        .find(|path| path.is_file())
+}
+
+/// Loads the configuration from an optional file, the environment and flags.
+pub fn load(file: Option<&Path>, env: &Env, flags: &FlagValues) -> Result<Loaded, ConfigError> {
+    let file_values = match file {
+        Some(path) => read_file(path)?,
+        None => BTreeMap::new(),
+    };
+    let resolver = Resolver { file, file_values, env, flags, shown: Vec::new() };
+    resolver.resolve().map(|(config, shown)| Loaded { config, file: file.map(Path::to_path_buf), shown })
+}
+
+/// Reads and flattens a TOML file into dotted keys, refusing keys that no setting declares.
+fn read_file(path: &Path) -> Result<BTreeMap<String, Raw>, ConfigError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
+    let table: toml::Table = text.parse().map_err(|e: toml::de::Error| ConfigError::Syntax {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    })?;
+    let mut flat = BTreeMap::new();
+    flatten(path, "", &table, &mut flat)?;
+    Ok(flat)
+}
+
+fn flatten(
+    path: &Path,
+    prefix: &str,
+    table: &toml::Table,
+    out: &mut BTreeMap<String, Raw>,
+) -> Result<(), ConfigError> {
+    for (name, value) in table {
+        let key = if prefix.is_empty() { name.clone() } else { format!("{prefix}.{name}") };
+        let known = setting(&key).is_some();
+        let raw = match value {
+            toml::Value::Table(inner) if !known => {
+                flatten(path, &key, inner, out)?;
+                continue;
+            }
+            toml::Value::String(s) => Raw::Text(s.clone()),
+            toml::Value::Integer(i) => Raw::Text(i.to_string()),
+            toml::Value::Float(f) => Raw::Text(f.to_string()),
+            toml::Value::Boolean(b) => Raw::Text(b.to_string()),
+            toml::Value::Array(items) => Raw::List(
+                items
+                    .iter()
+                    .map(|item| match item {
+                        toml::Value::String(s) => s.clone(),
+                        other => other.to_string(),
+                    })
+                    .collect(),
+            ),
+            other => Raw::Text(other.to_string()),
+        };
+        if !known {
+            let known = SETTINGS.iter().map(|s| s.key).collect::<Vec<_>>().join(", ");
+            return Err(ConfigError::UnknownKey { key, path: path.to_path_buf(), known });
+        }
+        out.insert(key, raw);
+    }
+    Ok(())
+}
+
+fn setting(key: &str) -> Option<&'static Setting> {
+    SETTINGS.iter().find(|s| s.key == key)
+}
+
+/// Picks each key's value by precedence and parses it, remembering what it showed.
+struct Resolver<'a> {
+    file: Option<&'a Path>,
+    file_values: BTreeMap<String, Raw>,
+    env: &'a Env,
+    flags: &'a FlagValues,
+    shown: Shown,
+}
+
+impl Resolver<'_> {
+    /// The highest-precedence raw value of a key, if any was given.
+    fn given(&self, setting: &'static Setting) -> Option<(Raw, Source)> {
+        if let Some(raw) = self.flags.values.get(setting.key) {
+            return Some((raw.clone(), Source::Flag(setting.flag.unwrap_or(setting.key))));
+        }
+        // RUST_LOG is the ecosystem's variable for log filters; honour it before our own.
+        if setting.kind == Kind::LogLevel
+            && let Some(value) = self.env.get("RUST_LOG")
+        {
+            return Some((Raw::Text(value.to_owned()), Source::Env("RUST_LOG".into())));
+        }
+        if let Some(value) = self.env.get(setting.env) {
+            let raw = if setting.kind == Kind::HostPortList {
+                Raw::List(value.split(',').map(|s| s.trim().to_owned()).filter(|s| !s.is_empty()).collect())
+            } else {
+                Raw::Text(value.to_owned())
+            };
+            return Some((raw, Source::Env(setting.env.into())));
+        }
+        let path = self.file?;
+        self.file_values.get(setting.key).map(|raw| (raw.clone(), Source::File(path.to_path_buf())))
+    }
+
+    /// Resolves a key with a parser and a default; records the shown value.
+    fn value<T>(
+        &mut self,
+        key: &'static str,
+        parse: impl Fn(&Raw) -> Result<T, String>,
+        default: impl FnOnce() -> Result<(T, Source), ConfigError>,
+        show: impl Fn(&T) -> String,
+    ) -> Result<T, ConfigError> {
+        let setting = setting(key).ok_or_else(|| ConfigError::Invalid(format!("no setting {key}")))?;
+        let (value, source) = match self.given(setting) {
+            Some((raw, source)) => match parse(&raw) {
+                Ok(value) => (value, source),
+                Err(problem) => {
+                    return Err(ConfigError::BadValue {
+                        key: setting.key,
+                        origin: source,
+                        problem,
+                        accepted: setting.kind.accepted(),
+                    });
+                }
+            },
+            None => default()?,
+        };
+        self.shown.push((key, show(&value), source));
+        Ok(value)
+    }
+
+    fn resolve(mut self) -> Result<(Config, Shown), ConfigError> {
+        let env = self.env;
+        let data_dir =
+            self.value("data_dir", parse_path, || default_data_dir(env), |p: &PathBuf| show_path(p))?;
+        let log_level = self.value(
+            "log_level",
+            parse_log_level,
+            || Ok(("info".to_owned(), Source::Default)),
+            |v| quote(v),
+        )?;
+        let shutdown_timeout = self.value(
+            "shutdown_timeout",
+            parse_duration_raw,
+            || Ok((Duration::from_secs(10), Source::Default)),
+            show_duration,
+        )?;
+        let socket = self.value(
+            "control.socket",
+            parse_path,
+            || default_socket(env, &data_dir),
+            |p: &PathBuf| show_path(p),
+        )?;
+        let tcp = self.value(
+            "control.tcp",
+            parse_optional_addr,
+            || Ok((None, Source::Default)),
+            |v| v.map(|a| quote(&a.to_string())).unwrap_or_else(|| "\"\"".into()),
+        )?;
+        let inline_token = self.value(
+            "control.token",
+            parse_secret,
+            || Ok((None, Source::Default)),
+            |v| if v.is_some() { "\"<redacted>\"".into() } else { "\"\"".into() },
+        )?;
+        let token_file = self.value(
+            "control.token_file",
+            parse_optional_path,
+            || Ok((None, Source::Default)),
+            |v| v.as_deref().map(show_path).unwrap_or_else(|| "\"\"".into()),
+        )?;
+        let quic_listen =
+            self.value("quic.listen", parse_addr, || Ok((addr(0, 30906), Source::Default)), show_addr)?;
+        let dht_listen =
+            self.value("dht.listen", parse_addr, || Ok((addr(0, 30609), Source::Default)), show_addr)?;
+        let bootstrap = self.value(
+            "dht.bootstrap",
+            parse_host_ports,
+            || Ok((DEFAULT_BOOTSTRAP.iter().map(|s| s.to_string()).collect(), Source::Default)),
+            |v| format!("[{}]", v.iter().map(|s| quote(s)).collect::<Vec<_>>().join(", ")),
+        )?;
+        let monitoring_listen = self.value(
+            "monitoring.listen",
+            parse_addr,
+            || Ok((SocketAddr::from(([127, 0, 0, 1], 6060)), Source::Default)),
+            show_addr,
+        )?;
+        let retention = self.value(
+            "store.retention",
+            parse_duration_raw,
+            || Ok((Duration::from_secs(30 * 24 * 3600), Source::Default)),
+            show_duration,
+        )?;
+        let max_peers =
+            self.value("store.max_peers", parse_count, || Ok((100_000, Source::Default)), u64::to_string)?;
+        let max_joined_topics = self.value(
+            "store.max_joined_topics",
+            parse_count,
+            || Ok((1024, Source::Default)),
+            u64::to_string,
+        )?;
+
+        let token = match (inline_token, token_file) {
+            (Some(_), Some(_)) => {
+                return Err(ConfigError::Invalid(
+                    "both control.token and control.token_file are set; keep only one".into(),
+                ));
+            }
+            (Some(token), None) => Some(TokenSource::Inline(token)),
+            (None, Some(path)) => Some(TokenSource::File(path)),
+            (None, None) => None,
+        };
+        if let Some(tcp) = tcp
+            && !tcp.ip().is_loopback()
+            && token.is_none()
+        {
+            return Err(ConfigError::Invalid(format!(
+                "control.tcp = {tcp} is not a loopback address, so the control API would be open to the \
+                 network: set control.token_file (or control.token / RN_CONTROL_TOKEN) to require a bearer \
+                 token, or listen on 127.0.0.1"
+            )));
+        }
+        if socket.as_os_str().len() > MAX_SOCKET_PATH {
+            return Err(ConfigError::Invalid(format!(
+                "control.socket path {} is {} bytes, longer than the {MAX_SOCKET_PATH} a Unix socket path \
+                 allows; choose a shorter path",
+                socket.display(),
+                socket.as_os_str().len()
+            )));
+        }
+
+        let config = Config {
+            data_dir,
+            log_level,
+            shutdown_timeout,
+            control: ControlConfig { socket, tcp, token },
+            quic_listen,
+            dht: DhtConfig { listen: dht_listen, bootstrap },
+            monitoring_listen,
+            store: StoreConfig { retention, max_peers, max_joined_topics },
+        };
+        Ok((config, self.shown))
+    }
+}
+
+fn addr(ip: u8, port: u16) -> SocketAddr {
+    SocketAddr::from(([ip, 0, 0, 0], port))
+}
+
+fn default_data_dir(env: &Env) -> Result<(PathBuf, Source), ConfigError> {
+    // systemd may pass several directories separated by colons; ours is the first.
+    if let Some(dirs) = env.get("STATE_DIRECTORY")
+        && let Some(first) = dirs.split(':').next()
+    {
+        return Ok((PathBuf::from(first), Source::DefaultFrom("STATE_DIRECTORY")));
+    }
+    if let Some(data_home) = env.get("XDG_DATA_HOME") {
+        return Ok((Path::new(data_home).join(APP_DIR), Source::DefaultFrom("XDG_DATA_HOME")));
+    }
+    if let Some(home) = env.get("HOME") {
+        return Ok((Path::new(home).join(".local/share").join(APP_DIR), Source::DefaultFrom("HOME")));
+    }
+    Err(ConfigError::Invalid(
+        "cannot choose a data directory: none of STATE_DIRECTORY, XDG_DATA_HOME or HOME is set; pass \
+         --data-dir"
+            .into(),
+    ))
+}
+
+fn default_socket(env: &Env, data_dir: &Path) -> Result<(PathBuf, Source), ConfigError> {
+    if let Some(dirs) = env.get("RUNTIME_DIRECTORY")
+        && let Some(first) = dirs.split(':').next()
+    {
+        return Ok((Path::new(first).join(SOCKET_FILE), Source::DefaultFrom("RUNTIME_DIRECTORY")));
+    }
+    if let Some(runtime) = env.get("XDG_RUNTIME_DIR") {
+        return Ok((
+            Path::new(runtime).join(APP_DIR).join(SOCKET_FILE),
+            Source::DefaultFrom("XDG_RUNTIME_DIR"),
+        ));
+    }
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    if unsafe { libc::geteuid() } == 0 {
+        return Ok((Path::new("/run").join(APP_DIR).join(SOCKET_FILE), Source::Default));
+    }
+    Ok((data_dir.join(SOCKET_FILE), Source::Default))
+}
+
+fn text(raw: &Raw) -> Result<&str, String> {
+    match raw {
+        Raw::Text(s) => Ok(s),
+        Raw::List(_) => Err("got a list".into()),
+    }
+}
+
+fn parse_path(raw: &Raw) -> Result<PathBuf, String> {
+    let s = text(raw)?;
+    if s.is_empty() {
+        return Err("got an empty path".into());
+    }
+    Ok(PathBuf::from(s))
+}
+
+fn parse_optional_path(raw: &Raw) -> Result<Option<PathBuf>, String> {
+    let s = text(raw)?;
+    Ok((!s.is_empty()).then(|| PathBuf::from(s)))
+}
+
+fn parse_addr(raw: &Raw) -> Result<SocketAddr, String> {
+    let s = text(raw)?;
+    s.parse().map_err(|_| format!("`{s}` is not an IP:PORT address"))
+}
+
+fn parse_optional_addr(raw: &Raw) -> Result<Option<SocketAddr>, String> {
+    let s = text(raw)?;
+    if s.is_empty() { Ok(None) } else { parse_addr(raw).map(Some) }
+}
+
+fn parse_host_ports(raw: &Raw) -> Result<Vec<String>, String> {
+    let items = match raw {
+        Raw::List(items) => items.clone(),
+        Raw::Text(s) => s.split(',').map(|s| s.trim().to_owned()).filter(|s| !s.is_empty()).collect(),
+    };
+    for item in &items {
+        let valid = item
+            .rsplit_once(':')
+            .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p != 0));
+        if !valid {
+            return Err(format!("`{item}` is not HOST:PORT"));
+        }
+    }
+    Ok(items)
+}
+
+fn parse_count(raw: &Raw) -> Result<u64, String> {
+    let s = text(raw)?;
+    match s.parse::<u64>() {
+        Ok(n) if n >= 1 => Ok(n),
+        _ => Err(format!("`{s}` is not a whole number of at least 1")),
+    }
+}
+
+fn parse_secret(raw: &Raw) -> Result<Option<String>, String> {
+    let s = text(raw)?;
+    if s.is_empty() {
+        return Ok(None);
+    }
+    if !s.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err("the token holds spaces or non-ASCII characters".into());
+    }
+    Ok(Some(s.to_owned()))
+}
+
+fn parse_log_level(raw: &Raw) -> Result<String, String> {
+    let s = text(raw)?;
+    tracing_subscriber::EnvFilter::try_new(s).map_err(|e| format!("`{s}` is not a log filter ({e})"))?;
+    Ok(s.to_owned())
+}
+
+fn parse_duration_raw(raw: &Raw) -> Result<Duration, String> {
+    parse_duration(text(raw)?)
+}
+
+/// Parses durations such as `90s`, `15m`, `12h`, `30d`, `500ms`, `1h30m`; a bare number is seconds.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    if let Ok(secs) = s.parse::<u64>() {
+        return Ok(Duration::from_secs(secs));
+    }
+    let bad = || format!("`{s}` is not a duration");
+    let mut total = Duration::ZERO;
+    let mut rest = s;
+    if rest.is_empty() {
+        return Err(bad());
+    }
+    while !rest.is_empty() {
+        let digits = rest.find(|c: char| !c.is_ascii_digit()).ok_or_else(bad)?;
+        if digits == 0 {
+            return Err(bad());
+        }
+        let number: u64 = rest[..digits].parse().map_err(|_| bad())?;
+        rest = &rest[digits..];
+        let unit_len = rest.find(|c: char| c.is_ascii_digit()).unwrap_or(rest.len());
+        let unit = match &rest[..unit_len] {
+            "ms" => Duration::from_millis(1),
+            "s" => Duration::from_secs(1),
+            "m" => Duration::from_secs(60),
+            "h" => Duration::from_secs(3600),
+            "d" => Duration::from_secs(86_400),
+            _ => return Err(bad()),
+        };
+        rest = &rest[unit_len..];
+        let part = unit.checked_mul(u32::try_from(number).map_err(|_| bad())?).ok_or_else(bad)?;
+        total = total.checked_add(part).ok_or_else(bad)?;
+    }
+    Ok(total)
+}
+
+/// Formats a duration in the units [`parse_duration`] reads, largest first.
+pub fn format_duration(d: Duration) -> String {
+    let mut secs = d.as_secs();
+    let millis = d.subsec_millis();
+    if secs == 0 {
+        return format!("{millis}ms");
+    }
+    let mut out = String::new();
+    for (unit, size) in [("d", 86_400), ("h", 3600), ("m", 60), ("s", 1)] {
+        if secs >= size {
+            out.push_str(&format!("{}{unit}", secs / size));
+            secs %= size;
+        }
+    }
+    if millis > 0 {
+        out.push_str(&format!("{millis}ms"));
+    }
+    out
+}
+
+fn show_path(p: &Path) -> String {
+    quote(&p.display().to_string())
+}
+
+fn show_addr(a: &SocketAddr) -> String {
+    quote(&a.to_string())
+}
+
+fn show_duration(d: &Duration) -> String {
+    quote(&format_duration(*d))
+}
+
+/// A TOML basic string.
+fn quote(s: &str) -> String {
+    toml::Value::String(s.to_owned()).to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Env {
+        Env::from_pairs(pairs.iter().copied())
+    }
+
+    fn write(dir: &Path, text: &str) -> PathBuf {
+        let path = dir.join("config.toml");
+        std::fs::write(&path, text).expect("write config");
+        path
+    }
+
+    #[test]
+    fn defaults_are_the_seed_ports_and_local_monitoring() {
+        let loaded = load(
+            None,
+            &env(&[("HOME", "/home/u"), ("XDG_RUNTIME_DIR", "/run/user/1")]),
+            &FlagValues::default(),
+        )
+        .expect("load");
+        let c = loaded.config;
+        assert_eq!(c.quic_listen.port(), 30906);
+        assert_eq!(c.dht.listen.port(), 30609);
+        assert_eq!(c.monitoring_listen.to_string(), "127.0.0.1:6060");
+        assert_eq!(c.data_dir, Path::new("/home/u/.local/share/remote-network"));
+        assert_eq!(c.control.socket, Path::new("/run/user/1/remote-network/control.sock"));
+        assert!(c.control.tcp.is_none());
+    }
+
+    #[test]
+    fn systemd_directories_win_over_xdg() {
+        let e = env(&[
+            ("HOME", "/home/u"),
+            ("XDG_RUNTIME_DIR", "/run/user/1"),
+            ("STATE_DIRECTORY", "/var/lib/remote-network:/var/lib/other"),
+            ("RUNTIME_DIRECTORY", "/run/remote-network"),
+        ]);
+        let loaded = load(None, &e, &FlagValues::default()).expect("load");
+        assert_eq!(loaded.config.data_dir, Path::new("/var/lib/remote-network"));
+        assert_eq!(loaded.config.control.socket, Path::new("/run/remote-network/control.sock"));
+        assert!(loaded.render(false).contains("default (from $STATE_DIRECTORY)"));
+    }
+
+    #[test]
+    fn precedence_is_flags_then_env_then_file_then_default() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = write(
+            dir.path(),
+            "data_dir = \"/from/file\"\n[quic]\nlisten = \"0.0.0.0:1111\"\n[dht]\nlisten = \"0.0.0.0:2222\"\n\
+             [store]\nmax_peers = 7\n",
+        );
+        let e = env(&[("HOME", "/h"), ("RN_QUIC_LISTEN", "0.0.0.0:3333"), ("RN_DHT_LISTEN", "0.0.0.0:4444")]);
+        let mut flags = FlagValues::default();
+        flags.set("quic.listen", Some("127.0.0.1:5555".into()));
+        let loaded = load(Some(&file), &e, &flags).expect("load");
+        let c = &loaded.config;
+        assert_eq!(c.quic_listen.to_string(), "127.0.0.1:5555");
+        assert_eq!(c.dht.listen.to_string(), "0.0.0.0:4444");
+        assert_eq!(c.data_dir, Path::new("/from/file"));
+        assert_eq!(c.store.max_peers, 7);
+        assert_eq!(c.store.max_joined_topics, 1024);
+        let shown = loaded.render(false);
+        assert!(shown.contains("quic.listen = \"127.0.0.1:5555\""), "{shown}");
+        assert!(shown.contains("# flag --quic-listen"), "{shown}");
+        assert!(shown.contains("# env RN_DHT_LISTEN"), "{shown}");
+        assert!(shown.contains(&format!("# file {}", file.display())), "{shown}");
+    }
+
+    #[test]
+    fn unknown_keys_are_named() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = write(dir.path(), "[quic]\nlisen = \"0.0.0.0:1\"\n");
+        let err =
+            load(Some(&file), &env(&[("HOME", "/h")]), &FlagValues::default()).expect_err("unknown key");
+        let msg = err.to_string();
+        assert!(msg.contains("unknown config key `quic.lisen`"), "{msg}");
+        assert!(msg.contains("quic.listen"), "{msg}");
+    }
+
+    #[test]
+    fn bad_values_name_the_key_and_what_is_accepted() {
+        let e = env(&[("HOME", "/h"), ("RN_STORE_RETENTION", "soon")]);
+        let msg = load(None, &e, &FlagValues::default()).expect_err("bad duration").to_string();
+        assert!(msg.contains("store.retention"), "{msg}");
+        assert!(msg.contains("env RN_STORE_RETENTION"), "{msg}");
+        assert!(msg.contains("30d"), "{msg}");
+
+        let mut flags = FlagValues::default();
+        flags.set("dht.listen", Some("localhost".into()));
+        let msg = load(None, &env(&[("HOME", "/h")]), &flags).expect_err("bad addr").to_string();
+        assert!(msg.contains("dht.listen") && msg.contains("IP:PORT"), "{msg}");
+
+        let mut flags = FlagValues::default();
+        flags.set_list("dht.bootstrap", vec!["nohost".into()]);
+        let msg = load(None, &env(&[("HOME", "/h")]), &flags).expect_err("bad bootstrap").to_string();
+        assert!(msg.contains("dht.bootstrap") && msg.contains("`nohost`"), "{msg}");
+    }
+
+    #[test]
+    fn bootstrap_flags_replace_the_public_routers() {
+        let mut flags = FlagValues::default();
+        flags.set_list("dht.bootstrap", vec!["127.0.0.1:7000".into(), "127.0.0.1:7001".into()]);
+        let c = load(None, &env(&[("HOME", "/h")]), &flags).expect("load").config;
+        assert_eq!(c.dht.bootstrap, ["127.0.0.1:7000", "127.0.0.1:7001"]);
+        let c = load(None, &env(&[("HOME", "/h"), ("RN_DHT_BOOTSTRAP", "a:1, b:2")]), &FlagValues::default())
+            .expect("load")
+            .config;
+        assert_eq!(c.dht.bootstrap, ["a:1", "b:2"]);
+    }
+
+    #[test]
+    fn public_tcp_listener_needs_a_token() {
+        let mut flags = FlagValues::default();
+        flags.set("control.tcp", Some("0.0.0.0:50051".into()));
+        let msg = load(None, &env(&[("HOME", "/h")]), &flags).expect_err("needs token").to_string();
+        assert!(msg.contains("control.token_file"), "{msg}");
+        let ok = load(None, &env(&[("HOME", "/h"), ("RN_CONTROL_TOKEN", "s3cret")]), &flags).expect("load");
+        assert!(matches!(ok.config.control.token, Some(TokenSource::Inline(_))));
+        assert!(!ok.render(false).contains("s3cret"));
+        let mut flags = FlagValues::default();
+        flags.set("control.tcp", Some("127.0.0.1:50051".into()));
+        assert!(load(None, &env(&[("HOME", "/h")]), &flags).is_ok());
+    }
+
+    #[test]
+    fn rust_log_is_honoured_before_rn_log_level() {
+        let c = load(
+            None,
+            &env(&[("HOME", "/h"), ("RUST_LOG", "debug"), ("RN_LOG_LEVEL", "warn")]),
+            &FlagValues::default(),
+        )
+        .expect("load")
+        .config;
+        assert_eq!(c.log_level, "debug");
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("90"), Ok(Duration::from_secs(90)));
+        assert_eq!(parse_duration("1h30m"), Ok(Duration::from_secs(5400)));
+        assert_eq!(parse_duration("30d"), Ok(Duration::from_secs(30 * 86_400)));
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert!(parse_duration("").is_err());
+        assert!(parse_duration("h").is_err());
+        assert!(parse_duration("5 parsecs").is_err());
+        assert_eq!(format_duration(Duration::from_secs(5400)), "1h30m");
+        assert_eq!(
+            parse_duration(&format_duration(Duration::from_secs(93_784))),
+            Ok(Duration::from_secs(93_784))
+        );
+    }
+
+    #[test]
+    fn every_setting_has_a_unique_key_env_and_flag() {
+        let mut keys = std::collections::HashSet::new();
+        let mut envs = std::collections::HashSet::new();
+        for s in SETTINGS {
+            assert!(keys.insert(s.key), "{}", s.key);
+            assert!(envs.insert(s.env), "{}", s.env);
+            assert!(s.env.starts_with("RN_"));
+            assert!(!s.doc.is_empty());
+        }
+    }
+}

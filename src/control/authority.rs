@@ -1,0 +1,352 @@
+//! Lets gRPC clients that name the control socket by its path reach the API.
+//!
+//! Over a Unix socket, some clients (grpcurl up to 1.8, grpc-java) send the socket's path as the HTTP/2
+//! `:authority`. The HTTP/2 server under tonic rejects such a request as malformed and resets the stream with
+//! PROTOCOL_ERROR (hyperium/h2#487), so `grpcurl -unix /run/remote-network/control.sock list` would fail. The
+//! authority means nothing on a Unix socket, so each accepted connection passes through this shim:
+//!
+//! - The first request's header block is decoded. If its `:authority` is valid (or absent), as with tonic, Go
+//!   gRPC and Python clients, the connection is passed through byte for byte from then on.
+//! - Otherwise every header block the client sends on that connection is decoded and re-encoded with the
+//!   authority replaced by `localhost`. Re-encoded fields are literals that the server does not index, so the
+//!   server's HPACK table stays empty and can never disagree with the client's.
+//!
+//! Only the client-to-server direction is inspected; responses are copied unchanged.
+
+use std::io;
+
+use loona_hpack::Decoder;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, DuplexStream};
+use tokio::net::UnixStream;
+use tonic::codegen::http::uri::Authority;
+
+/// The client connection preface of HTTP/2 (RFC 9113, section 3.4).
+const PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+const FRAME_HEADERS: u8 = 0x1;
+const FRAME_CONTINUATION: u8 = 0x9;
+const FLAG_END_STREAM: u8 = 0x1;
+const FLAG_END_HEADERS: u8 = 0x4;
+const FLAG_PADDED: u8 = 0x8;
+const FLAG_PRIORITY: u8 = 0x20;
+/// Frames we write stay within the smallest SETTINGS_MAX_FRAME_SIZE a server may announce.
+const MAX_FRAME: usize = 16_384;
+/// A client's header block beyond this closes the connection (the server's own limit is far lower).
+const MAX_HEADER_BLOCK: usize = 256 * 1024;
+/// The HPACK table size the server announces (the protocol default, which tonic keeps).
+const HPACK_TABLE_SIZE: usize = 4096;
+/// Buffer between the shim and the HTTP/2 server.
+const PIPE_BUFFER: usize = 64 * 1024;
+
+/// Wraps an accepted connection; the returned stream goes to the HTTP/2 server.
+pub fn wrap(client: UnixStream) -> DuplexStream {
+    let (server_side, shim_side) = tokio::io::duplex(PIPE_BUFFER);
+    tokio::spawn(async move {
+        let (mut client_read, mut client_write) = client.into_split();
+        let (mut server_read, mut server_write) = tokio::io::split(shim_side);
+        // When either direction ends the connection is over: dropping both halves closes both sides.
+        tokio::select! {
+            result = forward_requests(&mut client_read, &mut server_write) => {
+                if let Err(e) = result {
+                    tracing::debug!(error = %e, "control connection closed while reading the client");
+                }
+            }
+            _ = tokio::io::copy(&mut server_read, &mut client_write) => {}
+        }
+        let _ = client_write.shutdown().await;
+    });
+    server_side
+}
+
+/// What the first request of a connection decided.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    Undecided,
+    Rewrite,
+}
+
+/// Copies the client's HTTP/2 stream to the server, fixing `:authority` where needed.
+async fn forward_requests<R, W>(client: &mut R, server: &mut W) -> io::Result<()>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let mut preface = [0u8; PREFACE.len()];
+    client.read_exact(&mut preface).await?;
+    server.write_all(&preface).await?;
+    if &preface != PREFACE {
+        // Not HTTP/2 with prior knowledge: the server will answer it as it sees fit.
+        return pass_through(client, server).await;
+    }
+    let mut decoder = Decoder::new();
+    decoder.set_max_allowed_table_size(HPACK_TABLE_SIZE);
+    let mut mode = Mode::Undecided;
+    loop {
+        let Some(first) = read_frame(client).await? else { return server.shutdown().await };
+        if first.kind != FRAME_HEADERS {
+            server.write_all(&first.raw).await?;
+            continue;
+        }
+        // Gather the whole header block: HEADERS then CONTINUATION frames of the same stream.
+        let mut frames = vec![first];
+        let mut block = Vec::new();
+        let complete = loop {
+            let frame = frames.last().expect("at least the HEADERS frame");
+            let Some(fragment) = frame.fragment() else { break false };
+            block.extend_from_slice(fragment);
+            if frame.flags & FLAG_END_HEADERS != 0 {
+                break true;
+            }
+            if block.len() > MAX_HEADER_BLOCK {
+                return Err(io::Error::new(io::ErrorKind::InvalidData, "header block too large"));
+            }
+            match read_frame(client).await? {
+                Some(next) if next.kind == FRAME_CONTINUATION && next.stream == frames[0].stream => {
+                    frames.push(next)
+                }
+                Some(other) => {
+                    // A protocol error the server will report; it must see exactly what the client sent.
+                    frames.push(other);
+                    break false;
+                }
+                None => break false,
+            }
+        };
+        let headers = if complete { decoder.decode(&block).ok() } else { None };
+        let Some(mut headers) = headers else {
+            for frame in &frames {
+                server.write_all(&frame.raw).await?;
+            }
+            return pass_through(client, server).await;
+        };
+        if mode == Mode::Undecided {
+            let needs_fix =
+                headers.iter().any(|(name, value)| name == b":authority" && !valid_authority(value));
+            if !needs_fix {
+                for frame in &frames {
+                    server.write_all(&frame.raw).await?;
+                }
+                return pass_through(client, server).await;
+            }
+            tracing::debug!("control client sent a socket path as :authority; rewriting it to localhost");
+            mode = Mode::Rewrite;
+        }
+        for (name, value) in &mut headers {
+            if name == b":authority" && !valid_authority(value) {
+                *value = b"localhost".to_vec();
+            }
+        }
+        let end_stream = frames[0].flags & FLAG_END_STREAM;
+        server.write_all(&header_frames(frames[0].stream, end_stream, &encode_block(&headers))).await?;
+    }
+}
+
+async fn pass_through<R, W>(client: &mut R, server: &mut W) -> io::Result<()>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    tokio::io::copy(client, server).await?;
+    server.shutdown().await
+}
+
+fn valid_authority(value: &[u8]) -> bool {
+    Authority::try_from(value).is_ok()
+}
+
+/// One HTTP/2 frame as read: its raw bytes plus the fields this shim looks at.
+struct Frame {
+    raw: Vec<u8>,
+    kind: u8,
+    flags: u8,
+    stream: u32,
+}
+
+impl Frame {
+    /// The header block fragment of a HEADERS or CONTINUATION frame, without padding and priority fields;
+    /// `None` if the frame's own lengths are inconsistent.
+    fn fragment(&self) -> Option<&[u8]> {
+        let mut payload = &self.raw[9..];
+        if self.kind != FRAME_HEADERS {
+            return Some(payload);
+        }
+        let mut padding = 0;
+        if self.flags & FLAG_PADDED != 0 {
+            let (&pad, rest) = payload.split_first()?;
+            padding = usize::from(pad);
+            payload = rest;
+        }
+        if self.flags & FLAG_PRIORITY != 0 {
+            payload = payload.get(5..)?;
+        }
+        payload.get(..payload.len().checked_sub(padding)?)
+    }
+}
+
+/// Reads one frame; `None` at a clean end of stream between frames.
+async fn read_frame<R: AsyncRead + Unpin>(client: &mut R) -> io::Result<Option<Frame>> {
+    let mut head = [0u8; 9];
+    match client.read_exact(&mut head).await {
+        Ok(_) => {}
+        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(None),
+        Err(e) => return Err(e),
+    }
+    let len = usize::from(head[0]) << 16 | usize::from(head[1]) << 8 | usize::from(head[2]);
+    if len > MAX_HEADER_BLOCK {
+        return Err(io::Error::new(io::ErrorKind::InvalidData, "frame larger than any server allows"));
+    }
+    let mut raw = Vec::with_capacity(9 + len);
+    raw.extend_from_slice(&head);
+    raw.resize(9 + len, 0);
+    client.read_exact(&mut raw[9..]).await?;
+    let stream = u32::from_be_bytes([head[5], head[6], head[7], head[8]]) & 0x7fff_ffff;
+    Ok(Some(Frame { raw, kind: head[3], flags: head[4], stream }))
+}
+
+/// HPACK-encodes headers as literals without indexing, with literal names and no Huffman coding
+/// (RFC 7541, section 6.2.2): the receiver's dynamic table is never touched.
+fn encode_block(headers: &[(Vec<u8>, Vec<u8>)]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for (name, value) in headers {
+        out.push(0x00);
+        encode_string(name, &mut out);
+        encode_string(value, &mut out);
+    }
+    out
+}
+
+fn encode_string(bytes: &[u8], out: &mut Vec<u8>) {
+    encode_integer(bytes.len(), 7, 0x00, out);
+    out.extend_from_slice(bytes);
+}
+
+/// An HPACK integer with an N-bit prefix (RFC 7541, section 5.1).
+fn encode_integer(value: usize, prefix_bits: u32, first_byte: u8, out: &mut Vec<u8>) {
+    let max_prefix = (1usize << prefix_bits) - 1;
+    if value < max_prefix {
+        out.push(first_byte | value as u8);
+        return;
+    }
+    out.push(first_byte | max_prefix as u8);
+    let mut rest = value - max_prefix;
+    while rest >= 0x80 {
+        out.push((rest & 0x7f) as u8 | 0x80);
+        rest >>= 7;
+    }
+    out.push(rest as u8);
+}
+
+/// A header block as a HEADERS frame followed by as many CONTINUATION frames as its size needs.
+fn header_frames(stream: u32, end_stream: u8, block: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(block.len() + 9 * (block.len() / MAX_FRAME + 1));
+    let chunks: Vec<&[u8]> = if block.is_empty() { vec![&[][..]] } else { block.chunks(MAX_FRAME).collect() };
+    let last = chunks.len() - 1;
+    for (i, chunk) in chunks.into_iter().enumerate() {
+        let (kind, mut flags) = if i == 0 { (FRAME_HEADERS, end_stream) } else { (FRAME_CONTINUATION, 0) };
+        if i == last {
+            flags |= FLAG_END_HEADERS;
+        }
+        let len = chunk.len().to_be_bytes();
+        out.extend_from_slice(&len[len.len() - 3..]);
+        out.extend_from_slice(&[kind, flags]);
+        out.extend_from_slice(&stream.to_be_bytes());
+        out.extend_from_slice(chunk);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `:authority` as a literal with incremental indexing (name: static index 1), as Go clients send it.
+    fn indexed_authority(value: &[u8]) -> Vec<u8> {
+        let mut out = vec![0x41];
+        encode_string(value, &mut out);
+        out
+    }
+
+    fn request(stream: u32, block: &[u8]) -> Vec<u8> {
+        header_frames(stream, FLAG_END_STREAM, block)
+    }
+
+    async fn run(input: Vec<u8>) -> Vec<u8> {
+        let mut client = &input[..];
+        let mut server = Vec::new();
+        forward_requests(&mut client, &mut server).await.expect("forward");
+        server
+    }
+
+    /// Decodes every header block of the server's input with one decoder, as the server would.
+    fn server_view(bytes: &[u8]) -> Vec<Vec<(Vec<u8>, Vec<u8>)>> {
+        assert_eq!(&bytes[..24], PREFACE);
+        let mut decoder = Decoder::new();
+        let mut rest = &bytes[24..];
+        let mut blocks = Vec::new();
+        while !rest.is_empty() {
+            let len = usize::from(rest[0]) << 16 | usize::from(rest[1]) << 8 | usize::from(rest[2]);
+            if rest[3] == FRAME_HEADERS {
+                blocks.push(decoder.decode(&rest[9..9 + len]).expect("server decodes"));
+            }
+            rest = &rest[9 + len..];
+        }
+        blocks
+    }
+
+    #[tokio::test]
+    async fn a_socket_path_authority_becomes_localhost_on_every_request() {
+        let mut input = PREFACE.to_vec();
+        // A SETTINGS frame passes through untouched.
+        input.extend_from_slice(&[0, 0, 0, 0x4, 0, 0, 0, 0, 0]);
+        let mut first = vec![0x83]; // :method POST
+        first.extend(indexed_authority(b"/run/remote-network/control.sock"));
+        input.extend(request(1, &first));
+        // The second request refers to the authority by its dynamic table index (62).
+        input.extend(request(3, &[0x83, 0xbe]));
+        let output = run(input).await;
+        assert_eq!(&output[24..33], &[0, 0, 0, 0x4, 0, 0, 0, 0, 0]);
+        let blocks = server_view(&output);
+        assert_eq!(blocks.len(), 2);
+        for block in blocks {
+            assert!(block.contains(&(b":authority".to_vec(), b"localhost".to_vec())), "{block:?}");
+            assert!(block.contains(&(b":method".to_vec(), b"POST".to_vec())));
+        }
+    }
+
+    #[tokio::test]
+    async fn a_valid_authority_passes_through_byte_for_byte() {
+        let mut input = PREFACE.to_vec();
+        let mut block = vec![0x83];
+        block.extend(indexed_authority(b"localhost"));
+        input.extend(request(1, &block));
+        input.extend(request(3, &[0x83, 0xbe]));
+        input.extend_from_slice(b"any bytes after the decision are copied as they are");
+        assert_eq!(run(input.clone()).await, input);
+    }
+
+    #[tokio::test]
+    async fn large_blocks_are_split_into_continuation_frames() {
+        let headers =
+            vec![(b":authority".to_vec(), b"localhost".to_vec()), (b"x-big".to_vec(), vec![b'a'; 40_000])];
+        let frames = header_frames(5, 0, &encode_block(&headers));
+        let mut rest = &frames[..];
+        let mut block = Vec::new();
+        let mut kinds = Vec::new();
+        while !rest.is_empty() {
+            let len = usize::from(rest[0]) << 16 | usize::from(rest[1]) << 8 | usize::from(rest[2]);
+            assert!(len <= MAX_FRAME);
+            kinds.push((rest[3], rest[4] & FLAG_END_HEADERS != 0));
+            block.extend_from_slice(&rest[9..9 + len]);
+            rest = &rest[9 + len..];
+        }
+        assert_eq!(kinds, [(FRAME_HEADERS, false), (FRAME_CONTINUATION, false), (FRAME_CONTINUATION, true)]);
+        assert_eq!(Decoder::new().decode(&block).expect("decode"), headers);
+    }
+
+    #[test]
+    fn integers_use_continuation_bytes_beyond_the_prefix() {
+        // RFC 7541, C.1.2: 1337 with a 5-bit prefix.
+        let mut out = Vec::new();
+        encode_integer(1337, 5, 0, &mut out);
+        assert_eq!(out, [31, 154, 10]);
+    }
+}

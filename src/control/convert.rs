@@ -1,0 +1,207 @@
+//! Mapping between store rows and control API messages, and from internal errors to gRPC statuses with
+//! messages a caller can act on.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use prost_types::Timestamp;
+use tonic::Status;
+
+use crate::api::control as pb;
+use crate::api::names::{NameError, NodeId};
+use crate::store::{self, StoreError};
+
+/// A Unix-milliseconds time as a protobuf Timestamp.
+pub fn timestamp(ms: i64) -> Timestamp {
+    Timestamp { seconds: ms.div_euclid(1000), nanos: (ms.rem_euclid(1000) * 1_000_000) as i32 }
+}
+
+pub fn optional_timestamp(ms: Option<i64>) -> Option<Timestamp> {
+    ms.map(timestamp)
+}
+
+/// A protobuf Timestamp as Unix milliseconds; out-of-range values saturate instead of wrapping.
+pub fn millis(ts: &Timestamp) -> i64 {
+    ts.seconds.saturating_mul(1000).saturating_add(i64::from(ts.nanos.clamp(0, 999_999_999)) / 1_000_000)
+}
+
+pub fn system_time_ms(time: SystemTime) -> i64 {
+    match time.duration_since(UNIX_EPOCH) {
+        Ok(d) => i64::try_from(d.as_millis()).unwrap_or(i64::MAX),
+        Err(e) => -i64::try_from(e.duration().as_millis()).unwrap_or(i64::MAX),
+    }
+}
+
+pub fn now_ms() -> i64 {
+    system_time_ms(SystemTime::now())
+}
+
+pub fn duration(d: Duration) -> prost_types::Duration {
+    prost_types::Duration {
+        seconds: i64::try_from(d.as_secs()).unwrap_or(i64::MAX),
+        nanos: d.subsec_nanos() as i32,
+    }
+}
+
+/// Parses a node id field, naming the field in the error.
+pub fn node_id_arg(field: &str, text: &str) -> Result<NodeId, Status> {
+    NodeId::parse(text).map_err(|e| invalid(field, &e))
+}
+
+/// Checks a topic field, naming the field in the error.
+pub fn topic_arg(field: &str, topic: &str) -> Result<(), Status> {
+    crate::api::names::validate_topic(topic).map_err(|e| invalid(field, &e))
+}
+
+fn invalid(field: &str, error: &NameError) -> Status {
+    Status::invalid_argument(format!("{field}: {error}"))
+}
+
+/// The gRPC status for a store failure: callers can retry on UNAVAILABLE, fix their request on
+/// RESOURCE_EXHAUSTED, and report INTERNAL.
+pub fn store_status(error: StoreError) -> Status {
+    match error {
+        StoreError::TooManyTopics { .. } => Status::resource_exhausted(error.to_string()),
+        StoreError::InvalidTopic(_) => Status::invalid_argument(format!("topic: {error}")),
+        StoreError::CursorOrderMismatch => Status::invalid_argument(format!("page_token: {error}")),
+        StoreError::Closed | StoreError::WriteFailed(_) => Status::unavailable(error.to_string()),
+        other => {
+            tracing::error!(error = %other, "store request failed");
+            Status::internal(format!("store: {other}"))
+        }
+    }
+}
+
+pub fn node_type(t: store::NodeType) -> pb::NodeType {
+    match t {
+        store::NodeType::Unknown => pb::NodeType::Unknown,
+        store::NodeType::Public => pb::NodeType::Public,
+        store::NodeType::Private => pb::NodeType::Private,
+    }
+}
+
+/// The store filter for a requested node type; `None` means "all".
+pub fn node_type_filter(value: i32) -> Result<Option<store::NodeType>, Status> {
+    match pb::NodeType::try_from(value) {
+        Ok(pb::NodeType::Unknown) => Ok(None),
+        Ok(pb::NodeType::Public) => Ok(Some(store::NodeType::Public)),
+        Ok(pb::NodeType::Private) => Ok(Some(store::NodeType::Private)),
+        Err(_) => Err(Status::invalid_argument(format!(
+            "node_type: {value} is not a NodeType; use NODE_TYPE_PUBLIC, NODE_TYPE_PRIVATE or \
+             NODE_TYPE_UNKNOWN (all)"
+        ))),
+    }
+}
+
+pub fn nat_type(t: store::NatType) -> pb::NatType {
+    match t {
+        store::NatType::Unknown => pb::NatType::Unknown,
+        store::NatType::None => pb::NatType::None,
+        store::NatType::EndpointIndependent => pb::NatType::EndpointIndependent,
+        store::NatType::EndpointDependent => pb::NatType::EndpointDependent,
+        store::NatType::UdpBlocked => pb::NatType::UdpBlocked,
+    }
+}
+
+fn address_source(s: store::AddressSource) -> pb::AddressSource {
+    match s {
+        store::AddressSource::Unknown => pb::AddressSource::Unknown,
+        store::AddressSource::Dht => pb::AddressSource::Dht,
+        store::AddressSource::Inbound => pb::AddressSource::Inbound,
+        store::AddressSource::PeerExchange => pb::AddressSource::PeerExchange,
+        store::AddressSource::Manual => pb::AddressSource::Manual,
+        store::AddressSource::Record => pb::AddressSource::Record,
+    }
+}
+
+/// A list row: everything but addresses, quality, capabilities, services and the record.
+pub fn peer_summary(s: &store::PeerSummary) -> pb::Peer {
+    pb::Peer {
+        node_id: s.node_id.to_string(),
+        seq: s.seq,
+        first_seen: Some(timestamp(s.first_seen_ms)),
+        last_seen: Some(timestamp(s.last_seen_ms)),
+        node_type: node_type(s.node_type) as i32,
+        nat_type: nat_type(s.nat_type) as i32,
+        topics: s.topics.clone(),
+        score: s.score,
+        ..Default::default()
+    }
+}
+
+pub fn peer_detail(d: &store::PeerDetail) -> pb::Peer {
+    let q = &d.quality;
+    pb::Peer {
+        addresses: d
+            .addresses
+            .iter()
+            .map(|a| pb::PeerAddress {
+                address: a.address.clone(),
+                source: address_source(a.source) as i32,
+                first_seen: Some(timestamp(a.first_seen_ms)),
+                last_success: optional_timestamp(a.last_success_ms),
+                last_failure: optional_timestamp(a.last_failure_ms),
+                consecutive_failures: a.consecutive_failures,
+            })
+            .collect(),
+        quality: Some(pb::ConnectionQuality {
+            rtt: q.rtt_ewma.map(duration),
+            rtt_samples: q.rtt_samples,
+            successes: q.successes,
+            failures: q.failures,
+            last_error: q.last_error.clone().unwrap_or_default(),
+            last_error_at: optional_timestamp(q.last_error_ms),
+            last_success_at: optional_timestamp(q.last_success_ms),
+        }),
+        capabilities: d.capabilities.as_ref().map(|c| pb::Capabilities {
+            os: c.os.clone(),
+            arch: c.arch.clone(),
+            cpu_cores: c.cpu_cores,
+            memory_bytes: c.memory_bytes,
+            software_version: c.software_version.clone(),
+        }),
+        services: d
+            .services
+            .iter()
+            .map(|s| pb::Service {
+                name: s.name.clone(),
+                version: s.version.clone(),
+                attributes: s.attributes.iter().cloned().collect(),
+            })
+            .collect(),
+        record: d.record.clone(),
+        ..peer_summary(&d.summary)
+    }
+}
+
+pub fn topic(t: &store::JoinedTopic) -> pb::Topic {
+    pb::Topic {
+        name: t.name.clone(),
+        joined_at: Some(timestamp(t.joined_at_ms)),
+        peers: t.peers,
+        infohash: topic_infohash(&t.name),
+    }
+}
+
+/// Lowercase hex of SHA1(topic): the BEP 5 infohash under which the topic's peers announce themselves.
+pub fn topic_infohash(topic: &str) -> String {
+    sha1_smol::Sha1::from(topic.as_bytes()).digest().to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn timestamps_round_trip_including_before_the_epoch() {
+        for ms in [0, 1, 999, 1_700_000_000_123, -1, -1001] {
+            assert_eq!(millis(&timestamp(ms)), ms);
+            assert!((0..1_000_000_000).contains(&timestamp(ms).nanos));
+        }
+    }
+
+    #[test]
+    fn infohash_is_sha1_of_the_topic_name() {
+        // SHA1("abc") from FIPS 180-1, appendix A.
+        assert_eq!(topic_infohash("abc"), "a9993e364706816aba3e25717850c26c9cd0d89d");
+    }
+}

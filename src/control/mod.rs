@@ -1,0 +1,182 @@
+//! The gRPC control API: `NodeService`, `PeerService` and `TopicService` (from `proto/control.proto`), plus
+//! `grpc.health.v1.Health` and server reflection v1 and v1alpha, served on the control socket and, when
+//! configured, on TCP behind a bearer token.
+//!
+//! Handlers are thin: they validate arguments (INVALID_ARGUMENT naming the field and the rule), call the store
+//! or another part through its handle, and map the result with [`convert`].
+
+mod authority;
+mod convert;
+mod node_info;
+mod peers;
+mod topics;
+pub mod transport;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Instant, SystemTime};
+
+use tokio::task::JoinHandle;
+use tokio_stream::StreamExt;
+use tokio_stream::wrappers::{TcpListenerStream, UnixListenerStream};
+use tokio_util::sync::CancellationToken;
+use tonic::service::{InterceptorLayer, Routes};
+use tonic::transport::Server;
+use tonic_health::ServingStatus;
+use tonic_health::server::HealthReporter;
+
+use crate::api::CONTROL_DESCRIPTOR_SET;
+use crate::api::control::ListenAddresses;
+use crate::api::control::node_service_server::NodeServiceServer;
+use crate::api::control::peer_service_server::PeerServiceServer;
+use crate::api::control::topic_service_server::TopicServiceServer;
+use crate::api::names::NodeId;
+use crate::config::ControlConfig;
+use crate::store::Store;
+pub use transport::{ControlSocket, TransportError};
+
+pub use peers::{DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE};
+
+/// What the handlers share: cheap handles to the node's parts and facts fixed at start.
+pub struct NodeContext {
+    pub node_id: NodeId,
+    pub started_at: SystemTime,
+    pub started: Instant,
+    pub data_dir: PathBuf,
+    pub listen: ListenAddresses,
+    pub store: Store,
+    /// Cancelled when the node stops; ends long-lived streams so the server can drain.
+    pub shutdown: CancellationToken,
+}
+
+pub type Context = Arc<NodeContext>;
+
+/// The control listeners, bound before anything is served so that their addresses can be reported.
+pub struct ControlListeners {
+    socket: ControlSocket,
+    tcp: Option<(tokio::net::TcpListener, SocketAddr, Option<String>)>,
+}
+
+impl ControlListeners {
+    /// Binds the socket (and TCP listener if configured). Must run inside a tokio runtime.
+    pub async fn bind(config: &ControlConfig) -> Result<Self, TransportError> {
+        let token = config.token.as_ref().map(transport::load_token).transpose()?;
+        let socket = ControlSocket::bind(&config.socket)?;
+        let tcp = match config.tcp {
+            Some(addr) => {
+                let listener = tokio::net::TcpListener::bind(addr)
+                    .await
+                    .map_err(|source| TransportError::Tcp { addr, source })?;
+                let local = listener.local_addr().map_err(|source| TransportError::Tcp { addr, source })?;
+                Some((listener, local, token))
+            }
+            None => None,
+        };
+        Ok(Self { socket, tcp })
+    }
+
+    pub fn socket_path(&self) -> &std::path::Path {
+        self.socket.path()
+    }
+
+    pub fn tcp_addr(&self) -> Option<SocketAddr> {
+        self.tcp.as_ref().map(|(_, addr, _)| *addr)
+    }
+}
+
+/// The running control servers.
+pub struct ControlServer {
+    servers: Vec<JoinHandle<Result<(), tonic::transport::Error>>>,
+    health: HealthReporter,
+    /// Removes the socket file when the server is dropped.
+    _socket: ControlSocket,
+}
+
+impl ControlServer {
+    /// Starts serving on the bound listeners until `ctx.shutdown` is cancelled.
+    pub async fn start(mut listeners: ControlListeners, ctx: Context) -> Result<Self, TransportError> {
+        let (health, health_service) = tonic_health::server::health_reporter();
+        health.set_serving::<NodeServiceServer<node_info::Node>>().await;
+        health.set_serving::<PeerServiceServer<peers::Peers>>().await;
+        health.set_serving::<TopicServiceServer<topics::Topics>>().await;
+
+        let reflection_error = |e: tonic_reflection::server::Error| TransportError::Reflection(e.to_string());
+        // grpcurl 1.8 and Python's reflection client speak only v1alpha; newer tools use v1.
+        let reflection = || {
+            tonic_reflection::server::Builder::configure()
+                .register_encoded_file_descriptor_set(CONTROL_DESCRIPTOR_SET)
+                .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        };
+        let reflection_v1 = reflection().build_v1().map_err(reflection_error)?;
+        let reflection_v1alpha = reflection().build_v1alpha().map_err(reflection_error)?;
+
+        let routes = Routes::new(NodeServiceServer::new(node_info::Node(ctx.clone())))
+            .add_service(PeerServiceServer::new(peers::Peers(ctx.clone())))
+            .add_service(TopicServiceServer::new(topics::Topics(ctx.clone())))
+            .add_service(health_service)
+            .add_service(reflection_v1)
+            .add_service(reflection_v1alpha);
+
+        let mut servers = Vec::new();
+        let socket_listener = listeners.socket.take_listener().ok_or_else(|| TransportError::Io {
+            action: "serve",
+            path: listeners.socket.path().to_path_buf(),
+            source: std::io::Error::other("the control socket was already served"),
+        })?;
+        let stop = ctx.shutdown.clone();
+        let unix_routes = routes.clone();
+        let unix_incoming = UnixListenerStream::new(socket_listener).map(|conn| conn.map(authority::wrap));
+        servers.push(tokio::spawn(async move {
+            Server::builder()
+                .add_routes(unix_routes)
+                .serve_with_incoming_shutdown(unix_incoming, stop.cancelled_owned())
+                .await
+        }));
+
+        if let Some((listener, addr, token)) = listeners.tcp.take() {
+            let stop = ctx.shutdown.clone();
+            let incoming = TcpListenerStream::new(listener);
+            servers.push(match token {
+                Some(token) => {
+                    tracing::info!(%addr, "control API on TCP, bearer token required");
+                    let layer = InterceptorLayer::new(transport::RequireToken::new(&token));
+                    tokio::spawn(async move {
+                        Server::builder()
+                            .layer(layer)
+                            .add_routes(routes)
+                            .serve_with_incoming_shutdown(incoming, stop.cancelled_owned())
+                            .await
+                    })
+                }
+                None => {
+                    tracing::warn!(%addr, "control API on loopback TCP without a token: any local user can use it");
+                    tokio::spawn(async move {
+                        Server::builder()
+                            .add_routes(routes)
+                            .serve_with_incoming_shutdown(incoming, stop.cancelled_owned())
+                            .await
+                    })
+                }
+            });
+        }
+        Ok(Self { servers, health, _socket: listeners.socket })
+    }
+
+    /// Reports overall serving health (the empty service name) to health checkers.
+    pub async fn set_healthy(&self, healthy: bool) {
+        let status = if healthy { ServingStatus::Serving } else { ServingStatus::NotServing };
+        self.health.set_service_status("", status).await;
+    }
+
+    /// Waits until every server has drained after `ctx.shutdown` was cancelled.
+    pub async fn wait(self) {
+        for server in self.servers {
+            match server.await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::error!(error = %e, "control server failed"),
+                Err(e) => tracing::error!(error = %e, "control server task panicked"),
+            }
+        }
+    }
+}

@@ -1,0 +1,311 @@
+//! `PeerService`: listing, showing, watching and forgetting stored peers.
+
+use std::collections::HashSet;
+use std::pin::Pin;
+
+use tokio::sync::broadcast::error::RecvError;
+use tokio::sync::mpsc;
+use tokio_stream::Stream;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status};
+
+use super::Context;
+use super::convert::{self, node_id_arg, store_status, topic_arg};
+use crate::api::control::peer_service_server::PeerService;
+use crate::api::control::{
+    ForgetPeerRequest, ForgetPeerResponse, GetPeerRequest, GetPeerResponse, ListPeersRequest,
+    ListPeersResponse, PeerEvent, PeerEventKind, PeerOrder, WatchPeersRequest,
+};
+use crate::api::names::NodeId;
+use crate::store::{self, PeerQuery};
+
+/// Page size when the request leaves it at 0.
+pub const DEFAULT_PAGE_SIZE: u32 = 100;
+/// Largest page served; bigger requests are capped to it.
+pub const MAX_PAGE_SIZE: u32 = 1000;
+/// Events buffered per watcher before its stream applies back-pressure.
+const WATCH_BUFFER: usize = 256;
+
+pub struct Peers(pub Context);
+
+type EventStream = Pin<Box<dyn Stream<Item = Result<PeerEvent, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl PeerService for Peers {
+    async fn list_peers(
+        &self,
+        request: Request<ListPeersRequest>,
+    ) -> Result<Response<ListPeersResponse>, Status> {
+        let req = request.into_inner();
+        let topic = (!req.topic.is_empty()).then_some(req.topic);
+        if let Some(topic) = &topic {
+            topic_arg("topic", topic)?;
+        }
+        let order = match PeerOrder::try_from(req.order) {
+            Ok(PeerOrder::Unspecified | PeerOrder::LastSeen) => store::PeerOrder::LastSeen,
+            Ok(PeerOrder::Score) => store::PeerOrder::Score,
+            Err(_) => {
+                return Err(Status::invalid_argument(format!(
+                    "order: {} is not a PeerOrder; use PEER_ORDER_LAST_SEEN or PEER_ORDER_SCORE",
+                    req.order
+                )));
+            }
+        };
+        let mut query = PeerQuery {
+            topic,
+            node_type: convert::node_type_filter(req.node_type)?,
+            seen_since_ms: req.seen_since.as_ref().map(convert::millis),
+            order,
+            limit: match req.page_size {
+                0 => DEFAULT_PAGE_SIZE,
+                n => n.min(MAX_PAGE_SIZE),
+            },
+            after: None,
+        };
+        if !req.page_token.is_empty() {
+            query.after = Some(page_token::decode(&req.page_token, &query)?);
+        }
+        let page = self.0.store.list_peers(query.clone()).await.map_err(store_status)?;
+        Ok(Response::new(ListPeersResponse {
+            peers: page.peers.iter().map(convert::peer_summary).collect(),
+            next_page_token: page.next.map(|cursor| page_token::encode(&cursor, &query)).unwrap_or_default(),
+            total: page.total,
+        }))
+    }
+
+    async fn get_peer(&self, request: Request<GetPeerRequest>) -> Result<Response<GetPeerResponse>, Status> {
+        let node_id = node_id_arg("node_id", &request.get_ref().node_id)?;
+        match self.0.store.get_peer(node_id).await.map_err(store_status)? {
+            Some(detail) => Ok(Response::new(GetPeerResponse { peer: Some(convert::peer_detail(&detail)) })),
+            None => Err(Status::not_found(format!("no peer {node_id} in the store"))),
+        }
+    }
+
+    type WatchPeersStream = EventStream;
+
+    async fn watch_peers(
+        &self,
+        request: Request<WatchPeersRequest>,
+    ) -> Result<Response<EventStream>, Status> {
+        let req = request.into_inner();
+        let topic = (!req.topic.is_empty()).then_some(req.topic);
+        if let Some(topic) = &topic {
+            topic_arg("topic", topic)?;
+        }
+        // Subscribe before taking the snapshot so that no change falls between the two; a change may then
+        // appear both in the snapshot and as an event, which is harmless for a client applying events in order.
+        let live = self.0.store.subscribe();
+        let (tx, rx) = mpsc::channel(WATCH_BUFFER);
+        let watcher = Watcher { ctx: self.0.clone(), topic, tx, visible: HashSet::new() };
+        tokio::spawn(watcher.run(req.include_snapshot, live));
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn forget_peer(
+        &self,
+        request: Request<ForgetPeerRequest>,
+    ) -> Result<Response<ForgetPeerResponse>, Status> {
+        let node_id = node_id_arg("node_id", &request.get_ref().node_id)?;
+        let forgotten = self.0.store.forget_peer(node_id).await.map_err(store_status)?;
+        tracing::info!(peer = %node_id, forgotten, "forget peer");
+        Ok(Response::new(ForgetPeerResponse { forgotten }))
+    }
+}
+
+/// One `WatchPeers` stream: sends the snapshot, then store events, until the client goes away or the node stops.
+struct Watcher {
+    ctx: Context,
+    topic: Option<String>,
+    tx: mpsc::Sender<Result<PeerEvent, Status>>,
+    /// With a topic filter: the peers this client currently sees, so that it is told when one leaves its view
+    /// (removed from the store, or no longer in the topic) and never about peers it was not shown.
+    visible: HashSet<NodeId>,
+}
+
+impl Watcher {
+    async fn run(
+        mut self,
+        include_snapshot: bool,
+        mut live: tokio::sync::broadcast::Receiver<store::PeerEvent>,
+    ) {
+        if include_snapshot && self.send_snapshot().await.is_err() {
+            return;
+        }
+        loop {
+            let event = tokio::select! {
+                _ = self.ctx.shutdown.cancelled() => return,
+                _ = self.tx.closed() => return,
+                event = live.recv() => event,
+            };
+            let sent = match event {
+                Ok(event) => self.send_live(event).await,
+                Err(RecvError::Lagged(missed)) => {
+                    let status = Status::aborted(format!(
+                        "this watcher fell {missed} events behind and was stopped; watch again with \
+                         include_snapshot to resynchronise"
+                    ));
+                    let _ = self.tx.send(Err(status)).await;
+                    return;
+                }
+                Err(RecvError::Closed) => return,
+            };
+            if sent.is_err() {
+                return;
+            }
+        }
+    }
+
+    async fn send_snapshot(&mut self) -> Result<(), ()> {
+        let mut query = PeerQuery {
+            topic: self.topic.clone(),
+            limit: MAX_PAGE_SIZE,
+            order: store::PeerOrder::LastSeen,
+            ..Default::default()
+        };
+        loop {
+            let page = match self.ctx.store.list_peers(query.clone()).await {
+                Ok(page) => page,
+                Err(e) => {
+                    let _ = self.tx.send(Err(store_status(e))).await;
+                    return Err(());
+                }
+            };
+            for peer in &page.peers {
+                self.note_visible(peer);
+                self.send(PeerEventKind::Snapshot, Some(convert::peer_summary(peer))).await?;
+            }
+            match page.next {
+                Some(cursor) => query.after = Some(cursor),
+                None => break,
+            }
+        }
+        self.send(PeerEventKind::SnapshotDone, None).await
+    }
+
+    async fn send_live(&mut self, event: store::PeerEvent) -> Result<(), ()> {
+        match event {
+            store::PeerEvent::Added(peer) | store::PeerEvent::Updated(peer) if !self.in_topic(&peer) => {
+                if self.visible.remove(&peer.node_id) {
+                    return self.send_removed(peer.node_id).await;
+                }
+                Ok(())
+            }
+            store::PeerEvent::Added(peer) => {
+                self.note_visible(&peer);
+                self.send(PeerEventKind::Added, Some(convert::peer_summary(&peer))).await
+            }
+            store::PeerEvent::Updated(peer) => {
+                // A peer entering a filtered view is new to this client.
+                let kind = if self.topic.is_some() && !self.visible.contains(&peer.node_id) {
+                    PeerEventKind::Added
+                } else {
+                    PeerEventKind::Updated
+                };
+                self.note_visible(&peer);
+                self.send(kind, Some(convert::peer_summary(&peer))).await
+            }
+            store::PeerEvent::Removed(node_id) => {
+                if self.topic.is_some() && !self.visible.remove(&node_id) {
+                    return Ok(());
+                }
+                self.send_removed(node_id).await
+            }
+        }
+    }
+
+    fn in_topic(&self, peer: &store::PeerSummary) -> bool {
+        self.topic.as_ref().is_none_or(|topic| peer.topics.iter().any(|t| t == topic))
+    }
+
+    fn note_visible(&mut self, peer: &store::PeerSummary) {
+        if self.topic.is_some() {
+            self.visible.insert(peer.node_id);
+        }
+    }
+
+    async fn send_removed(&self, node_id: NodeId) -> Result<(), ()> {
+        let peer = crate::api::control::Peer { node_id: node_id.to_string(), ..Default::default() };
+        self.send(PeerEventKind::Removed, Some(peer)).await
+    }
+
+    async fn send(&self, kind: PeerEventKind, peer: Option<crate::api::control::Peer>) -> Result<(), ()> {
+        let event = PeerEvent { kind: kind as i32, peer, at: Some(convert::timestamp(convert::now_ms())) };
+        self.tx.send(Ok(event)).await.map_err(|_| ())
+    }
+}
+
+/// Page tokens: the sort key of the last row served plus a fingerprint of the filters, so that a token used
+/// with other filters or another order is refused instead of silently skipping rows. Opaque to clients.
+mod page_token {
+    use tonic::Status;
+
+    use crate::api::names::NodeId;
+    use crate::store::{PeerCursor, PeerQuery};
+
+    pub fn encode(cursor: &PeerCursor, query: &PeerQuery) -> String {
+        let fp = fingerprint(query);
+        match cursor {
+            PeerCursor::LastSeen { last_seen_ms, node_id } => format!("1.l.{last_seen_ms}.{node_id}.{fp}"),
+            PeerCursor::Score { score, node_id } => format!("1.s.{:016x}.{node_id}.{fp}", score.to_bits()),
+        }
+    }
+
+    pub fn decode(token: &str, query: &PeerQuery) -> Result<PeerCursor, Status> {
+        let bad = || {
+            Status::invalid_argument(
+                "page_token: not a token this server issued; pass next_page_token from the previous response \
+                 unchanged",
+            )
+        };
+        let parts: Vec<&str> = token.split('.').collect();
+        let [version, kind, key, node_id, fp] = parts[..] else { return Err(bad()) };
+        if version != "1" {
+            return Err(bad());
+        }
+        if fp != fingerprint(query) {
+            return Err(Status::invalid_argument(
+                "page_token: was issued for other filters or another order; repeat the same topic, node_type, \
+                 seen_since and order as the first request",
+            ));
+        }
+        let node_id = NodeId::parse(node_id).map_err(|_| bad())?;
+        match kind {
+            "l" => Ok(PeerCursor::LastSeen { last_seen_ms: key.parse().map_err(|_| bad())?, node_id }),
+            "s" => {
+                let bits = u64::from_str_radix(key, 16).map_err(|_| bad())?;
+                Ok(PeerCursor::Score { score: f64::from_bits(bits), node_id })
+            }
+            _ => Err(bad()),
+        }
+    }
+
+    /// First 8 bytes of SHA1 over the filters and order, in hex.
+    fn fingerprint(query: &PeerQuery) -> String {
+        let text =
+            format!("{:?}|{:?}|{:?}|{:?}", query.topic, query.node_type, query.seen_since_ms, query.order);
+        let digest = sha1_smol::Sha1::from(text.as_bytes()).digest().bytes();
+        digest[..8].iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+        use crate::store::PeerOrder;
+
+        #[test]
+        fn tokens_round_trip_and_are_bound_to_their_query() {
+            let query = PeerQuery { topic: Some("t".into()), limit: 10, ..Default::default() };
+            let cursor = PeerCursor::LastSeen { last_seen_ms: 1_700_000_000_000, node_id: NodeId([7; 32]) };
+            let token = encode(&cursor, &query);
+            assert_eq!(decode(&token, &query).expect("decode"), cursor);
+            let other = PeerQuery { topic: Some("u".into()), ..query.clone() };
+            assert!(decode(&token, &other).is_err());
+
+            let scored = PeerQuery { order: PeerOrder::Score, ..query };
+            let cursor = PeerCursor::Score { score: 0.123_456_789, node_id: NodeId([9; 32]) };
+            assert_eq!(decode(&encode(&cursor, &scored), &scored).expect("decode"), cursor);
+            assert!(decode("garbage", &scored).is_err());
+            assert!(decode("1.x.1.00.00", &scored).is_err());
+        }
+    }
+}

@@ -1,0 +1,193 @@
+//! The `remote-network` daemon: arguments → configuration → `Node::start` → wait for SIGTERM/SIGINT → graceful
+//! stop.
+//!
+//! Exit codes: 0 after a graceful stop, 1 when the node fails to start or to stop in time, 2 for usage errors,
+//! 78 (EX_CONFIG) for configuration errors, so a unit can use `RestartPreventExitStatus=78` to avoid restart
+//! loops on a bad config.
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context as _;
+use clap::{Args, Parser, Subcommand};
+use remote_network::config::{self, Env, FlagValues, Loaded};
+use remote_network::lifecycle;
+use remote_network::node::Node;
+
+const EXIT_FAILURE: u8 = 1;
+const EXIT_CONFIG: u8 = 78;
+
+#[derive(Parser)]
+#[command(
+    name = "remote-network",
+    version,
+    about = "Peer-to-peer node: Mainline DHT discovery, QUIC metadata \
+    exchange, SQLite peer store, gRPC control API (driven by rnctl)"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the node in the foreground (under systemd: Type=notify).
+    Start(StartArgs),
+    /// Inspect the configuration.
+    #[command(subcommand)]
+    Config(ConfigCommand),
+}
+
+#[derive(Subcommand)]
+enum ConfigCommand {
+    /// Print the effective configuration as TOML, with the source of each value.
+    Show {
+        #[command(flatten)]
+        args: StartArgs,
+        /// Also print what each key means, its environment variable and flag.
+        #[arg(long)]
+        docs: bool,
+    },
+}
+
+/// Flags override `RN_*` environment variables, which override the config file.
+#[derive(Args, Clone)]
+struct StartArgs {
+    /// Config file (default: $XDG_CONFIG_HOME/remote-network/config.toml, then /etc/remote-network/config.toml).
+    #[arg(long, value_name = "FILE", env = "RN_CONFIG")]
+    config: Option<PathBuf>,
+    /// Directory for the node key and peer database.
+    #[arg(long, value_name = "DIR")]
+    data_dir: Option<String>,
+    /// Unix socket of the control API.
+    #[arg(long, value_name = "PATH")]
+    control_socket: Option<String>,
+    /// Also serve the control API on TCP (a non-loopback address requires a token).
+    #[arg(long, value_name = "ADDR:PORT")]
+    control_tcp: Option<String>,
+    /// File holding the bearer token required on the TCP listener.
+    #[arg(long, value_name = "FILE")]
+    control_token_file: Option<String>,
+    /// UDP address of the QUIC endpoint.
+    #[arg(long, value_name = "ADDR:PORT")]
+    quic_listen: Option<String>,
+    /// UDP address of the DHT node.
+    #[arg(long, value_name = "ADDR:PORT")]
+    dht_listen: Option<String>,
+    /// DHT bootstrap node; repeat for several. Replaces the public default routers.
+    #[arg(long, value_name = "HOST:PORT")]
+    bootstrap: Vec<String>,
+    /// HTTP address of the metrics and profiling endpoints.
+    #[arg(long, value_name = "ADDR:PORT")]
+    monitoring_listen: Option<String>,
+    /// Log filter, such as info or remote_network=debug (RUST_LOG is used when this is absent).
+    #[arg(long, value_name = "FILTER")]
+    log_level: Option<String>,
+}
+
+impl StartArgs {
+    fn flag_values(&self) -> FlagValues {
+        let mut flags = FlagValues::default();
+        flags.set("data_dir", self.data_dir.clone());
+        flags.set("control.socket", self.control_socket.clone());
+        flags.set("control.tcp", self.control_tcp.clone());
+        flags.set("control.token_file", self.control_token_file.clone());
+        flags.set("quic.listen", self.quic_listen.clone());
+        flags.set("dht.listen", self.dht_listen.clone());
+        flags.set_list("dht.bootstrap", self.bootstrap.clone());
+        flags.set("monitoring.listen", self.monitoring_listen.clone());
+        flags.set("log_level", self.log_level.clone());
+        flags
+    }
+
+    fn load(&self) -> Result<Loaded, config::ConfigError> {
+        let env = Env::capture();
+        let file = config::find_file(self.config.as_deref(), &env);
+        config::load(file.as_deref(), &env, &self.flag_values())
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Config(ConfigCommand::Show { args, docs }) => match args.load() {
+            Ok(loaded) => {
+                print!("{}", loaded.render(docs));
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("remote-network: {e}");
+                ExitCode::from(EXIT_CONFIG)
+            }
+        },
+        Command::Start(args) => {
+            let loaded = match args.load() {
+                Ok(loaded) => loaded,
+                Err(e) => {
+                    eprintln!("remote-network: {e}");
+                    return ExitCode::from(EXIT_CONFIG);
+                }
+            };
+            init_logging(&loaded.config.log_level);
+            match run(loaded) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    tracing::error!("{e:#}");
+                    lifecycle::notify_status(&format!("failed: {e:#}"));
+                    ExitCode::from(EXIT_FAILURE)
+                }
+            }
+        }
+    }
+}
+
+fn run(loaded: Loaded) -> anyhow::Result<()> {
+    let config = loaded.config;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("remote-network")
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(async {
+        if let Some(file) = &loaded.file {
+            tracing::info!(file = %file.display(), "configuration loaded");
+        }
+        let node = Node::start(&config).await?;
+        let signal = tokio::spawn(lifecycle::shutdown_signal());
+        node.run_until(async {
+            match signal.await {
+                Ok(Ok(name)) => tracing::info!(signal = name, "stopping"),
+                Ok(Err(e)) => tracing::error!(error = %e, "cannot wait for signals; stopping"),
+                Err(e) => tracing::error!(error = %e, "signal task failed; stopping"),
+            }
+        })
+        .await;
+        tokio::time::timeout(config.shutdown_timeout, node.stop())
+            .await
+            .map_err(|_| {
+                anyhow::anyhow!(
+                    "graceful stop took longer than shutdown_timeout ({}); exiting anyway",
+                    config::format_duration(config.shutdown_timeout)
+                )
+            })?
+            .context("store did not close cleanly")
+    })
+}
+
+/// Logs go to stderr. Under systemd (JOURNAL_STREAM is set) journald adds its own timestamps and shows no
+/// colours, so neither is written.
+fn init_logging(filter: &str) {
+    let under_journald = std::env::var_os("JOURNAL_STREAM").is_some();
+    let filter = tracing_subscriber::EnvFilter::try_new(filter)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(!under_journald && std::io::stderr().is_terminal());
+    if under_journald {
+        builder.without_time().init();
+    } else {
+        builder.init();
+    }
+}
