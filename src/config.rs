@@ -17,6 +17,8 @@ const CONFIG_FILE: &str = "config.toml";
 const APP_DIR: &str = "remote-network";
 /// The control socket's file name inside its runtime directory.
 const SOCKET_FILE: &str = "control.sock";
+/// What `config show` prints for a secret that is set.
+const REDACTED: &str = "<redacted>";
 /// `sun_path` holds 108 bytes including the terminating NUL.
 const MAX_SOCKET_PATH: usize = 107;
 
@@ -325,7 +327,15 @@ impl Loaded {
     /// The effective configuration as TOML, each key followed by a comment naming where its value came from;
     /// with `with_docs`, each key is preceded by what it means.
     pub fn render(&self, with_docs: bool) -> String {
-        let width = self.shown.iter().map(|(k, v, _)| k.len() + v.len() + 3).max().unwrap_or(0);
+        // Align the source comments, but let an unusually long line (a bootstrap list) run past the column.
+        const MAX_ALIGN: usize = 56;
+        let width = self
+            .shown
+            .iter()
+            .map(|(k, v, _)| k.len() + v.len() + 3)
+            .filter(|&w| w <= MAX_ALIGN)
+            .max()
+            .unwrap_or(0);
         let mut out = String::new();
         match &self.file {
             Some(path) => out.push_str(&format!("# config file: {}\n", path.display())),
@@ -339,7 +349,12 @@ impl Loaded {
                 }
                 out.push('\n');
             }
-            let line = format!("{key} = {value}");
+            // A secret is never printed, and not as a value either: copied into a file it would become the token.
+            let line = if value == REDACTED {
+                format!("# {key} = (set, not shown)")
+            } else {
+                format!("{key} = {value}")
+            };
             out.push_str(&format!("{line:<width$}  # {source}\n"));
         }
         out
@@ -520,7 +535,7 @@ impl Resolver<'_> {
             "control.token",
             parse_secret,
             || Ok((None, Source::Default)),
-            |v| if v.is_some() { "\"<redacted>\"".into() } else { "\"\"".into() },
+            |v| if v.is_some() { REDACTED.into() } else { "\"\"".into() },
         )?;
         let token_file = self.value(
             "control.token_file",
@@ -860,6 +875,23 @@ mod tests {
         assert!(shown.contains("# flag --quic-listen"), "{shown}");
         assert!(shown.contains("# env RN_DHT_LISTEN"), "{shown}");
         assert!(shown.contains(&format!("# file {}", file.display())), "{shown}");
+    }
+
+    #[test]
+    fn config_show_output_loads_back_as_the_same_config() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let e = env(&[("HOME", "/h"), ("RN_CONTROL_TOKEN", "tok"), ("RN_STORE_RETENTION", "1h30m")]);
+        let mut flags = FlagValues::default();
+        flags.set("control.tcp", Some("127.0.0.1:5000".into()));
+        flags.set_list("dht.bootstrap", vec!["127.0.0.1:7000".into()]);
+        let first = load(None, &e, &flags).expect("load");
+        let file = write(dir.path(), &first.render(true));
+        // The token is redacted in the output, so give it again; everything else comes from the file.
+        let second =
+            load(Some(&file), &env(&[("HOME", "/h"), ("RN_CONTROL_TOKEN", "tok")]), &FlagValues::default())
+                .expect("rendered config loads");
+        assert_eq!(format!("{:?}", first.config), format!("{:?}", second.config));
+        assert!(second.render(false).contains("# file "));
     }
 
     #[test]

@@ -52,14 +52,19 @@ pub fn spawn_watchdog(stop: CancellationToken) -> Option<tokio::task::JoinHandle
     }))
 }
 
-/// Resolves on the first SIGTERM or SIGINT.
-pub async fn shutdown_signal() -> std::io::Result<&'static str> {
+/// Installs the SIGTERM and SIGINT handlers now, and returns a future that resolves on the first of them.
+///
+/// Call it before the node reports ready: from the moment systemd sees `READY=1` it may send SIGTERM, and
+/// without a handler the default action would kill the process before the store writer flushes.
+pub fn shutdown_signals() -> std::io::Result<impl Future<Output = &'static str>> {
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
-    Ok(tokio::select! {
-        _ = term.recv() => "SIGTERM",
-        _ = int.recv() => "SIGINT",
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => "SIGTERM",
+            _ = int.recv() => "SIGINT",
+        }
     })
 }
 

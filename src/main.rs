@@ -153,14 +153,11 @@ fn run(loaded: Loaded) -> anyhow::Result<()> {
         if let Some(file) = &loaded.file {
             tracing::info!(file = %file.display(), "configuration loaded");
         }
+        let signal = lifecycle::shutdown_signals().context("cannot install the SIGTERM/SIGINT handlers")?;
         let node = Node::start(&config).await?;
-        let signal = tokio::spawn(lifecycle::shutdown_signal());
         node.run_until(async {
-            match signal.await {
-                Ok(Ok(name)) => tracing::info!(signal = name, "stopping"),
-                Ok(Err(e)) => tracing::error!(error = %e, "cannot wait for signals; stopping"),
-                Err(e) => tracing::error!(error = %e, "signal task failed; stopping"),
-            }
+            let name = signal.await;
+            tracing::info!(signal = name, "stopping");
         })
         .await;
         tokio::time::timeout(config.shutdown_timeout, node.stop())

@@ -256,6 +256,17 @@ async fn sigterm_stops_gracefully_with_a_sound_database() {
     assert_eq!(topics_in_db(&dir).len(), 50);
 }
 
+/// systemd may send SIGTERM the moment it reads READY=1: the handler must already be in place.
+#[test]
+fn sigterm_right_after_ready_is_still_a_graceful_stop() {
+    for _ in 0..3 {
+        let dir = NodeDir::new();
+        let (status, log) = dir.start().terminate();
+        assert!(status.success(), "exit status {status}\n{log}");
+        assert!(log.contains("node stopped"), "{log}");
+    }
+}
+
 /// Sustained concurrent writes, then SIGKILL: the database opens, passes the integrity check, and holds every
 /// write the daemon acknowledged (acknowledgement comes after the writer's commit).
 #[tokio::test(flavor = "multi_thread")]

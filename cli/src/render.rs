@@ -124,13 +124,22 @@ pub fn node_info(node: &control::NodeInfo, now: i64) -> String {
     );
     fields.add("store path", or_unknown(&store.path));
 
-    let mut dht_parts = vec![
-        dht_state_text(dht.state),
-        plural(u64::from(dht.routing_table_size), "node in routing table", "nodes in routing table"),
-        if dht.server_mode { "server mode".to_owned() } else { "client mode".to_owned() },
-    ];
-    if dht.firewalled {
-        dht_parts.push("firewalled".to_owned());
+    // Details of a DHT whose state is unknown or disabled would be invented: show the state alone.
+    let dht_running = matches!(
+        control::DhtState::try_from(dht.state),
+        Ok(control::DhtState::Bootstrapping | control::DhtState::Ready)
+    );
+    let mut dht_parts = vec![dht_state_text(dht.state)];
+    if dht_running {
+        dht_parts.push(plural(
+            u64::from(dht.routing_table_size),
+            "node in routing table",
+            "nodes in routing table",
+        ));
+        dht_parts.push(if dht.server_mode { "server mode".to_owned() } else { "client mode".to_owned() });
+        if dht.firewalled {
+            dht_parts.push("firewalled".to_owned());
+        }
     }
     fields.add("dht", dht_parts.join(", "));
     fields.add("dht public address", or_unknown(&dht.public_address));

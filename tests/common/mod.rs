@@ -148,6 +148,16 @@ impl NodeDir {
     pub fn start_expecting_failure(&self, adjust: impl FnOnce(&mut Command)) -> (ExitStatus, String) {
         let mut cmd = self.start_command();
         adjust(&mut cmd);
+        self.run_expecting_failure(cmd)
+    }
+
+    /// Spawns a prepared command (such as [`in_mount_namespace`]) and waits until it reports ready.
+    pub fn spawn_ready(&self, cmd: Command) -> TestNode {
+        TestNode::spawn(self, cmd).wait_ready()
+    }
+
+    /// Runs a prepared command expecting it to fail; returns its exit status and stderr.
+    pub fn run_expecting_failure(&self, cmd: Command) -> (ExitStatus, String) {
         let mut node = TestNode::spawn(self, cmd);
         let status = node.wait_exit(READY_TIMEOUT).expect("the daemon should have exited");
         (status, node.stderr())
@@ -293,4 +303,39 @@ pub fn stderr(output: &Output) -> String {
 pub fn json(output: &Output) -> serde_json::Value {
     serde_json::from_slice(&output.stdout)
         .unwrap_or_else(|e| panic!("rnctl printed no JSON ({e}):\n{}\n{}", stdout(output), stderr(output)))
+}
+
+/// Whether a test that needs root must be skipped: prints a loud SKIPPED line when so. With
+/// `RN_TESTS_REQUIRE_ROOT=1` (set by `.ci/run`) a missing root is a failure instead, so CI cannot pass by
+/// skipping.
+pub fn skip_without_root(test: &str, why: &str) -> bool {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        return false;
+    }
+    assert!(
+        std::env::var_os("RN_TESTS_REQUIRE_ROOT").is_none(),
+        "{test} needs root ({why}) and CI requires it"
+    );
+    eprintln!("SKIPPED (needs root): {test}: {why}");
+    true
+}
+
+/// Wraps a command so that it runs in a private mount namespace after the shell `setup` ran there. Mounts made
+/// by `setup` vanish with the process, so nothing is left on the host even if the test fails.
+pub fn in_mount_namespace(cmd: &Command, setup: &str) -> Command {
+    let mut wrapped = Command::new("unshare");
+    wrapped
+        .args(["--mount", "--propagation", "private", "--", "sh", "-c"])
+        .arg(format!("set -e; {setup}; exec \"$@\""))
+        .arg("sh")
+        .arg(cmd.get_program())
+        .args(cmd.get_args());
+    for (key, value) in cmd.get_envs() {
+        match value {
+            Some(value) => wrapped.env(key, value),
+            None => wrapped.env_remove(key),
+        };
+    }
+    wrapped
 }
