@@ -24,7 +24,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     let wire = "proto/wire.proto";
     println!("cargo:rerun-if-changed={wire}");
-    if cfg!(feature = "daemon") && std::path::Path::new(wire).exists() {
+    if cfg!(feature = "daemon") {
         let descriptors = protox::compile([wire], ["proto"])?;
         tonic_prost_build::configure().build_server(false).build_client(false).compile_fds(descriptors)?;
     }

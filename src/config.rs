@@ -34,6 +34,7 @@ enum Kind {
     LogLevel,
     Secret,
     OptionalPath,
+    DhtMode,
 }
 
 impl Kind {
@@ -49,6 +50,7 @@ impl Kind {
                 "error, warn, info, debug, trace, or a tracing filter such as info,remote_network=debug"
             }
             Kind::Secret => "a string of printable ASCII without spaces",
+            Kind::DhtMode => "auto, server or client",
         }
     }
 }
@@ -139,6 +141,28 @@ const SETTINGS: &[Setting] = &[
               default routers.",
     },
     Setting {
+        key: "dht.mode",
+        env: "RN_DHT_MODE",
+        flag: Some("--dht-server"),
+        kind: Kind::DhtMode,
+        doc: "server: answer DHT queries from the start (a reachable node should, so that a network of our \
+              nodes works on its own); client: only query; auto: serve once the DHT finds us reachable.",
+    },
+    Setting {
+        key: "dht.announce_interval",
+        env: "RN_DHT_ANNOUNCE_INTERVAL",
+        flag: None,
+        kind: Kind::Duration,
+        doc: "How often each joined topic is announced again (BEP 5 peers expire after about 30 minutes).",
+    },
+    Setting {
+        key: "dht.lookup_interval",
+        env: "RN_DHT_LOOKUP_INTERVAL",
+        flag: None,
+        kind: Kind::Duration,
+        doc: "How often each joined topic is looked up again (with jitter; sooner while no peer is known).",
+    },
+    Setting {
         key: "monitoring.listen",
         env: "RN_MONITORING_LISTEN",
         flag: Some("--monitoring-listen"),
@@ -218,6 +242,27 @@ impl fmt::Debug for TokenSource {
 pub struct DhtConfig {
     pub listen: SocketAddr,
     pub bootstrap: Vec<String>,
+    pub mode: DhtMode,
+    pub announce_interval: Duration,
+    pub lookup_interval: Duration,
+}
+
+/// Whether the node answers DHT queries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DhtMode {
+    Auto,
+    Server,
+    Client,
+}
+
+impl DhtMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Auto => "auto",
+            Self::Server => "server",
+            Self::Client => "client",
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -279,6 +324,11 @@ impl FlagValues {
         if !values.is_empty() {
             self.values.insert(key, Raw::List(values));
         }
+    }
+
+    /// Sets a list key to the empty list (as opposed to leaving it unset).
+    pub fn set_empty_list(&mut self, key: &'static str) {
+        self.values.insert(key, Raw::List(Vec::new()));
     }
 }
 
@@ -553,6 +603,24 @@ impl Resolver<'_> {
             || Ok((DEFAULT_BOOTSTRAP.iter().map(|s| s.to_string()).collect(), Source::Default)),
             |v| format!("[{}]", v.iter().map(|s| quote(s)).collect::<Vec<_>>().join(", ")),
         )?;
+        let dht_mode = self.value(
+            "dht.mode",
+            parse_dht_mode,
+            || Ok((DhtMode::Auto, Source::Default)),
+            |m| quote(m.as_str()),
+        )?;
+        let announce_interval = self.value(
+            "dht.announce_interval",
+            parse_interval,
+            || Ok((Duration::from_secs(600), Source::Default)),
+            show_duration,
+        )?;
+        let lookup_interval = self.value(
+            "dht.lookup_interval",
+            parse_interval,
+            || Ok((Duration::from_secs(60), Source::Default)),
+            show_duration,
+        )?;
         let monitoring_listen = self.value(
             "monitoring.listen",
             parse_addr,
@@ -609,7 +677,13 @@ impl Resolver<'_> {
             shutdown_timeout,
             control: ControlConfig { socket, tcp, token },
             quic_listen,
-            dht: DhtConfig { listen: dht_listen, bootstrap },
+            dht: DhtConfig {
+                listen: dht_listen,
+                bootstrap,
+                mode: dht_mode,
+                announce_interval,
+                lookup_interval,
+            },
             monitoring_listen,
             store: StoreConfig { retention, max_peers, max_joined_topics },
         };
@@ -706,6 +780,15 @@ fn parse_host_ports(raw: &Raw) -> Result<Vec<String>, String> {
     Ok(items)
 }
 
+fn parse_dht_mode(raw: &Raw) -> Result<DhtMode, String> {
+    match text(raw)? {
+        "auto" => Ok(DhtMode::Auto),
+        "server" => Ok(DhtMode::Server),
+        "client" => Ok(DhtMode::Client),
+        other => Err(format!("`{other}` is not a DHT mode")),
+    }
+}
+
 fn parse_count(raw: &Raw) -> Result<u64, String> {
     let s = text(raw)?;
     match s.parse::<u64>() {
@@ -729,6 +812,15 @@ fn parse_log_level(raw: &Raw) -> Result<String, String> {
     let s = text(raw)?;
     tracing_subscriber::EnvFilter::try_new(s).map_err(|e| format!("`{s}` is not a log filter ({e})"))?;
     Ok(s.to_owned())
+}
+
+/// A duration that drives a timer: at least one second, so a typo cannot flood the network.
+fn parse_interval(raw: &Raw) -> Result<Duration, String> {
+    let interval = parse_duration_raw(raw)?;
+    if interval < Duration::from_secs(1) {
+        return Err(format!("{} is shorter than one second", format_duration(interval)));
+    }
+    Ok(interval)
 }
 
 fn parse_duration_raw(raw: &Raw) -> Result<Duration, String> {

@@ -15,6 +15,8 @@ use remote_network::config::{self, Env, FlagValues, Loaded};
 use remote_network::lifecycle;
 use remote_network::node::Node;
 
+mod devnet;
+
 const EXIT_FAILURE: u8 = 1;
 const EXIT_CONFIG: u8 = 78;
 
@@ -37,6 +39,21 @@ enum Command {
     /// Inspect the configuration.
     #[command(subcommand)]
     Config(ConfigCommand),
+    /// Start a local network of N nodes on loopback, offline, and show who has verified whom (Ctrl-C stops it).
+    Devnet {
+        /// Number of nodes.
+        #[arg(long, default_value_t = 5)]
+        nodes: usize,
+        /// Topic every node joins.
+        #[arg(long, default_value = "devnet")]
+        topic: String,
+        /// Stop by itself after this many seconds (for scripts); by default runs until Ctrl-C.
+        #[arg(long, value_name = "SECS")]
+        duration: Option<u64>,
+        /// Stop as soon as every node has verified every other (exit 1 if --duration passes first).
+        #[arg(long)]
+        until_verified: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -78,6 +95,12 @@ struct StartArgs {
     /// DHT bootstrap node; repeat for several. Replaces the public default routers.
     #[arg(long, value_name = "HOST:PORT")]
     bootstrap: Vec<String>,
+    /// Start a DHT of its own: contact no bootstrap node (others bootstrap from this one).
+    #[arg(long, conflicts_with = "bootstrap")]
+    no_bootstrap: bool,
+    /// Answer DHT queries from the start (dht.mode = server), so other nodes can bootstrap from this one.
+    #[arg(long)]
+    dht_server: bool,
     /// HTTP address of the metrics and profiling endpoints.
     #[arg(long, value_name = "ADDR:PORT")]
     monitoring_listen: Option<String>,
@@ -96,6 +119,10 @@ impl StartArgs {
         flags.set("quic.listen", self.quic_listen.clone());
         flags.set("dht.listen", self.dht_listen.clone());
         flags.set_list("dht.bootstrap", self.bootstrap.clone());
+        if self.no_bootstrap {
+            flags.set_empty_list("dht.bootstrap");
+        }
+        flags.set("dht.mode", self.dht_server.then(|| "server".to_owned()));
         flags.set("monitoring.listen", self.monitoring_listen.clone());
         flags.set("log_level", self.log_level.clone());
         flags
@@ -121,6 +148,15 @@ fn main() -> ExitCode {
                 ExitCode::from(EXIT_CONFIG)
             }
         },
+        Command::Devnet { nodes, topic, duration, until_verified } => {
+            match devnet::run(nodes, &topic, duration.map(std::time::Duration::from_secs), until_verified) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("remote-network devnet: {e:#}");
+                    ExitCode::from(EXIT_FAILURE)
+                }
+            }
+        }
         Command::Start(args) => {
             let loaded = match args.load() {
                 Ok(loaded) => loaded,

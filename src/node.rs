@@ -1,8 +1,11 @@
 //! Wires the node's parts together and owns the order in which they start and stop.
 //!
-//! Start: data dir (locked) → identity → store → control listeners → control servers → `READY=1`.
-//! Stop: `STOPPING=1` → cancel (control stops taking requests and ends streams) → servers drain → the store
-//! writer commits what it was given and stops → the control socket is removed.
+//! Start: data dir (locked) → identity → store → QUIC endpoint → our signed record → exchange (accepting and
+//! dialing) → DHT (announcing our QUIC port for each joined topic, its discoveries feeding the dialer) → control
+//! listeners → control servers → `READY=1`.
+//! Stop: `STOPPING=1` → cancel (control stops taking requests and ends streams, the DHT and dialer stop) →
+//! servers drain → connections close → the store writer commits what it was given and stops → the control
+//! socket is removed.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -14,10 +17,15 @@ use tokio_util::sync::CancellationToken;
 use crate::api::control::ListenAddresses;
 use crate::api::names::NodeId;
 use crate::config::Config;
+use crate::config::DhtMode;
 use crate::control::{ControlListeners, ControlServer, NodeContext, TransportError};
+use crate::dht::{self, Dht, DhtError, DhtOptions};
+use crate::exchange::record::RecordPublisher;
+use crate::exchange::{Exchange, ExchangeOptions};
 use crate::identity::{self, Identity, IdentityError};
 use crate::lifecycle::{self, ExclusiveLock, LockError};
-use crate::store::{Store, StoreError, StoreHealth, StoreOptions};
+use crate::quic::{QuicEndpoint, QuicError, QuicLimits};
+use crate::store::{AddressSource, Store, StoreError, StoreHealth, StoreOptions};
 
 /// File name of the peer database inside the data dir.
 pub const DATABASE_FILE: &str = "peers.db";
@@ -34,6 +42,10 @@ pub enum StartError {
     Store(#[from] StoreError),
     #[error("control API: {0}")]
     Control(#[from] TransportError),
+    #[error("QUIC endpoint: {0}")]
+    Quic(#[from] QuicError),
+    #[error("DHT: {0}")]
+    Dht(#[from] DhtError),
 }
 
 /// A running node.
@@ -66,9 +78,22 @@ impl Node {
         options.max_joined_topics = config.store.max_joined_topics;
         let store = Store::open(options)?;
 
+        let shutdown = CancellationToken::new();
+        let parts = match start_network(config, &identity, &store, &shutdown).await {
+            Ok(parts) => parts,
+            Err(e) => {
+                shutdown.cancel();
+                let _ = store.close().await;
+                return Err(e);
+            }
+        };
+        let (exchange, dht) = parts;
+
         let listeners = match ControlListeners::bind(&config.control).await {
             Ok(listeners) => listeners,
             Err(e) => {
+                shutdown.cancel();
+                exchange.shutdown().await;
                 let _ = store.close().await;
                 return Err(e.into());
             }
@@ -76,9 +101,10 @@ impl Node {
         let listen = ListenAddresses {
             control_socket: listeners.socket_path().display().to_string(),
             control_tcp: listeners.tcp_addr().map(|a| a.to_string()).unwrap_or_default(),
+            quic: exchange.local_addr().map(|a| a.to_string()).unwrap_or_default(),
+            dht: dht.local_addr().to_string(),
             ..Default::default()
         };
-        let shutdown = CancellationToken::new();
         let ctx = Arc::new(NodeContext {
             node_id,
             started_at,
@@ -86,11 +112,15 @@ impl Node {
             data_dir: config.data_dir.clone(),
             listen,
             store: store.clone(),
+            exchange: exchange.clone(),
+            dht: dht.clone(),
             shutdown: shutdown.clone(),
         });
         let control = match ControlServer::start(listeners, ctx.clone()).await {
             Ok(control) => control,
             Err(e) => {
+                shutdown.cancel();
+                exchange.shutdown().await;
                 let _ = store.close().await;
                 return Err(e.into());
             }
@@ -100,6 +130,8 @@ impl Node {
             %node_id,
             control_socket = %ctx.listen.control_socket,
             control_tcp = %ctx.listen.control_tcp,
+            quic = %ctx.listen.quic,
+            dht = %ctx.listen.dht,
             data_dir = %config.data_dir.display(),
             "node started"
         );
@@ -146,6 +178,7 @@ impl Node {
         lifecycle::notify_stopping("stopping: draining control API, flushing the store");
         self.ctx.shutdown.cancel();
         self.control.wait().await;
+        self.ctx.exchange.shutdown().await;
         for task in self.background {
             let _ = task.await;
         }
@@ -153,6 +186,49 @@ impl Node {
         tracing::info!(node_id = %self.ctx.node_id, "node stopped");
         result
     }
+}
+
+/// Starts the peer-to-peer side: the QUIC endpoint, our record, the exchange and the DHT, whose discoveries
+/// feed the exchange's dialer.
+async fn start_network(
+    config: &Config,
+    identity: &Identity,
+    store: &Store,
+    shutdown: &CancellationToken,
+) -> Result<(Exchange, Dht), StartError> {
+    let endpoint = QuicEndpoint::bind(config.quic_listen, identity.signing_key(), QuicLimits::default())?;
+    let quic_addr = endpoint.local_addr()?;
+    let topics: Vec<String> = store.joined_topics().await?.into_iter().map(|t| t.name).collect();
+    let publisher =
+        RecordPublisher::start(identity.signing_key().clone(), store.clone(), quic_addr, topics.clone())
+            .await?;
+    let exchange =
+        Exchange::start(endpoint, store.clone(), publisher, ExchangeOptions::default(), shutdown.clone());
+
+    let (discoveries, mut found) = tokio::sync::mpsc::channel::<dht::Discovery>(256);
+    let options = DhtOptions {
+        listen: config.dht.listen,
+        bootstrap: config.dht.bootstrap.clone(),
+        mode: match config.dht.mode {
+            DhtMode::Auto => dht::DhtMode::Auto,
+            DhtMode::Server => dht::DhtMode::Server,
+            DhtMode::Client => dht::DhtMode::Client,
+        },
+        announce_port: Some(quic_addr.port()),
+        announce_interval: config.dht.announce_interval,
+        lookup_interval: config.dht.lookup_interval,
+    };
+    let dht = Dht::start(options, discoveries, shutdown.clone())?;
+    for topic in &topics {
+        dht.join(topic);
+    }
+    let dialer = exchange.clone();
+    tokio::spawn(async move {
+        while let Some(discovery) = found.recv().await {
+            dialer.dial_candidates(discovery.peers, AddressSource::Dht);
+        }
+    });
+    Ok((exchange, dht))
 }
 
 /// The one-line status shown by `systemctl status`.
@@ -163,8 +239,11 @@ async fn status_line(ctx: &NodeContext) -> String {
     };
     match ctx.store.stats().await {
         Ok(stats) => format!(
-            "serving on {}; {} peers, {} topics; store {health}",
-            ctx.listen.control_socket, stats.peers, stats.joined_topics
+            "serving on {}; {} connected, {} peers stored, {} topics; store {health}",
+            ctx.listen.control_socket,
+            ctx.exchange.connected_peers(),
+            stats.peers,
+            stats.joined_topics
         ),
         Err(e) => format!("serving on {}; store {health} ({e})", ctx.listen.control_socket),
     }

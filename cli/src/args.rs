@@ -76,8 +76,8 @@ pub struct GlobalArgs {
     #[arg(long, global = true, value_name = "PATH")]
     pub token_file: Option<PathBuf>,
 
-    /// Seconds to wait for the connection and for each answer; 0 waits forever (not applied to `peers watch`
-    /// once connected)
+    /// Seconds to wait for the connection and for each answer, and with `topics join --wait` for the peers; 0
+    /// waits forever (not applied to `peers watch` once connected)
     #[arg(
         long,
         global = true,
@@ -122,6 +122,12 @@ pub enum DaemonCommand {
     /// Topics the node has joined
     #[command(subcommand)]
     Topics(TopicsCommand),
+    /// Dial a peer's QUIC address, exchange verified metadata and store it
+    Connect {
+        /// The peer's QUIC address, HOST:PORT (IPv6 hosts in brackets)
+        #[arg(value_name = "ADDR")]
+        address: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -148,6 +154,12 @@ pub enum PeersCommand {
         /// Start with every stored peer, then a snapshot-done event, then live events
         #[arg(long)]
         snapshot: bool,
+    },
+    /// Fetch a fresh signed record from the peer over QUIC (not from the store), with the round trip
+    Query {
+        /// Node id: 64 lowercase hexadecimal characters
+        #[arg(value_name = "ID")]
+        id: NodeId,
     },
     /// Delete a peer and everything known about it from the store
     Forget {
@@ -234,6 +246,12 @@ pub enum TopicsCommand {
         /// Topic name: 1-255 bytes of UTF-8 without control characters
         #[arg(value_name = "T", value_parser = parse_topic)]
         topic: String,
+        /// Show progress until --peers peers of the topic are verified, or --timeout passes
+        #[arg(long)]
+        wait: bool,
+        /// With --wait: how many verified peers to wait for
+        #[arg(long, value_name = "N", default_value_t = 1, requires = "wait", value_parser = clap::value_parser!(u32).range(1..))]
+        peers: u32,
     },
     /// Leave a topic
     Leave {

@@ -3,10 +3,13 @@
 
 use std::time::SystemTime;
 
+use std::collections::BTreeSet;
+use std::time::Instant;
+
 use remote_network::api::control::{
-    ForgetPeerRequest, GetNodeInfoRequest, GetPeerRequest, JoinTopicRequest, LeaveTopicRequest,
-    ListPeersRequest, ListPeersResponse, ListTopicsRequest, NodeType, PeerEvent, PeerEventKind, PeerOrder,
-    WatchPeersRequest,
+    ConnectPeerRequest, ForgetPeerRequest, GetNodeInfoRequest, GetPeerRequest, JoinTopicRequest,
+    LeaveTopicRequest, ListPeersRequest, ListPeersResponse, ListTopicsRequest, NodeType, PeerEvent,
+    PeerEventKind, PeerOrder, QueryPeerMetadataRequest, WatchPeersRequest,
 };
 use remote_network::api::names::NodeId;
 use tokio::signal::unix::{SignalKind, signal};
@@ -28,7 +31,14 @@ pub async fn run(command: DaemonCommand, daemon: &Daemon, printer: &mut Printer)
             watch_peers(daemon, printer, topic, snapshot).await
         }
         DaemonCommand::Peers(PeersCommand::Forget { id }) => forget_peer(daemon, printer, id).await,
-        DaemonCommand::Topics(TopicsCommand::Join { topic }) => join_topic(daemon, printer, topic).await,
+        DaemonCommand::Peers(PeersCommand::Query { id }) => query_peer(daemon, printer, id).await,
+        DaemonCommand::Connect { address } => connect(daemon, printer, address).await,
+        DaemonCommand::Topics(TopicsCommand::Join { topic, wait: false, .. }) => {
+            join_topic(daemon, printer, topic).await
+        }
+        DaemonCommand::Topics(TopicsCommand::Join { topic, wait: true, peers }) => {
+            join_and_wait(daemon, printer, topic, peers).await
+        }
         DaemonCommand::Topics(TopicsCommand::Leave { topic }) => leave_topic(daemon, printer, topic).await,
         DaemonCommand::Topics(TopicsCommand::List) => list_topics(daemon, printer).await,
     }
@@ -183,6 +193,105 @@ async fn join_topic(daemon: &Daemon, printer: &mut Printer, topic: String) -> Re
     let response = daemon.unary(client.join_topic(request)).await?;
     printer.response(&response, |response| {
         if response.newly_joined { format!("joined {topic}\n") } else { format!("already joined {topic}\n") }
+    })
+}
+
+/// Joins, then follows the topic's peers until `wanted` of them are verified: every peer added or updated after
+/// the join started counts (a stored peer from an earlier run counts only once it is verified again).
+async fn join_and_wait(
+    daemon: &Daemon,
+    printer: &mut Printer,
+    topic: String,
+    wanted: u32,
+) -> Result<(), Failure> {
+    let started = Instant::now();
+    let started_at = now();
+    let mut peers = daemon.peers();
+    // Watch first, so no verification between the join and the watch can be missed.
+    let request = WatchPeersRequest { include_snapshot: true, topic: topic.clone() };
+    let mut stream = daemon.unary(peers.watch_peers(request)).await?;
+    let mut topics = daemon.topics();
+    let joined = daemon.unary(topics.join_topic(JoinTopicRequest { topic: topic.clone() })).await?;
+    let progress = |printer: &mut Printer, line: String| {
+        // Progress goes to stderr in JSON mode, so stdout stays one JSON document.
+        if printer.is_json() {
+            eprintln!("{line}");
+            Ok(())
+        } else {
+            printer.text(&line)
+        }
+    };
+    progress(
+        printer,
+        format!(
+            "{} {topic}; waiting for {wanted} verified peer(s)",
+            if joined.newly_joined { "joined" } else { "already in" }
+        ),
+    )?;
+    let deadline = daemon.deadline().map(|d| started + d);
+    let mut verified = BTreeSet::new();
+    while verified.len() < wanted as usize {
+        let wait = deadline.map(|d| d.saturating_duration_since(Instant::now()));
+        let next = match wait {
+            Some(wait) => match tokio::time::timeout(wait, stream.message()).await {
+                Ok(next) => next?,
+                Err(_) => {
+                    return Err(Failure::Status(tonic::Status::deadline_exceeded(format!(
+                        "{} of {wanted} peers of {topic} verified within {}s (see --timeout)",
+                        verified.len(),
+                        daemon.deadline().unwrap_or_default().as_secs()
+                    ))));
+                }
+            },
+            None => stream.message().await?,
+        };
+        let Some(event) = next else {
+            return Err(Failure::Status(tonic::Status::unavailable("the daemon ended the watch")));
+        };
+        let kind = event.kind();
+        let Some(peer) = event.peer else { continue };
+        let fresh = match kind {
+            PeerEventKind::Added | PeerEventKind::Updated => true,
+            PeerEventKind::Snapshot => peer.last_seen.as_ref().is_some_and(|t| t.seconds >= started_at),
+            _ => false,
+        };
+        if fresh && peer.seq > 0 && verified.insert(peer.node_id.clone()) {
+            progress(printer, format!("verified {}/{wanted}: {}", verified.len(), peer.node_id))?;
+        }
+    }
+    let elapsed = started.elapsed();
+    if printer.is_json() {
+        printer.response(&joined, |_| String::new())
+    } else {
+        printer.text(&format!(
+            "{} peers of {topic} verified in {:.1}s",
+            verified.len(),
+            elapsed.as_secs_f64()
+        ))
+    }
+}
+
+async fn connect(daemon: &Daemon, printer: &mut Printer, address: String) -> Result<(), Failure> {
+    let mut client = daemon.peers();
+    let response = daemon.unary(client.connect_peer(ConnectPeerRequest { address: address.clone() })).await?;
+    let now = now();
+    printer.response(&response, |response| {
+        let peer = response.peer.clone().unwrap_or_default();
+        let rtt = response.rtt.as_ref().map(crate::timefmt::format_rtt).unwrap_or_default();
+        format!("verified {} at {address} in {rtt}\n{}", peer.node_id, render::peer_detail(&peer, now))
+    })
+}
+
+async fn query_peer(daemon: &Daemon, printer: &mut Printer, id: NodeId) -> Result<(), Failure> {
+    let mut client = daemon.peers();
+    let response = daemon
+        .unary(client.query_peer_metadata(QueryPeerMetadataRequest { node_id: id.to_string() }))
+        .await?;
+    let now = now();
+    printer.response(&response, |response| {
+        let peer = response.peer.clone().unwrap_or_default();
+        let rtt = response.rtt.as_ref().map(crate::timefmt::format_rtt).unwrap_or_default();
+        format!("fresh record from {id}, round trip {rtt}\n{}", render::peer_detail(&peer, now))
     })
 }
 

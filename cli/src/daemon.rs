@@ -38,6 +38,11 @@ impl Daemon {
         TopicServiceClient::with_interceptor(self.channel.clone(), self.token.clone())
     }
 
+    /// The `--timeout` bound, if any.
+    pub fn deadline(&self) -> Option<Duration> {
+        self.deadline
+    }
+
     /// Awaits a unary call within the deadline.
     ///
     /// The deadline is enforced here rather than sent as `grpc-timeout`: with the header, tonic cancels the call

@@ -33,6 +33,8 @@ api_messages!(
     GetNodeInfoResponse,
     ListPeersResponse,
     GetPeerResponse,
+    ConnectPeerResponse,
+    QueryPeerMetadataResponse,
     PeerEvent,
     ForgetPeerResponse,
     JoinTopicResponse,

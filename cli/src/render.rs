@@ -215,6 +215,9 @@ pub fn peer_detail(peer: &control::Peer, now: i64) -> String {
         plural(peer.record.len() as u64, "byte", "bytes")
     };
     fields.add("metadata record", record);
+    if let Some(connection) = &peer.connection {
+        fields.add("connection", connection_text(connection, now));
+    }
 
     let mut out = fields.render();
     out.push('\n');
@@ -228,6 +231,32 @@ pub fn peer_detail(peer: &control::Peer, now: i64) -> String {
     out.push_str("quality:\n");
     out.push_str(&quality_fields(peer.quality.as_ref(), now));
     out
+}
+
+/// `outbound to 198.51.100.7:30906, direct, since 2m ago, rtt 12.3 ms` or `not connected`.
+fn connection_text(connection: &control::PeerConnection, now: i64) -> String {
+    if !connection.connected {
+        return "not connected".to_owned();
+    }
+    let direction = match control::ConnectionDirection::try_from(connection.direction) {
+        Ok(control::ConnectionDirection::Inbound) => "inbound from",
+        Ok(control::ConnectionDirection::Outbound) => "outbound to",
+        _ => "connected to",
+    };
+    let path = match control::ConnectionPath::try_from(connection.path) {
+        Ok(control::ConnectionPath::Direct) => "direct",
+        Ok(control::ConnectionPath::Punched) => "hole-punched",
+        Ok(control::ConnectionPath::Relayed) => "relayed",
+        _ => "path unknown",
+    };
+    let mut text = format!("{direction} {}, {path}", connection.remote_address);
+    if let Some(since) = &connection.since {
+        text.push_str(&format!(", since {}", format_age(since.seconds, now)));
+    }
+    if let Some(rtt) = &connection.rtt {
+        text.push_str(&format!(", rtt {}", format_rtt(rtt)));
+    }
+    text
 }
 
 /// `ssh 2.0 (port=22, user=x)`, attributes sorted so the text is stable.

@@ -187,6 +187,65 @@ pub fn topic_infohash(topic: &str) -> String {
     sha1_smol::Sha1::from(topic.as_bytes()).digest().to_string()
 }
 
+/// What a live session looks like in the API; `None` means not connected.
+pub fn connection(info: Option<&crate::exchange::SessionInfo>) -> pb::PeerConnection {
+    use crate::exchange::table::Direction;
+    match info {
+        None => pb::PeerConnection::default(),
+        Some(info) => pb::PeerConnection {
+            connected: true,
+            direction: match info.direction {
+                Direction::Inbound => pb::ConnectionDirection::Inbound,
+                Direction::Outbound => pb::ConnectionDirection::Outbound,
+            } as i32,
+            remote_address: info.remote.to_string(),
+            since: Some(timestamp(info.since_ms)),
+            path: pb::ConnectionPath::Direct as i32,
+            rtt: Some(duration(info.rtt)),
+        },
+    }
+}
+
+/// A peer as a fresh record describes it (no store facts: quality, first seen).
+pub fn peer_from_record(record: &crate::wire::VerifiedRecord) -> pb::Peer {
+    let upsert = crate::exchange::record::upsert_from_record(record, None, record.timestamp_ms);
+    pb::Peer {
+        node_id: record.node_id.to_string(),
+        seq: record.seq,
+        last_seen: Some(timestamp(record.timestamp_ms)),
+        node_type: node_type(upsert.node_type) as i32,
+        nat_type: nat_type(upsert.nat_type) as i32,
+        topics: upsert.topics,
+        addresses: upsert
+            .addresses
+            .into_iter()
+            .map(|(address, source)| pb::PeerAddress {
+                address,
+                source: address_source(source) as i32,
+                ..Default::default()
+            })
+            .collect(),
+        capabilities: upsert.capabilities.map(|c| pb::Capabilities {
+            os: c.os,
+            arch: c.arch,
+            cpu_cores: c.cpu_cores,
+            memory_bytes: c.memory_bytes,
+            software_version: c.software_version,
+        }),
+        services: upsert
+            .services
+            .into_iter()
+            .map(|s| pb::Service {
+                name: s.name,
+                version: s.version,
+                attributes: s.attributes.into_iter().collect(),
+            })
+            .collect(),
+        record: prost::Message::encode_to_vec(&record.signed),
+        ..Default::default()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -46,11 +46,26 @@ pub struct NodeContext {
     pub data_dir: PathBuf,
     pub listen: ListenAddresses,
     pub store: Store,
+    pub exchange: crate::exchange::Exchange,
+    pub dht: crate::dht::Dht,
     /// Cancelled when the node stops; ends long-lived streams so the server can drain.
     pub shutdown: CancellationToken,
 }
 
 pub type Context = Arc<NodeContext>;
+
+impl NodeContext {
+    /// Makes the DHT and our signed record follow a topic joined or left in the store.
+    pub async fn topic_changed(&self, topic: &str, joined: bool) -> Result<(), crate::store::StoreError> {
+        if joined {
+            self.dht.join(topic);
+        } else {
+            self.dht.leave(topic);
+        }
+        let topics = self.store.joined_topics().await?.into_iter().map(|t| t.name).collect();
+        self.exchange.publisher().set_topics(topics).await
+    }
+}
 
 /// The control listeners, bound before anything is served so that their addresses can be reported.
 pub struct ControlListeners {

@@ -45,11 +45,36 @@ impl NodeService for Node {
                 write_batches: stats.write_batches,
                 path: ctx.store.path().display().to_string(),
             }),
-            // The DHT and NAT parts are not running in this build: say so rather than guess.
-            dht: Some(DhtStatus { state: DhtState::Unknown as i32, ..Default::default() }),
-            nat: Some(NatStatus::default()),
+            dht: Some(dht_status(ctx).await),
+            nat: Some(NatStatus {
+                // Classification comes with the NAT work; until then only what peers confirmed is stated.
+                nat_type: 0,
+                reachability: 0,
+                public_addresses: ctx
+                    .exchange
+                    .confirmed_public_addresses()
+                    .iter()
+                    .map(|a| a.to_string())
+                    .collect(),
+            }),
             joined_topics: topics.into_iter().map(|t| t.name).collect(),
+            connected_peers: u32::try_from(ctx.exchange.connected_peers()).unwrap_or(u32::MAX),
         };
         Ok(Response::new(GetNodeInfoResponse { node: Some(node) }))
+    }
+}
+
+async fn dht_status(ctx: &super::NodeContext) -> DhtStatus {
+    let status = ctx.dht.status().await;
+    let counters = ctx.dht.counters();
+    DhtStatus {
+        state: if status.bootstrapped { DhtState::Ready } else { DhtState::Bootstrapping } as i32,
+        routing_table_size: u32::try_from(status.routing_table_size).unwrap_or(u32::MAX),
+        public_address: status.public_address.map(|a| a.to_string()).unwrap_or_default(),
+        server_mode: status.server_mode,
+        firewalled: status.firewalled,
+        announces_sent: counters.announces_sent,
+        lookups_started: counters.lookups_started,
+        peers_found: counters.peers_found,
     }
 }

@@ -1,4 +1,5 @@
-//! `PeerService`: listing, showing, watching and forgetting stored peers.
+//! `PeerService`: listing, showing, watching and forgetting stored peers; connecting to a peer and querying
+//! its metadata live over QUIC.
 
 use std::collections::HashSet;
 use std::pin::Pin;
@@ -13,10 +14,13 @@ use super::Context;
 use super::convert::{self, node_id_arg, store_status, topic_arg};
 use crate::api::control::peer_service_server::PeerService;
 use crate::api::control::{
-    ForgetPeerRequest, ForgetPeerResponse, GetPeerRequest, GetPeerResponse, ListPeersRequest,
-    ListPeersResponse, PeerEvent, PeerEventKind, PeerOrder, WatchPeersRequest,
+    ConnectPeerRequest, ConnectPeerResponse, ForgetPeerRequest, ForgetPeerResponse, GetPeerRequest,
+    GetPeerResponse, ListPeersRequest, ListPeersResponse, PeerEvent, PeerEventKind, PeerOrder,
+    QueryPeerMetadataRequest, QueryPeerMetadataResponse, WatchPeersRequest,
 };
 use crate::api::names::NodeId;
+use crate::exchange::ExchangeError;
+use crate::exchange::session::CloseCode;
 use crate::store::{self, PeerQuery};
 
 /// Page size when the request leaves it at 0.
@@ -76,7 +80,11 @@ impl PeerService for Peers {
     async fn get_peer(&self, request: Request<GetPeerRequest>) -> Result<Response<GetPeerResponse>, Status> {
         let node_id = node_id_arg("node_id", &request.get_ref().node_id)?;
         match self.0.store.get_peer(node_id).await.map_err(store_status)? {
-            Some(detail) => Ok(Response::new(GetPeerResponse { peer: Some(convert::peer_detail(&detail)) })),
+            Some(detail) => {
+                let mut peer = convert::peer_detail(&detail);
+                peer.connection = Some(convert::connection(self.0.exchange.session_info(&node_id).as_ref()));
+                Ok(Response::new(GetPeerResponse { peer: Some(peer) }))
+            }
             None => Err(Status::not_found(format!("no peer {node_id} in the store"))),
         }
     }
@@ -107,8 +115,83 @@ impl PeerService for Peers {
     ) -> Result<Response<ForgetPeerResponse>, Status> {
         let node_id = node_id_arg("node_id", &request.get_ref().node_id)?;
         let forgotten = self.0.store.forget_peer(node_id).await.map_err(store_status)?;
+        self.0.exchange.disconnect(&node_id, CloseCode::Forgotten, "forgotten by the operator");
         tracing::info!(peer = %node_id, forgotten, "forget peer");
         Ok(Response::new(ForgetPeerResponse { forgotten }))
+    }
+
+    async fn connect_peer(
+        &self,
+        request: Request<ConnectPeerRequest>,
+    ) -> Result<Response<ConnectPeerResponse>, Status> {
+        let text = request.into_inner().address;
+        let address = resolve_address(&text).await?;
+        let verified = self
+            .0
+            .exchange
+            .connect(address, crate::store::AddressSource::Manual)
+            .await
+            .map_err(|e| exchange_status(&format!("connecting to {address}"), e))?;
+        let detail = self.0.store.get_peer(verified.node_id).await.map_err(store_status)?;
+        let mut peer = detail.as_ref().map(convert::peer_detail).unwrap_or_default();
+        peer.connection = Some(convert::connection(self.0.exchange.session_info(&verified.node_id).as_ref()));
+        Ok(Response::new(ConnectPeerResponse {
+            peer: Some(peer),
+            rtt: Some(convert::duration(verified.elapsed)),
+        }))
+    }
+
+    async fn query_peer_metadata(
+        &self,
+        request: Request<QueryPeerMetadataRequest>,
+    ) -> Result<Response<QueryPeerMetadataResponse>, Status> {
+        let node_id = node_id_arg("node_id", &request.get_ref().node_id)?;
+        if node_id == self.0.node_id {
+            return Err(Status::invalid_argument("node_id: that is this node itself; see GetNodeInfo"));
+        }
+        let (record, rtt) = self
+            .0
+            .exchange
+            .query_record(node_id)
+            .await
+            .map_err(|e| exchange_status(&format!("querying {node_id}"), e))?;
+        Ok(Response::new(QueryPeerMetadataResponse {
+            peer: Some(convert::peer_from_record(&record)),
+            rtt: Some(convert::duration(rtt)),
+            record: prost::Message::encode_to_vec(&record.signed),
+        }))
+    }
+}
+
+/// Parses `host:port`, resolving a host name; the field is named in the error.
+async fn resolve_address(text: &str) -> Result<std::net::SocketAddr, Status> {
+    if let Ok(address) = text.parse() {
+        return Ok(address);
+    }
+    let invalid = |why: String| {
+        Status::invalid_argument(format!("address: {why}; expected HOST:PORT such as 203.0.113.7:30906"))
+    };
+    if text.rsplit_once(':').is_none_or(|(host, port)| host.is_empty() || port.parse::<u16>().is_err()) {
+        return Err(invalid(format!("`{text}` is not HOST:PORT")));
+    }
+    match tokio::net::lookup_host(text).await {
+        Ok(mut addresses) => {
+            addresses.next().ok_or_else(|| invalid(format!("`{text}` resolved to no address")))
+        }
+        Err(e) => Err(invalid(format!("cannot resolve `{text}` ({e})"))),
+    }
+}
+
+/// The gRPC status for a failed dial or query, saying what was attempted.
+fn exchange_status(action: &str, error: ExchangeError) -> Status {
+    let message = format!("{action}: {error}");
+    match error {
+        ExchangeError::SelfConnection => Status::invalid_argument(format!("address: {error}")),
+        ExchangeError::Record(_) | ExchangeError::Replay { .. } => Status::permission_denied(message),
+        ExchangeError::TimedOut(_) => Status::deadline_exceeded(message),
+        ExchangeError::Unreachable(_) => Status::not_found(message),
+        ExchangeError::Stopping => Status::unavailable(message),
+        _ => Status::unavailable(message),
     }
 }
 

@@ -24,6 +24,7 @@ impl TopicService for Topics {
             self.0.store.join_topic(topic, convert::now_ms()).await.map_err(store_status)?;
         if newly_joined {
             tracing::info!(topic = %joined.name, "joined topic");
+            self.0.topic_changed(&joined.name, true).await.map_err(store_status)?;
         }
         Ok(Response::new(JoinTopicResponse { topic: Some(convert::topic(&joined)), newly_joined }))
     }
@@ -37,6 +38,7 @@ impl TopicService for Topics {
         let left = self.0.store.leave_topic(topic.clone()).await.map_err(store_status)?;
         if left {
             tracing::info!(%topic, "left topic");
+            self.0.topic_changed(&topic, false).await.map_err(store_status)?;
         }
         Ok(Response::new(LeaveTopicResponse { left }))
     }

@@ -1,1 +1,433 @@
-//! placeholder
+//! The QUIC transport between nodes: one UDP socket per node for both dialing and listening, TLS 1.3 with raw
+//! ed25519 public keys (RFC 7250) in both directions, and the node id of each connection bound to the key that
+//! signed its handshake.
+//!
+//! Dialing returns only once the peer's key is verified (and, when the caller knows whom it dials, is the
+//! expected one). Accepting returns as early as possible so the listener can send its first messages at 0.5-RTT,
+//! in the flight that completes the dialer's handshake; the dialer's own identity is only known, and anything it
+//! sent only trustworthy, once [`Inbound::authenticated`] returns.
+
+mod error;
+mod tls;
+
+#[cfg(test)]
+mod tests;
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use ed25519_dalek::SigningKey;
+use quinn::{ConnectionError, TransportErrorCode, VarInt};
+use rustls::pki_types::CertificateDer;
+use tokio::sync::oneshot;
+
+pub use error::QuicError;
+
+use crate::api::names::NodeId;
+use tls::{SeenKey, SeenSlot, TlsIdentity};
+
+/// The one application protocol both sides offer; a peer that does not offer it fails the handshake.
+pub const ALPN: &[u8] = b"remote-network/1";
+
+/// Application close code: the node is shutting down.
+pub const CLOSE_SHUTDOWN: VarInt = VarInt::from_u32(0x1);
+/// Application close code: the dialer did not complete the handshake within the handshake timeout.
+pub const CLOSE_HANDSHAKE_TIMEOUT: VarInt = VarInt::from_u32(0x2);
+/// Application close code: the peer is not the node that was expected.
+pub const CLOSE_WRONG_PEER: VarInt = VarInt::from_u32(0x3);
+
+/// QUIC version 1 (RFC 9000). Drafts are not offered: every node runs this code.
+const QUIC_V1: u32 = 0x0000_0001;
+/// How long [`QuicEndpoint::close`] waits for peers to be told, so that shutdown is never held up by a peer
+/// that has gone away.
+const CLOSE_GRACE: Duration = Duration::from_secs(2);
+/// Bytes buffered for one connection attempt that has not been accepted yet. Clients never send 0-RTT data
+/// (resumption is off), so only handshake packets land here.
+const INCOMING_BUFFER: u64 = 64 * 1024;
+/// Bytes buffered for all not-yet-accepted connection attempts together.
+const INCOMING_BUFFER_TOTAL: u64 = 8 * 1024 * 1024;
+
+/// Resource limits of the transport. Windows are sized for metadata exchange, not bulk data.
+#[derive(Debug, Clone)]
+pub struct QuicLimits {
+    /// Live connections (inbound and outbound together) beyond which inbound connections are refused, before
+    /// any handshake work is done for them.
+    pub max_connections: usize,
+    /// Concurrent bidirectional streams the peer may open on one connection.
+    pub max_bi_streams: u32,
+    /// Bytes the peer may send on one stream ahead of our reading.
+    pub stream_receive_window: u32,
+    /// Bytes the peer may send on one connection ahead of our reading, over all streams.
+    pub receive_window: u32,
+    /// Bytes we buffer for sending on one connection.
+    pub send_window: u64,
+    /// A connection with no traffic for this long is dropped. Must be more than zero.
+    pub idle_timeout: Duration,
+    /// Interval of keep-alive packets, which keep NAT mappings open; zero disables them. Must be shorter than
+    /// `idle_timeout` otherwise.
+    pub keep_alive: Duration,
+    /// Time allowed for a handshake, dialing or accepting. Must be more than zero.
+    pub handshake_timeout: Duration,
+}
+
+impl Default for QuicLimits {
+    fn default() -> Self {
+        Self {
+            max_connections: 1024,
+            max_bi_streams: 8,
+            stream_receive_window: 256 * 1024,
+            receive_window: 1024 * 1024,
+            send_window: 1024 * 1024,
+            idle_timeout: Duration::from_secs(30),
+            keep_alive: Duration::from_secs(10),
+            handshake_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+impl QuicLimits {
+    fn validate(&self) -> Result<(), QuicError> {
+        let invalid = |what: &str| Err(QuicError::InvalidLimits(what.to_owned()));
+        if self.max_bi_streams == 0 {
+            return invalid("max_bi_streams must be at least 1 (default 8)");
+        }
+        if self.stream_receive_window == 0 || self.receive_window == 0 || self.send_window == 0 {
+            return invalid(
+                "stream_receive_window, receive_window and send_window must be more than zero \
+                 (defaults 256 KiB, 1 MiB and 1 MiB)",
+            );
+        }
+        if self.idle_timeout.is_zero() {
+            return invalid("idle_timeout must be more than zero (default 30 s)");
+        }
+        if self.handshake_timeout.is_zero() {
+            return invalid("handshake_timeout must be more than zero (default 10 s)");
+        }
+        if !self.keep_alive.is_zero() && self.keep_alive >= self.idle_timeout {
+            return invalid(
+                "keep_alive must be shorter than idle_timeout, or zero to disable it (defaults 10 s and 30 s)",
+            );
+        }
+        Ok(())
+    }
+
+    fn transport_config(&self) -> Result<quinn::TransportConfig, QuicError> {
+        let idle = quinn::IdleTimeout::try_from(self.idle_timeout)
+            .map_err(|_| QuicError::InvalidLimits("idle_timeout is too large (default 30 s)".to_owned()))?;
+        let mut transport = quinn::TransportConfig::default();
+        transport
+            .max_concurrent_bidi_streams(VarInt::from_u32(self.max_bi_streams))
+            // The protocol uses only bidirectional streams; refusing the others bounds per-connection state.
+            .max_concurrent_uni_streams(VarInt::from_u32(0))
+            .stream_receive_window(VarInt::from_u32(self.stream_receive_window))
+            .receive_window(VarInt::from_u32(self.receive_window))
+            .send_window(self.send_window)
+            .max_idle_timeout(Some(idle))
+            .keep_alive_interval((!self.keep_alive.is_zero()).then_some(self.keep_alive))
+            // Datagrams are not used; not advertising them keeps peers from filling a buffer nobody reads.
+            .datagram_receive_buffer_size(None);
+        Ok(transport)
+    }
+}
+
+/// A node's QUIC endpoint: one UDP socket used both to listen and to dial, because NAT mappings and hole
+/// punching only work if peers see the same address and port for both. Cloning shares the endpoint.
+#[derive(Clone)]
+pub struct QuicEndpoint {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    endpoint: quinn::Endpoint,
+    tls: TlsIdentity,
+    /// Template for each inbound connection's config; only the TLS part (its verifier) differs per connection.
+    server_base: quinn::ServerConfig,
+    transport: Arc<quinn::TransportConfig>,
+    limits: QuicLimits,
+    closed: AtomicBool,
+    /// Makes "count the connections, then accept" one step, so that concurrent `accept` callers cannot both
+    /// take the last free slot.
+    admission: Mutex<()>,
+}
+
+impl fmt::Debug for QuicEndpoint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("QuicEndpoint")
+            .field("node_id", &self.inner.tls.node_id())
+            .field("local_addr", &self.inner.endpoint.local_addr().ok())
+            .field("connections", &self.connection_count())
+            .finish()
+    }
+}
+
+/// A connection we dialed, with the peer's verified node id.
+#[derive(Debug)]
+pub struct Outbound {
+    pub connection: quinn::Connection,
+    pub node_id: NodeId,
+    /// Time from the start of the dial to the completed, verified handshake.
+    pub handshake_rtt: Duration,
+}
+
+/// A connection a peer dialed, handed out before the peer is authenticated so that we can answer at 0.5-RTT.
+/// Nothing read from `connection` may be trusted, nor anything sent that is meant only for an authenticated
+/// peer, until [`Inbound::authenticated`] has returned the peer's node id.
+#[derive(Debug)]
+pub struct Inbound {
+    pub connection: quinn::Connection,
+    pub remote: SocketAddr,
+    handshake: Handshake,
+}
+
+/// The outcome of an inbound handshake: awaited from the task that watches it, then kept.
+#[derive(Debug)]
+enum Handshake {
+    Pending(oneshot::Receiver<Result<NodeId, QuicError>>),
+    Done(Result<NodeId, QuicError>),
+}
+
+impl Inbound {
+    /// Waits for the handshake to finish and returns the dialer's verified node id. Fails if the dialer
+    /// presented no key or a key that is not ed25519, if its handshake signature is wrong, if it did not finish
+    /// within the handshake timeout (the connection is then closed), or if the connection closed first. The
+    /// last case is strict on purpose: a dialer that closes its connection right after its handshake may be
+    /// reported as a failure, so dialers should wait for their last stream to be read before closing.
+    /// Cancel-safe, and repeated calls return the same outcome.
+    pub async fn authenticated(&mut self) -> Result<NodeId, QuicError> {
+        let outcome = match &mut self.handshake {
+            Handshake::Done(outcome) => return outcome.clone(),
+            // The watcher only goes away without answering when the runtime shuts down.
+            Handshake::Pending(receiver) => receiver.await.unwrap_or(Err(QuicError::Closed)),
+        };
+        self.handshake = Handshake::Done(outcome.clone());
+        outcome
+    }
+}
+
+impl QuicEndpoint {
+    /// Binds the node's one UDP socket on `addr` and starts listening. Must be called inside a tokio runtime.
+    pub fn bind(addr: SocketAddr, key: &SigningKey, limits: QuicLimits) -> Result<Self, QuicError> {
+        // quinn spawns its driver and registers the socket with the current runtime, and would panic without one.
+        let _runtime = tokio::runtime::Handle::try_current().map_err(|_| QuicError::NoRuntime)?;
+        limits.validate()?;
+        let tls = TlsIdentity::new(key)?;
+        let transport = Arc::new(limits.transport_config()?);
+
+        let mut server_base = quinn::ServerConfig::with_crypto(Arc::new(tls.server_config(tls::new_slot())?));
+        server_base
+            .transport_config(transport.clone())
+            .migration(true)
+            // Attempts beyond this many awaiting `accept` are refused by quinn itself, without handshake work.
+            .max_incoming(limits.max_connections.max(1))
+            .incoming_buffer_size(INCOMING_BUFFER)
+            .incoming_buffer_size_total(INCOMING_BUFFER_TOTAL);
+
+        let mut endpoint_config = quinn::EndpointConfig::default();
+        endpoint_config.supported_versions(vec![QUIC_V1]);
+
+        let bind_error = |e| QuicError::Bind { addr, source: Arc::new(e) };
+        let socket = std::net::UdpSocket::bind(addr).map_err(bind_error)?;
+        let endpoint = quinn::Endpoint::new(
+            endpoint_config,
+            Some(server_base.clone()),
+            socket,
+            Arc::new(quinn::TokioRuntime),
+        )
+        .map_err(bind_error)?;
+
+        Ok(Self {
+            inner: Arc::new(Inner {
+                endpoint,
+                tls,
+                server_base,
+                transport,
+                limits,
+                closed: AtomicBool::new(false),
+                admission: Mutex::new(()),
+            }),
+        })
+    }
+
+    /// The bound address (with the actual port when bound to port 0).
+    pub fn local_addr(&self) -> Result<SocketAddr, QuicError> {
+        self.inner.endpoint.local_addr().map_err(|e| QuicError::Socket(Arc::new(e)))
+    }
+
+    /// This node's id, as presented to peers.
+    pub fn node_id(&self) -> NodeId {
+        self.inner.tls.node_id()
+    }
+
+    /// Live connections, inbound and outbound, including those still handshaking or being closed.
+    pub fn connection_count(&self) -> usize {
+        self.inner.endpoint.open_connections()
+    }
+
+    /// Dials `addr` from the node's socket. Returns once the handshake is complete and the peer's key verified;
+    /// with `expected`, a peer presenting another key fails the handshake with [`QuicError::WrongPeer`] before
+    /// we reveal our own key to it.
+    pub async fn connect(&self, addr: SocketAddr, expected: Option<NodeId>) -> Result<Outbound, QuicError> {
+        if self.inner.closed.load(Ordering::Acquire) {
+            return Err(QuicError::Closed);
+        }
+        let started = Instant::now();
+        let seen = tls::new_slot();
+        let mut config =
+            quinn::ClientConfig::new(Arc::new(self.inner.tls.client_config(expected, seen.clone())?));
+        config.transport_config(self.inner.transport.clone());
+        let connecting =
+            self.inner.endpoint.connect_with(config, addr, tls::SERVER_NAME).map_err(|e| match e {
+                quinn::ConnectError::EndpointStopping => QuicError::Closed,
+                other => QuicError::Connect(other),
+            })?;
+        // On timeout the `Connecting` is dropped, which abandons the attempt.
+        let connection = match tokio::time::timeout(self.inner.limits.handshake_timeout, connecting).await {
+            Err(_elapsed) => return Err(QuicError::TimedOut),
+            Ok(Err(e)) => return Err(handshake_failure(e, expected, &seen)),
+            Ok(Ok(connection)) => connection,
+        };
+        // The verifier already enforced this; checking the session's own record of the key guards against a
+        // future change that would let a handshake complete without the verifier (such as resumption).
+        let node_id = match node_id_of(&connection) {
+            Ok(node_id) => node_id,
+            Err(e) => {
+                connection.close(CLOSE_WRONG_PEER, b"no verified peer key");
+                return Err(e);
+            }
+        };
+        if let Some(expected) = expected
+            && expected != node_id
+        {
+            connection.close(CLOSE_WRONG_PEER, b"unexpected node id");
+            return Err(QuicError::WrongPeer { expected, got: node_id });
+        }
+        Ok(Outbound { connection, node_id, handshake_rtt: started.elapsed() })
+    }
+
+    /// The next inbound connection, handed out as soon as the dialer's first flight is accepted (before it is
+    /// authenticated; see [`Inbound`]). An `Err` concerns one connection attempt only (refused at the connection
+    /// limit, or a handshake that failed at once): keep calling. Returns `None` once the endpoint is closed.
+    pub async fn accept(&self) -> Option<Result<Inbound, QuicError>> {
+        let incoming = self.inner.endpoint.accept().await?;
+        if self.inner.closed.load(Ordering::Acquire) {
+            incoming.refuse();
+            return None;
+        }
+        Some(self.inner.admit(incoming))
+    }
+
+    /// Refuses new connections, closes existing ones with [`CLOSE_SHUTDOWN`], and waits briefly (at most a
+    /// couple of seconds) for peers to be told.
+    pub async fn close(&self) {
+        self.inner.closed.store(true, Ordering::Release);
+        self.inner.endpoint.set_server_config(None);
+        self.inner.endpoint.close(CLOSE_SHUTDOWN, b"node shutting down");
+        let _ = tokio::time::timeout(CLOSE_GRACE, self.inner.endpoint.wait_idle()).await;
+    }
+}
+
+impl Inner {
+    fn admit(&self, incoming: quinn::Incoming) -> Result<Inbound, QuicError> {
+        let remote = incoming.remote_address();
+        let seen = tls::new_slot();
+        let connecting = {
+            let _admission = self.admission.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            let live = self.endpoint.open_connections();
+            if live >= self.limits.max_connections {
+                // Refusing sends a CONNECTION_REFUSED close without any TLS work.
+                incoming.refuse();
+                return Err(QuicError::Refused(format!(
+                    "connection from {remote} refused: {live} connections are open and the limit is {}; \
+                     raise max_connections if the node should serve more peers",
+                    self.limits.max_connections
+                )));
+            }
+            let mut config = self.server_base.clone();
+            config.crypto = Arc::new(self.tls.server_config(seen.clone())?);
+            incoming.accept_with(Arc::new(config)).map_err(|e| handshake_failure(e, None, &seen))?
+        };
+        // On the accepting side quinn always allows this; it yields the connection before the handshake has
+        // completed, which is what lets the listener write at 0.5-RTT.
+        let Ok((connection, handshake_done)) = connecting.into_0rtt() else {
+            return Err(QuicError::Refused(format!(
+                "connection from {remote} dropped: the QUIC library would not hand out the connection before \
+                 its handshake completed (this is a bug, please report it)"
+            )));
+        };
+        let receiver =
+            watch_handshake(connection.clone(), handshake_done, seen, self.limits.handshake_timeout);
+        Ok(Inbound { connection, remote, handshake: Handshake::Pending(receiver) })
+    }
+}
+
+/// Watches an inbound handshake in its own task, so that the handshake timeout holds even if the caller never
+/// asks for the outcome, and reports the verified node id (or why there is none).
+fn watch_handshake(
+    connection: quinn::Connection,
+    handshake_done: quinn::ZeroRttAccepted,
+    seen: SeenSlot,
+    timeout: Duration,
+) -> oneshot::Receiver<Result<NodeId, QuicError>> {
+    let (sender, receiver) = oneshot::channel();
+    tokio::spawn(async move {
+        // On the accepting side this future resolves when the handshake completes or the connection ends. Its
+        // value only concerns 0-RTT data from the client (never used here), so the connection's state decides.
+        let outcome = match tokio::time::timeout(timeout, handshake_done).await {
+            Ok(_) => match connection.close_reason() {
+                Some(e) => Err(handshake_failure(e, None, &seen)),
+                None => node_id_of(&connection),
+            },
+            Err(_elapsed) => {
+                connection.close(CLOSE_HANDSHAKE_TIMEOUT, b"handshake timed out");
+                Err(QuicError::TimedOut)
+            }
+        };
+        // The caller may have dropped the `Inbound`; then nobody needs the outcome.
+        let _ = sender.send(outcome);
+    });
+    receiver
+}
+
+/// Turns a failed handshake into the most useful error: what the verifier saw of the peer's key explains TLS
+/// alerts that would otherwise be opaque.
+fn handshake_failure(error: ConnectionError, expected: Option<NodeId>, seen: &SeenSlot) -> QuicError {
+    match tls::read_slot(seen) {
+        Some(SeenKey::NotEd25519) => return QuicError::NotEd25519,
+        Some(SeenKey::Ed25519(got)) => {
+            if let Some(expected) = expected
+                && expected != got
+            {
+                return QuicError::WrongPeer { expected, got };
+            }
+        }
+        None => {}
+    }
+    match error {
+        ConnectionError::TimedOut => QuicError::TimedOut,
+        ConnectionError::LocallyClosed => QuicError::Closed,
+        ConnectionError::ConnectionClosed(close) if close.error_code == TransportErrorCode::CONNECTION_REFUSED => {
+            QuicError::Refused(
+                "the peer refused the connection (it is at its connection limit or shutting down); retry later"
+                    .to_owned(),
+            )
+        }
+        other => QuicError::Handshake(other),
+    }
+}
+
+/// The verified node id of a connection's peer, from the key its TLS session verified. Use after the
+/// handshake: on an [`Inbound`] connection, call [`Inbound::authenticated`] instead.
+pub fn node_id_of(connection: &quinn::Connection) -> Result<NodeId, QuicError> {
+    let identity = connection.peer_identity().ok_or(QuicError::NotAuthenticated)?;
+    // quinn's rustls session reports the peer's certificates this way; with raw public keys, the only
+    // "certificate" is the SubjectPublicKeyInfo.
+    let keys =
+        identity.downcast::<Vec<CertificateDer<'static>>>().map_err(|_| QuicError::NotAuthenticated)?;
+    match keys.as_slice() {
+        [key] => tls::node_id_from_spki(key.as_ref()).ok_or(QuicError::NotEd25519),
+        _ => Err(QuicError::NotEd25519),
+    }
+}

@@ -247,6 +247,12 @@ impl Store {
         self.write(|reply| Command::LeaveTopic { topic, reply }).await
     }
 
+    /// Reserves the next seq for the node's own metadata record, persisted before it is returned: strictly
+    /// above every seq reserved before, across restarts, and at least `floor`.
+    pub async fn next_record_seq(&self, floor: u64) -> Result<u64, StoreError> {
+        self.write(|reply| Command::NextRecordSeq { floor, reply }).await
+    }
+
     /// Deletes peers with last_seen < now_ms - retention, then the least recently seen beyond max_peers.
     /// Returns how many were removed.
     pub async fn prune(&self, now_ms: i64) -> Result<u64, StoreError> {

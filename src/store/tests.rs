@@ -779,3 +779,18 @@ async fn malformed_stored_rows_are_read_without_panicking() {
     assert_eq!(store.prune(now).await.unwrap(), 0);
     assert_eq!(store.stats().await.unwrap().peers, 0);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn record_seq_increases_across_reopen_and_respects_the_floor() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("peers.db");
+    let store = Store::open(StoreOptions::new(&path)).expect("open");
+    assert_eq!(store.next_record_seq(0).await.expect("seq"), 1);
+    assert_eq!(store.next_record_seq(0).await.expect("seq"), 2);
+    assert_eq!(store.next_record_seq(1000).await.expect("seq"), 1000);
+    store.close().await.expect("close");
+    let store = Store::open(StoreOptions::new(&path)).expect("reopen");
+    // A clock that went back does not make the seq go back.
+    assert_eq!(store.next_record_seq(10).await.expect("seq"), 1001);
+    store.close().await.expect("close");
+}

@@ -59,6 +59,10 @@ pub(crate) enum Command {
         now_ms: i64,
         reply: Option<Reply<u64>>,
     },
+    NextRecordSeq {
+        floor: u64,
+        reply: Reply<u64>,
+    },
     /// Runs raw SQL inside the batch, so tests can provoke failures (e.g. a full database).
     #[cfg(test)]
     Execute {
@@ -265,6 +269,9 @@ impl BatchContext<'_> {
             Command::Prune { now_ms, reply } => in_savepoint(tx, reply, |conn| {
                 apply_prune(conn, now_ms, config.retention_ms, config.max_peers)
             }),
+            Command::NextRecordSeq { floor, reply } => {
+                in_savepoint(tx, Some(reply), |conn| apply_next_record_seq(conn, floor))
+            }
             #[cfg(test)]
             Command::Execute { sql, reply } => in_savepoint(tx, Some(reply), |conn| {
                 conn.execute_batch(&sql)?;
@@ -285,6 +292,7 @@ impl Command {
             Command::Forget { reply, .. } => drop(reply.send(Err(error()))),
             Command::JoinTopic { reply, .. } => drop(reply.send(Err(error()))),
             Command::LeaveTopic { reply, .. } => drop(reply.send(Err(error()))),
+            Command::NextRecordSeq { reply, .. } => drop(reply.send(Err(error()))),
             Command::Prune { reply, .. } => {
                 if let Some(reply) = reply {
                     drop(reply.send(Err(error())));
@@ -671,6 +679,25 @@ fn apply_join_topic(
     let peers = read::topic_peer_count(conn, topic)?;
     let joined = JoinedTopic { name: topic.to_owned(), joined_at_ms, peers };
     Ok(((joined, newly_joined), Vec::new()))
+}
+
+/// The `node_state` key holding the seq of the node's own latest metadata record (8 bytes, big-endian).
+const RECORD_SEQ_KEY: &str = "record_seq";
+
+/// Takes the next seq for the node's own record: above every seq issued before (so peers never see it go
+/// back, even after a restart) and at least `floor` (the caller passes the clock, so seqs stay increasing even
+/// if this database is lost).
+fn apply_next_record_seq(conn: &Connection, floor: u64) -> Result<(u64, Vec<PeerEvent>), StoreError> {
+    let stored: Option<Vec<u8>> = conn
+        .prepare_cached("SELECT value FROM node_state WHERE key = ?1")?
+        .query_row([RECORD_SEQ_KEY], |row| row.get(0))
+        .optional()?;
+    let previous =
+        stored.and_then(|bytes| <[u8; 8]>::try_from(bytes.as_slice()).ok()).map(u64::from_be_bytes);
+    let next = previous.map_or(floor, |seq| seq.saturating_add(1).max(floor)).max(1);
+    conn.prepare_cached("INSERT INTO node_state (key, value) VALUES (?1, ?2) ON CONFLICT(key) DO UPDATE SET value = excluded.value")?
+        .execute(params![RECORD_SEQ_KEY, next.to_be_bytes().as_slice()])?;
+    Ok((next, Vec::new()))
 }
 
 fn apply_leave_topic(conn: &Connection, topic: &str) -> Result<(bool, Vec<PeerEvent>), StoreError> {

@@ -68,6 +68,8 @@ pub struct NodeDir {
     pub dir: TempDir,
     socket: PathBuf,
     data_dir: PathBuf,
+    bootstrap: Option<String>,
+    dht_server: bool,
 }
 
 impl NodeDir {
@@ -75,7 +77,19 @@ impl NodeDir {
         let dir = tempfile::Builder::new().prefix("rn-test-").tempdir().expect("tempdir");
         let socket = dir.path().join("control.sock");
         let data_dir = dir.path().join("data");
-        Self { dir, socket, data_dir }
+        Self { dir, socket, data_dir, bootstrap: None, dht_server: false }
+    }
+
+    /// Bootstraps the DHT from `address` instead of starting a DHT of its own.
+    pub fn with_bootstrap(mut self, address: &str) -> Self {
+        self.bootstrap = Some(address.to_owned());
+        self
+    }
+
+    /// Serves the DHT from the start (`--dht-server`).
+    pub fn dht_server(mut self) -> Self {
+        self.dht_server = true;
+        self
     }
 
     /// Points this node at another control socket (for example one a live daemon owns).
@@ -114,8 +128,8 @@ impl NodeDir {
         self.data_dir().join("peers.db")
     }
 
-    /// The daemon's `start` command for this directory, not yet spawned. Offline: the bootstrap list points at
-    /// a loopback port where nothing answers, never at the public routers.
+    /// The daemon's `start` command for this directory, not yet spawned. Offline: it bootstraps only from what
+    /// the test gave (`--no-bootstrap` otherwise), never from the public routers.
     pub fn start_command(&self) -> Command {
         let mut cmd = clean_command(&daemon_bin());
         cmd.arg("start")
@@ -126,9 +140,16 @@ impl NodeDir {
             .arg("--control-socket")
             .arg(self.socket())
             .args(["--quic-listen", "127.0.0.1:0", "--dht-listen", "127.0.0.1:0"])
-            .args(["--monitoring-listen", "127.0.0.1:0", "--bootstrap", "127.0.0.1:9"])
+            .args(["--monitoring-listen", "127.0.0.1:0"])
             .env("HOME", self.path())
             .env("RUST_LOG", "info");
+        match &self.bootstrap {
+            Some(address) => cmd.args(["--bootstrap", address]),
+            None => cmd.arg("--no-bootstrap"),
+        };
+        if self.dht_server {
+            cmd.arg("--dht-server");
+        }
         cmd
     }
 

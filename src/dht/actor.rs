@@ -1,0 +1,344 @@
+//! The DHT actor: owns the joined topics and decides when each is looked up and announced.
+//!
+//! It never waits on the network itself. Lookups and announces run as tasks ([`super::tasks`]) that report
+//! back when they end; the actor then schedules the next one. A lookup or announce of a topic is never run
+//! twice at once: starting a new one aborts the old one, and leaving a topic aborts both.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use mainline::async_dht::AsyncDht;
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use super::tasks::{self, AnnounceJob, LookupJob, TaskContext, TaskEvent};
+use super::{DhtOptions, DhtStatus, Discovery, Shared, topic_infohash};
+
+/// First retry delay for a topic that has shown no peers yet, or whose last announce failed; doubled on
+/// each retry up to the regular interval. Short because a node that just joined wants its first peers fast.
+const FIRST_RETRY_DELAY: Duration = Duration::from_secs(5);
+
+pub(super) enum Command {
+    Join(String),
+    Leave(String),
+    SetAnnouncePort(u16),
+    LookupNow(String),
+    Status(oneshot::Sender<DhtStatus>),
+}
+
+/// A lookup or announce task of one topic. `generation` tells its end report from that of a task it replaced.
+struct RunningTask {
+    generation: u64,
+    handle: JoinHandle<()>,
+}
+
+struct TopicState {
+    infohash: mainline::Id,
+    lookup: Option<RunningTask>,
+    /// `None` while a lookup runs: the next one is scheduled when it ends.
+    next_lookup: Option<Instant>,
+    /// Set once any lookup delivered a peer; until then lookups back off from FIRST_RETRY_DELAY.
+    found_peers: bool,
+    lookup_retry_delay: Duration,
+    announce: Option<RunningTask>,
+    /// `None` while an announce runs or while the announce port is unknown.
+    next_announce: Option<Instant>,
+    announce_retry_delay: Duration,
+}
+
+impl TopicState {
+    fn abort_tasks(&mut self) {
+        for task in [self.lookup.take(), self.announce.take()].into_iter().flatten() {
+            task.handle.abort();
+        }
+    }
+}
+
+pub(super) struct Actor {
+    dht: AsyncDht,
+    shared: Arc<Shared>,
+    discoveries: mpsc::Sender<Discovery>,
+    announce_interval: Duration,
+    lookup_interval: Duration,
+    announce_port: Option<u16>,
+    topics: HashMap<String, TopicState>,
+    next_generation: u64,
+    events: mpsc::UnboundedSender<TaskEvent>,
+    event_receiver: mpsc::UnboundedReceiver<TaskEvent>,
+}
+
+impl Actor {
+    pub(super) fn new(
+        dht: AsyncDht,
+        options: &DhtOptions,
+        discoveries: mpsc::Sender<Discovery>,
+        shared: Arc<Shared>,
+    ) -> Actor {
+        let (events, event_receiver) = mpsc::unbounded_channel();
+        Actor {
+            dht,
+            shared,
+            discoveries,
+            // A zero interval would make the actor spin; a millisecond is as good as "right away".
+            announce_interval: options.announce_interval.max(Duration::from_millis(1)),
+            lookup_interval: options.lookup_interval.max(Duration::from_millis(1)),
+            announce_port: options.announce_port,
+            topics: HashMap::new(),
+            next_generation: 0,
+            events,
+            event_receiver,
+        }
+    }
+
+    pub(super) async fn run(
+        mut self,
+        mut commands: mpsc::UnboundedReceiver<Command>,
+        shutdown: CancellationToken,
+    ) {
+        // Whatever way this task ends (even a panic), waiters on `Dht::stopped` are released.
+        let _stopped = self.shared.stopped.clone().drop_guard();
+        let bootstrap_log = tokio::spawn(tasks::log_bootstrap(self.dht.clone()).in_current_span());
+
+        loop {
+            let next_deadline = self.next_deadline();
+            tokio::select! {
+                biased;
+                () = shutdown.cancelled() => break,
+                command = commands.recv() => match command {
+                    Some(command) => self.handle_command(command),
+                    // Every handle is gone: nobody can join, leave or read discoveries any more.
+                    None => break,
+                },
+                Some(event) = self.event_receiver.recv() => self.handle_event(event),
+                () = sleep_until_deadline(next_deadline) => self.start_due_work(),
+            }
+        }
+
+        self.stop(bootstrap_log).await;
+    }
+
+    async fn stop(mut self, bootstrap_log: JoinHandle<()>) {
+        bootstrap_log.abort();
+        let mut handles = vec![bootstrap_log];
+        for topic in self.topics.values_mut() {
+            for task in [topic.lookup.take(), topic.announce.take()].into_iter().flatten() {
+                task.handle.abort();
+                handles.push(task.handle);
+            }
+        }
+        // Aborted tasks drop their mainline handles only once they are gone; wait so that dropping ours below
+        // really is the last one and the mainline thread exits.
+        for handle in handles {
+            let _ = handle.await;
+        }
+        drop(self.dht);
+        tracing::info!("DHT stopped");
+    }
+
+    fn handle_command(&mut self, command: Command) {
+        match command {
+            Command::Join(topic) => self.join(topic),
+            Command::Leave(topic) => self.leave(&topic),
+            Command::SetAnnouncePort(port) => self.set_announce_port(port),
+            Command::LookupNow(topic) => {
+                if self.topics.contains_key(&topic) {
+                    self.start_lookup(&topic);
+                } else {
+                    tracing::debug!(topic = %topic, "lookup requested for a topic that is not joined; ignored");
+                }
+            }
+            Command::Status(reply) => {
+                tokio::spawn(tasks::report_status(self.dht.clone(), self.shared.local_addr, reply));
+            }
+        }
+    }
+
+    fn join(&mut self, topic: String) {
+        if self.topics.contains_key(&topic) {
+            tracing::debug!(topic = %topic, "topic already joined");
+            return;
+        }
+        let infohash = topic_infohash(&topic);
+        tracing::info!(topic = %topic, %infohash, "joined DHT topic");
+        self.topics.insert(
+            topic.clone(),
+            TopicState {
+                infohash,
+                lookup: None,
+                next_lookup: None,
+                found_peers: false,
+                lookup_retry_delay: FIRST_RETRY_DELAY.min(self.lookup_interval),
+                announce: None,
+                next_announce: None,
+                announce_retry_delay: FIRST_RETRY_DELAY.min(self.announce_interval),
+            },
+        );
+        self.start_lookup(&topic);
+        if self.announce_port.is_some() {
+            self.start_announce(&topic);
+        }
+    }
+
+    fn leave(&mut self, topic: &str) {
+        match self.topics.remove(topic) {
+            Some(mut state) => {
+                state.abort_tasks();
+                tracing::info!(topic = %topic, infohash = %state.infohash, "left DHT topic");
+            }
+            None => tracing::debug!(topic = %topic, "leave for a topic that is not joined; ignored"),
+        }
+    }
+
+    fn set_announce_port(&mut self, port: u16) {
+        if self.announce_port == Some(port) {
+            return;
+        }
+        tracing::info!(port, "DHT announce port set; re-announcing joined topics");
+        self.announce_port = Some(port);
+        let topics: Vec<String> = self.topics.keys().cloned().collect();
+        for topic in topics {
+            self.start_announce(&topic);
+        }
+    }
+
+    fn handle_event(&mut self, event: TaskEvent) {
+        let now = Instant::now();
+        match event {
+            TaskEvent::LookupFinished { topic, generation, delivered_peers } => {
+                let lookup_interval = self.lookup_interval;
+                let Some(state) = self.topics.get_mut(&topic) else { return };
+                if state.lookup.as_ref().map(|task| task.generation) != Some(generation) {
+                    return; // a lookup that was replaced in the meantime
+                }
+                state.lookup = None;
+                state.found_peers |= delivered_peers > 0;
+                let delay = if state.found_peers {
+                    lookup_interval
+                } else {
+                    let delay = state.lookup_retry_delay;
+                    state.lookup_retry_delay = (delay * 2).min(lookup_interval);
+                    delay
+                };
+                state.next_lookup = Some(now + jittered(delay));
+            }
+            TaskEvent::AnnounceFinished { topic, generation, succeeded } => {
+                let announce_interval = self.announce_interval;
+                let Some(state) = self.topics.get_mut(&topic) else { return };
+                if state.announce.as_ref().map(|task| task.generation) != Some(generation) {
+                    return;
+                }
+                state.announce = None;
+                let delay = if succeeded {
+                    state.announce_retry_delay = FIRST_RETRY_DELAY.min(announce_interval);
+                    announce_interval
+                } else {
+                    let delay = state.announce_retry_delay;
+                    state.announce_retry_delay = (delay * 2).min(announce_interval);
+                    delay
+                };
+                state.next_announce = Some(now + jittered(delay));
+            }
+        }
+    }
+
+    fn next_deadline(&self) -> Option<Instant> {
+        self.topics.values().flat_map(|state| [state.next_lookup, state.next_announce]).flatten().min()
+    }
+
+    fn start_due_work(&mut self) {
+        let now = Instant::now();
+        let mut due_lookups = Vec::new();
+        let mut due_announces = Vec::new();
+        for (topic, state) in &self.topics {
+            if state.next_lookup.is_some_and(|at| at <= now) {
+                due_lookups.push(topic.clone());
+            }
+            if state.next_announce.is_some_and(|at| at <= now) {
+                due_announces.push(topic.clone());
+            }
+        }
+        for topic in due_lookups {
+            self.start_lookup(&topic);
+        }
+        for topic in due_announces {
+            self.start_announce(&topic);
+        }
+    }
+
+    fn context(&self) -> TaskContext {
+        TaskContext { dht: self.dht.clone(), shared: Arc::clone(&self.shared), events: self.events.clone() }
+    }
+
+    fn start_lookup(&mut self, topic: &str) {
+        let generation = self.next_generation();
+        let context = self.context();
+        let discoveries = self.discoveries.clone();
+        let announce_port = self.announce_port;
+        let Some(state) = self.topics.get_mut(topic) else { return };
+        if let Some(previous) = state.lookup.take() {
+            previous.handle.abort();
+        }
+        state.next_lookup = None;
+        let job = LookupJob { topic: topic.to_owned(), infohash: state.infohash, generation, announce_port };
+        let handle = tokio::spawn(tasks::run_lookup(context, job, discoveries));
+        state.lookup = Some(RunningTask { generation, handle });
+    }
+
+    fn start_announce(&mut self, topic: &str) {
+        let Some(port) = self.announce_port else { return };
+        let generation = self.next_generation();
+        let context = self.context();
+        let Some(state) = self.topics.get_mut(topic) else { return };
+        if let Some(previous) = state.announce.take() {
+            previous.handle.abort();
+        }
+        state.next_announce = None;
+        let job = AnnounceJob { topic: topic.to_owned(), infohash: state.infohash, generation, port };
+        let handle = tokio::spawn(tasks::run_announce(context, job));
+        state.announce = Some(RunningTask { generation, handle });
+    }
+
+    fn next_generation(&mut self) -> u64 {
+        self.next_generation += 1;
+        self.next_generation
+    }
+}
+
+async fn sleep_until_deadline(deadline: Option<Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// `interval` ±20%, so that nodes started together do not hit the same DHT nodes in lockstep.
+fn jittered(interval: Duration) -> Duration {
+    interval.mul_f64(0.8 + 0.4 * random_fraction())
+}
+
+/// A number in [0, 1) that differs from call to call. Scheduling jitter needs no more than that, and std's
+/// randomly keyed `RandomState` (fresh keys per instance) provides it without a dependency.
+fn random_fraction() -> f64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    hasher.write_u64(0);
+    (hasher.finish() >> 11) as f64 / (1u64 << 53) as f64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn jitter_stays_within_twenty_percent_and_varies() {
+        let interval = Duration::from_secs(100);
+        let samples: Vec<Duration> = (0..200).map(|_| jittered(interval)).collect();
+        assert!(samples.iter().all(|d| *d >= Duration::from_secs(80) && *d <= Duration::from_secs(120)));
+        let distinct: std::collections::HashSet<_> = samples.iter().collect();
+        assert!(distinct.len() > 100, "jitter barely varies: {} distinct values", distinct.len());
+    }
+}

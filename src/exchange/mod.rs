@@ -1,0 +1,629 @@
+//! The metadata protocol over authenticated QUIC connections.
+//!
+//! [`Exchange`] accepts inbound connections and dials candidates (through [`dialer`]); on every new connection,
+//! either direction, both sides send a `Hello` carrying their signed record and the address they observe for
+//! the other side. Each record is verified (signature, node id == the key TLS authenticated, clock skew, size)
+//! and stored; a replayed record (lower seq than stored) is refused and its connection closed. Verified sessions
+//! go into a [`table::SessionTable`] (one per peer) and then serve correlated requests: fresh record, ping, and
+//! peer exchange.
+
+pub mod dialer;
+pub mod record;
+pub mod session;
+pub mod table;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use tokio_util::sync::CancellationToken;
+
+use self::dialer::{DialOutcome, Dialer};
+use self::record::{RecordPublisher, upsert_from_record};
+use self::session::{CloseCode, EnvelopeReader, RequestHandler, SessionHandle, write_envelope};
+use self::table::{Admission, Direction, SessionTable};
+use crate::api::names::NodeId;
+use crate::nat::observed::{Observation, ObservedAddresses};
+use crate::quic::{Inbound, Outbound, QuicEndpoint};
+use crate::store::{AddressSource, PeerQuery, QualitySample, Store, UpsertOutcome};
+use crate::wire::{self, VerifiedRecord, VerifyPolicy, pb};
+
+/// Tunables of the exchange.
+#[derive(Debug, Clone)]
+pub struct ExchangeOptions {
+    /// Longest a peer may take to complete the `Hello` exchange after the QUIC handshake started.
+    pub hello_timeout: Duration,
+    /// Longest a request on an established session may wait for its answer.
+    pub request_timeout: Duration,
+    /// Records from the future beyond this are refused.
+    pub max_clock_skew: Duration,
+    /// Distinct peers that must report the same observed address before we advertise it.
+    pub min_observed_confirmations: usize,
+    /// Records asked for per topic in a peer exchange.
+    pub peer_exchange_records: u32,
+    pub dialer: dialer::DialerOptions,
+}
+
+impl Default for ExchangeOptions {
+    fn default() -> Self {
+        Self {
+            hello_timeout: Duration::from_secs(10),
+            request_timeout: Duration::from_secs(5),
+            max_clock_skew: Duration::from_secs(600),
+            min_observed_confirmations: 2,
+            peer_exchange_records: 16,
+            dialer: dialer::DialerOptions::default(),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ExchangeError {
+    #[error("QUIC: {0}")]
+    Quic(#[from] crate::quic::QuicError),
+    #[error("frame: {0}")]
+    Frame(wire::FrameError),
+    #[error("record rejected: {0}")]
+    Record(#[from] wire::RecordError),
+    #[error("record rejected: seq {seq} is lower than the stored {stored} (a replay)")]
+    Replay { seq: u64, stored: u64 },
+    #[error("stream: {0}")]
+    Stream(String),
+    #[error("timed out: {0}")]
+    TimedOut(&'static str),
+    #[error("the peer broke the protocol: {0}")]
+    Protocol(String),
+    #[error("the peer answered with an error: {0}")]
+    Remote(String),
+    #[error("the session is closed")]
+    SessionClosed,
+    #[error("too many requests are waiting on this session")]
+    Busy,
+    #[error("that address is this node itself")]
+    SelfConnection,
+    #[error("no connection to {0} and no stored address answered")]
+    Unreachable(NodeId),
+    #[error("store: {0}")]
+    Store(#[from] crate::store::StoreError),
+    #[error("the node is stopping")]
+    Stopping,
+}
+
+impl ExchangeError {
+    /// A short, stable label for counters and logs.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::Quic(_) => "quic",
+            Self::Frame(_) | Self::Protocol(_) => "protocol",
+            Self::Record(_) => "verification",
+            Self::Replay { .. } => "replay",
+            Self::Stream(_) | Self::SessionClosed => "stream",
+            Self::TimedOut(_) => "timeout",
+            Self::Remote(_) => "remote",
+            Self::Busy => "busy",
+            Self::SelfConnection => "self",
+            Self::Unreachable(_) => "unreachable",
+            Self::Store(_) => "store",
+            Self::Stopping => "stopping",
+        }
+    }
+}
+
+/// A peer verified on a new connection.
+#[derive(Debug, Clone)]
+pub struct Verified {
+    pub node_id: NodeId,
+    pub seq: u64,
+    /// From dial start (outbound) or accept (inbound) until the peer's record was verified.
+    pub elapsed: Duration,
+    pub remote: SocketAddr,
+}
+
+/// Counters of the exchange since start.
+#[derive(Debug, Default)]
+pub struct ExchangeCounters {
+    pub exchanges_ok: AtomicU64,
+    pub exchanges_failed: AtomicU64,
+    pub replays_rejected: AtomicU64,
+    pub impersonations_rejected: AtomicU64,
+    pub records_from_peer_exchange: AtomicU64,
+}
+
+/// What `GetPeer` shows about a live connection.
+#[derive(Debug, Clone)]
+pub struct SessionInfo {
+    pub direction: Direction,
+    pub remote: SocketAddr,
+    pub since_ms: i64,
+    pub rtt: Duration,
+}
+
+/// Cheap handle to the exchange.
+#[derive(Clone)]
+pub struct Exchange {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    local: NodeId,
+    endpoint: QuicEndpoint,
+    store: Store,
+    publisher: RecordPublisher,
+    sessions: SessionTable<SessionHandle>,
+    observed: std::sync::Mutex<ObservedAddresses>,
+    dialer: Dialer,
+    options: ExchangeOptions,
+    shutdown: CancellationToken,
+    next_session: AtomicU64,
+    counters: ExchangeCounters,
+}
+
+impl Exchange {
+    /// Starts accepting connections and the dialer. Returns once running.
+    pub fn start(
+        endpoint: QuicEndpoint,
+        store: Store,
+        publisher: RecordPublisher,
+        options: ExchangeOptions,
+        shutdown: CancellationToken,
+    ) -> Self {
+        let local = endpoint.node_id();
+        let exchange = Arc::new_cyclic(|weak: &std::sync::Weak<Inner>| {
+            let dialer = Dialer::start(options.dialer.clone(), weak.clone(), shutdown.clone());
+            Inner {
+                local,
+                endpoint,
+                store,
+                publisher,
+                sessions: SessionTable::new(local),
+                observed: std::sync::Mutex::new(ObservedAddresses::default()),
+                dialer,
+                options,
+                shutdown,
+                next_session: AtomicU64::new(1),
+                counters: ExchangeCounters::default(),
+            }
+        });
+        tokio::spawn(accept_loop(exchange.clone()));
+        Self { inner: exchange }
+    }
+
+    pub fn node_id(&self) -> NodeId {
+        self.inner.local
+    }
+
+    /// The QUIC endpoint's bound address.
+    pub fn local_addr(&self) -> Result<SocketAddr, crate::quic::QuicError> {
+        self.inner.endpoint.local_addr()
+    }
+
+    pub fn publisher(&self) -> &RecordPublisher {
+        &self.inner.publisher
+    }
+
+    /// Queues addresses found by discovery for dialing (deduplicated, rate-limited, backed off).
+    pub fn dial_candidates(&self, addresses: Vec<SocketAddr>, source: AddressSource) {
+        self.inner.dialer.candidates(addresses, source);
+    }
+
+    /// Dials `address` now (no backoff) and waits for the exchange.
+    pub async fn connect(
+        &self,
+        address: SocketAddr,
+        source: AddressSource,
+    ) -> Result<Verified, ExchangeError> {
+        match self.inner.dialer.dial_now(address, source).await {
+            DialOutcome::Verified(verified) => Ok(verified),
+            DialOutcome::Failed(e) => Err(e),
+        }
+    }
+
+    /// Fetches a fresh record from `peer` over its session, dialing its stored addresses if needed.
+    pub async fn query_record(&self, peer: NodeId) -> Result<(VerifiedRecord, Duration), ExchangeError> {
+        let session = match self.inner.sessions.get(&peer) {
+            Some(session) => session,
+            None => self.inner.dial_known(peer).await?,
+        };
+        let request = pb::envelope::Kind::GetRecordRequest(pb::GetRecordRequest {});
+        let (answer, rtt) = session.request(request, self.inner.options.request_timeout).await?;
+        let pb::envelope::Kind::GetRecordResponse(response) = answer else {
+            return Err(ExchangeError::Protocol("answered GetRecord with another message".into()));
+        };
+        let signed = response
+            .record
+            .ok_or_else(|| ExchangeError::Protocol("GetRecord answer without a record".into()))?;
+        let verified = wire::verify_record(&signed, Some(peer), &self.inner.policy())?;
+        self.inner.store_verified(&verified, None, None).await?;
+        Ok((verified, rtt))
+    }
+
+    pub fn session_info(&self, peer: &NodeId) -> Option<SessionInfo> {
+        self.inner.sessions.get(peer).map(|s| SessionInfo {
+            direction: s.direction(),
+            remote: s.connection().remote_address(),
+            since_ms: s.since_ms(),
+            rtt: s.connection().rtt(),
+        })
+    }
+
+    /// Closes the session with `peer`, if any.
+    pub fn disconnect(&self, peer: &NodeId, code: CloseCode, reason: &str) {
+        if let Some(session) = self.inner.sessions.get(peer) {
+            session.close(code, reason);
+        }
+    }
+
+    pub fn connected_peers(&self) -> usize {
+        self.inner.sessions.len()
+    }
+
+    pub fn connected(&self) -> Vec<NodeId> {
+        self.inner.sessions.all().into_iter().map(|(id, _)| id).collect()
+    }
+
+    pub fn observed_addresses(&self) -> Vec<Observation> {
+        self.inner.observed().observations()
+    }
+
+    /// Public addresses confirmed by enough peers.
+    pub fn confirmed_public_addresses(&self) -> Vec<SocketAddr> {
+        let min = self.inner.options.min_observed_confirmations;
+        self.inner
+            .observed()
+            .confirmed(min)
+            .into_iter()
+            .filter(|a| !crate::nat::observed::is_private(a.ip()))
+            .collect()
+    }
+
+    pub fn counters(&self) -> &ExchangeCounters {
+        &self.inner.counters
+    }
+
+    /// Closes every connection and the endpoint.
+    pub async fn shutdown(&self) {
+        for (_, session) in self.inner.sessions.all() {
+            session.close(CloseCode::Shutdown, "node stopping");
+        }
+        self.inner.endpoint.close().await;
+    }
+}
+
+impl Inner {
+    fn policy(&self) -> VerifyPolicy {
+        VerifyPolicy { now_ms: now_ms(), max_clock_skew: self.options.max_clock_skew, max_age: None }
+    }
+
+    fn observed(&self) -> std::sync::MutexGuard<'_, ObservedAddresses> {
+        self.observed.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The listener side: our `Hello` goes out before the client is authenticated (0.5-RTT), theirs is read
+    /// only after.
+    async fn run_inbound(self: &Arc<Self>, mut inbound: Inbound) -> Result<Verified, ExchangeError> {
+        let started = Instant::now();
+        let connection = inbound.connection.clone();
+        let remote = inbound.remote;
+        let (mut send, recv) =
+            connection.open_bi().await.map_err(|e| ExchangeError::Stream(e.to_string()))?;
+        write_envelope(&mut send, &self.hello(remote)).await?;
+        let peer = inbound.authenticated().await?;
+        if peer == self.local {
+            CloseCode::SelfConnection.close(&connection, "self");
+            return Err(ExchangeError::SelfConnection);
+        }
+        let mut reader = EnvelopeReader::new(recv);
+        let (verified, observed) = self.read_hello(&mut reader, peer, &connection).await?;
+        self.store_verified(&verified, Some((remote, AddressSource::Inbound)), None).await.inspect_err(
+            |e| {
+                self.reject(&connection, e);
+            },
+        )?;
+        self.note_observed(peer, observed);
+        let outcome = Verified { node_id: peer, seq: verified.seq, elapsed: started.elapsed(), remote };
+        self.admit(peer, Direction::Inbound, connection, send, reader);
+        Ok(outcome)
+    }
+
+    /// The dialer side: the listener's `Hello` arrives with the handshake's last flight.
+    async fn run_outbound(
+        self: &Arc<Self>,
+        outbound: Outbound,
+        started: Instant,
+        source: AddressSource,
+    ) -> Result<Verified, ExchangeError> {
+        let connection = outbound.connection.clone();
+        let peer = outbound.node_id;
+        let remote = connection.remote_address();
+        if peer == self.local {
+            CloseCode::SelfConnection.close(&connection, "self");
+            return Err(ExchangeError::SelfConnection);
+        }
+        let (mut send, recv) =
+            connection.accept_bi().await.map_err(|e| ExchangeError::Stream(e.to_string()))?;
+        let mut reader = EnvelopeReader::new(recv);
+        let (verified, observed) = self.read_hello(&mut reader, peer, &connection).await?;
+        let elapsed = started.elapsed();
+        write_envelope(&mut send, &self.hello(remote)).await?;
+        self.store_verified(&verified, Some((remote, source)), Some(elapsed)).await.inspect_err(|e| {
+            self.reject(&connection, e);
+        })?;
+        self.note_observed(peer, observed);
+        let outcome = Verified { node_id: peer, seq: verified.seq, elapsed, remote };
+        self.admit(peer, Direction::Outbound, connection, send, reader);
+        Ok(outcome)
+    }
+
+    fn hello(&self, observed: SocketAddr) -> pb::Envelope {
+        let hello = pb::Hello {
+            protocol_version: wire::PROTOCOL_VERSION,
+            supported_versions: vec![wire::PROTOCOL_VERSION],
+            record: Some((*self.publisher.current()).clone()),
+            observed_address: observed.to_string(),
+        };
+        pb::Envelope { request_id: 0, kind: Some(pb::envelope::Kind::Hello(hello)) }
+    }
+
+    /// Reads and verifies the peer's `Hello`; closes the connection on any failure.
+    async fn read_hello(
+        &self,
+        reader: &mut EnvelopeReader,
+        peer: NodeId,
+        connection: &quinn::Connection,
+    ) -> Result<(VerifiedRecord, Option<SocketAddr>), ExchangeError> {
+        let result = async {
+            let envelope = reader.next().await?.ok_or(ExchangeError::SessionClosed)?;
+            let Some(pb::envelope::Kind::Hello(hello)) = envelope.kind else {
+                return Err(ExchangeError::Protocol("the first message was not a Hello".into()));
+            };
+            let signed =
+                hello.record.ok_or_else(|| ExchangeError::Protocol("Hello without a record".into()))?;
+            let verified = wire::verify_record(&signed, Some(peer), &self.policy())?;
+            Ok((verified, hello.observed_address.parse().ok()))
+        };
+        match tokio::time::timeout(self.options.hello_timeout, result).await {
+            Ok(Ok(hello)) => Ok(hello),
+            Ok(Err(e)) => {
+                self.reject(connection, &e);
+                Err(e)
+            }
+            Err(_) => {
+                CloseCode::Timeout.close(connection, "no Hello in time");
+                Err(ExchangeError::TimedOut("no Hello from the peer"))
+            }
+        }
+    }
+
+    /// Closes a connection whose exchange failed, with a code that tells the peer why.
+    fn reject(&self, connection: &quinn::Connection, error: &ExchangeError) {
+        let code = match error {
+            ExchangeError::Record(wire::RecordError::NodeIdMismatch { .. }) => {
+                self.counters.impersonations_rejected.fetch_add(1, Ordering::Relaxed);
+                CloseCode::Verification
+            }
+            ExchangeError::Replay { .. } => {
+                self.counters.replays_rejected.fetch_add(1, Ordering::Relaxed);
+                CloseCode::Verification
+            }
+            ExchangeError::Record(_) => CloseCode::Verification,
+            _ => CloseCode::Protocol,
+        };
+        tracing::warn!(remote = %connection.remote_address(), error = %error, "exchange rejected");
+        code.close(connection, error.reason());
+    }
+
+    /// Stores a verified record, refusing replays. `contact` is the address we reached the peer on.
+    async fn store_verified(
+        &self,
+        verified: &VerifiedRecord,
+        contact: Option<(SocketAddr, AddressSource)>,
+        rtt: Option<Duration>,
+    ) -> Result<(), ExchangeError> {
+        let now = now_ms();
+        let upsert = upsert_from_record(verified, contact.map(|(a, s)| (a.to_string(), s)), now);
+        match self.store.upsert_peer(upsert).await? {
+            UpsertOutcome::Stale { stored_seq } => {
+                return Err(ExchangeError::Replay { seq: verified.seq, stored: stored_seq });
+            }
+            UpsertOutcome::Added | UpsertOutcome::Updated => {}
+        }
+        if let Some((address, _)) = contact {
+            let sample = QualitySample { at_ms: now, address: Some(address.to_string()), outcome: Ok(rtt) };
+            self.store.record_quality(verified.node_id, sample).await?;
+        }
+        Ok(())
+    }
+
+    fn note_observed(&self, reporter: NodeId, observed: Option<SocketAddr>) {
+        let Some(address) = observed else { return };
+        let newly_confirmed =
+            self.observed().report(reporter, address, now_ms(), self.options.min_observed_confirmations);
+        if newly_confirmed && !crate::nat::observed::is_private(address.ip()) {
+            tracing::info!(%address, "public address confirmed by peers");
+            let publisher = self.publisher.clone();
+            tokio::spawn(async move { publisher.add_observed(address).await });
+        }
+    }
+
+    /// Puts a verified session in the table (closing whichever connection loses) and starts serving it.
+    fn admit(
+        self: &Arc<Self>,
+        peer: NodeId,
+        direction: Direction,
+        connection: quinn::Connection,
+        send: quinn::SendStream,
+        reader: EnvelopeReader,
+    ) {
+        let id = self.next_session.fetch_add(1, Ordering::Relaxed);
+        let weak = Arc::downgrade(self);
+        let session = SessionHandle::start(
+            session::SessionParts { id, peer, direction, connection, send, reader, since_ms: now_ms() },
+            Arc::new(Handler(weak.clone())),
+            move |session, _| {
+                if let Some(inner) = weak.upgrade() {
+                    inner.sessions.remove(&session.peer(), session.id());
+                }
+            },
+        );
+        match self.sessions.admit(peer, session.clone()) {
+            Admission::Admitted { replaced } => {
+                if let Some(old) = replaced {
+                    old.close(CloseCode::Duplicate, "replaced by a newer connection");
+                }
+                self.counters.exchanges_ok.fetch_add(1, Ordering::Relaxed);
+                let inner = self.clone();
+                tokio::spawn(async move { inner.exchange_peers(session).await });
+            }
+            Admission::Rejected => session.close(CloseCode::Duplicate, "a connection already exists"),
+        }
+    }
+
+    /// Asks a new peer for records of the topics we share, verifies and stores each, and dials the new ones.
+    async fn exchange_peers(&self, session: SessionHandle) {
+        let ours = self.publisher.topics();
+        let Ok(Some(theirs)) = self.store.get_peer(session.peer()).await else { return };
+        let common: Vec<String> =
+            theirs.summary.topics.iter().filter(|t| ours.contains(t)).take(4).cloned().collect();
+        for topic in common {
+            let request = pb::envelope::Kind::PeerExchangeRequest(pb::PeerExchangeRequest {
+                topic: topic.clone(),
+                max_records: self.options.peer_exchange_records,
+            });
+            let Ok((pb::envelope::Kind::PeerExchangeResponse(response), _)) =
+                session.request(request, self.options.request_timeout).await
+            else {
+                continue;
+            };
+            let mut candidates = Vec::new();
+            for signed in response.records.into_iter().take(wire::MAX_PEER_EXCHANGE_RECORDS) {
+                let verified = match wire::verify_record(&signed, None, &self.policy()) {
+                    Ok(verified) => verified,
+                    Err(e) => {
+                        tracing::debug!(peer = %session.peer(), error = %e, "dropping a record from peer exchange");
+                        continue;
+                    }
+                };
+                if verified.node_id == self.local || self.sessions.get(&verified.node_id).is_some() {
+                    continue;
+                }
+                candidates.extend(record::dialable_addresses(&verified));
+                // A stale record (lower seq than stored) is simply not newer: nothing to do.
+                let upsert = upsert_from_record(&verified, None, now_ms());
+                if let Ok(UpsertOutcome::Added | UpsertOutcome::Updated) =
+                    self.store.upsert_peer(upsert).await
+                {
+                    self.counters.records_from_peer_exchange.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            self.dialer.candidates(candidates, AddressSource::PeerExchange);
+        }
+    }
+
+    /// Dials a known peer on its stored addresses, best first, pinning its node id.
+    async fn dial_known(self: &Arc<Self>, peer: NodeId) -> Result<SessionHandle, ExchangeError> {
+        let detail = self.store.get_peer(peer).await?.ok_or(ExchangeError::Unreachable(peer))?;
+        for address in detail.addresses.iter().filter_map(|a| a.address.parse::<SocketAddr>().ok()).take(4) {
+            let started = Instant::now();
+            let attempt = match self.endpoint.connect(address, Some(peer)).await {
+                Ok(outbound) => self.run_outbound(outbound, started, AddressSource::Record).await,
+                Err(e) => Err(e.into()),
+            };
+            match attempt {
+                Ok(_) => {
+                    if let Some(session) = self.sessions.get(&peer) {
+                        return Ok(session);
+                    }
+                }
+                Err(e) => self.note_failure(peer, address, &e).await,
+            }
+        }
+        Err(ExchangeError::Unreachable(peer))
+    }
+
+    /// Records a failed contact with a known peer.
+    async fn note_failure(&self, peer: NodeId, address: SocketAddr, error: &ExchangeError) {
+        let sample = QualitySample {
+            at_ms: now_ms(),
+            address: Some(address.to_string()),
+            outcome: Err(error.to_string()),
+        };
+        let _ = self.store.record_quality(peer, sample).await;
+    }
+}
+
+/// Answers the requests a peer sends on its session.
+struct Handler(std::sync::Weak<Inner>);
+
+impl RequestHandler for Handler {
+    async fn handle(&self, _peer: NodeId, request: pb::envelope::Kind) -> Option<pb::envelope::Kind> {
+        use pb::envelope::Kind;
+        let inner = self.0.upgrade()?;
+        match request {
+            Kind::GetRecordRequest(_) => Some(Kind::GetRecordResponse(pb::GetRecordResponse {
+                record: Some((*inner.publisher.current()).clone()),
+            })),
+            Kind::Ping(ping) => Some(Kind::Pong(pb::Pong { nonce: ping.nonce })),
+            Kind::PeerExchangeRequest(request) => {
+                let max = request.max_records.min(wire::MAX_PEER_EXCHANGE_RECORDS as u32);
+                Some(Kind::PeerExchangeResponse(inner.peer_exchange(&request.topic, max).await))
+            }
+            _ => None,
+        }
+    }
+}
+
+impl Inner {
+    /// Up to `max` stored records of peers in `topic`, most recently seen first, as received (signed).
+    async fn peer_exchange(&self, topic: &str, max: u32) -> pb::PeerExchangeResponse {
+        if crate::api::names::validate_topic(topic).is_err() || max == 0 {
+            return pb::PeerExchangeResponse::default();
+        }
+        let query = PeerQuery { topic: Some(topic.to_owned()), limit: max, ..Default::default() };
+        let Ok(page) = self.store.list_peers(query).await else { return pb::PeerExchangeResponse::default() };
+        let mut records = Vec::new();
+        for peer in page.peers {
+            if let Ok(Some(detail)) = self.store.get_peer(peer.node_id).await
+                && let Ok(signed) = <pb::SignedRecord as prost::Message>::decode(detail.record.as_slice())
+            {
+                records.push(signed);
+            }
+        }
+        pb::PeerExchangeResponse { records }
+    }
+}
+
+async fn accept_loop(inner: Arc<Inner>) {
+    loop {
+        let incoming = tokio::select! {
+            _ = inner.shutdown.cancelled() => return,
+            incoming = inner.endpoint.accept() => incoming,
+        };
+        match incoming {
+            None => return,
+            Some(Err(e)) => tracing::debug!(error = %e, "inbound connection refused"),
+            Some(Ok(inbound)) => {
+                let inner = inner.clone();
+                let remote = inbound.remote;
+                tokio::spawn(async move {
+                    match inner.run_inbound(inbound).await {
+                        Ok(verified) => {
+                            tracing::info!(peer = %verified.node_id, %remote, seq = verified.seq, "inbound peer verified")
+                        }
+                        Err(e) => {
+                            inner.counters.exchanges_failed.fetch_add(1, Ordering::Relaxed);
+                            tracing::debug!(%remote, error = %e, "inbound exchange failed");
+                        }
+                    }
+                });
+            }
+        }
+    }
+}
+
+pub(crate) fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}

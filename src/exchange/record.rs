@@ -1,0 +1,266 @@
+//! The node's own signed metadata record, and turning verified records of peers into store rows.
+//!
+//! [`RecordPublisher`] rebuilds and re-signs our record whenever what it states changes (joined topics, the
+//! public address peers confirmed). Each new record takes a seq from the store *before* it is published, so
+//! seqs only ever increase, across restarts too: peers refuse a lower one as a replay.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+
+use ed25519_dalek::SigningKey;
+use prost::Message;
+use tokio::sync::{Mutex, watch};
+
+use crate::api::names::NodeId;
+use crate::store::{self, AddressSource, PeerUpsert, ServiceEntry, Store, StoreError};
+use crate::wire::{self, VerifiedRecord, pb};
+
+/// What our record states, besides identity and seq.
+#[derive(Debug, Clone, Default)]
+struct Facts {
+    topics: Vec<String>,
+    /// Interface addresses of the QUIC socket, private ones included.
+    interfaces: Vec<SocketAddr>,
+    /// Public addresses confirmed by peers.
+    observed: Vec<SocketAddr>,
+}
+
+/// Builds, signs and hands out the node's current record.
+#[derive(Clone)]
+pub struct RecordPublisher {
+    inner: Arc<PublisherInner>,
+}
+
+struct PublisherInner {
+    key: SigningKey,
+    node_id: NodeId,
+    store: Store,
+    facts: Mutex<Facts>,
+    current: watch::Sender<Arc<pb::SignedRecord>>,
+    topics: std::sync::RwLock<Vec<String>>,
+}
+
+impl RecordPublisher {
+    /// Signs the first record: `quic` is the bound QUIC address, `topics` the joined topics.
+    pub async fn start(
+        key: SigningKey,
+        store: Store,
+        quic: SocketAddr,
+        mut topics: Vec<String>,
+    ) -> Result<Self, StoreError> {
+        topics.sort();
+        let node_id = NodeId(key.verifying_key().to_bytes());
+        let facts =
+            Facts { topics: topics.clone(), interfaces: interface_addresses(quic), observed: Vec::new() };
+        let first = sign(&key, node_id, next_seq(&store).await?, &facts);
+        let (current, _) = watch::channel(Arc::new(first));
+        Ok(Self {
+            inner: Arc::new(PublisherInner {
+                key,
+                node_id,
+                store,
+                facts: Mutex::new(facts),
+                current,
+                topics: std::sync::RwLock::new(topics),
+            }),
+        })
+    }
+
+    /// The record to send now.
+    pub fn current(&self) -> Arc<pb::SignedRecord> {
+        self.inner.current.borrow().clone()
+    }
+
+    /// The seq of the current record.
+    pub fn current_seq(&self) -> u64 {
+        pb::RecordBody::decode(self.current().body.as_slice()).map(|b| b.seq).unwrap_or(0)
+    }
+
+    /// The topics the current record states.
+    pub fn topics(&self) -> Vec<String> {
+        self.inner.topics.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
+    }
+
+    /// Re-signs the record if the joined topics changed.
+    pub async fn set_topics(&self, mut topics: Vec<String>) -> Result<(), StoreError> {
+        topics.sort();
+        let mut facts = self.inner.facts.lock().await;
+        if facts.topics == topics {
+            return Ok(());
+        }
+        facts.topics = topics.clone();
+        self.publish(&facts).await?;
+        *self.inner.topics.write().unwrap_or_else(std::sync::PoisonError::into_inner) = topics;
+        Ok(())
+    }
+
+    /// Adds a public address peers confirmed, re-signing the record.
+    pub async fn add_observed(&self, address: SocketAddr) {
+        let mut facts = self.inner.facts.lock().await;
+        if facts.observed.contains(&address) {
+            return;
+        }
+        facts.observed.push(address);
+        facts.observed.sort();
+        if let Err(e) = self.publish(&facts).await {
+            tracing::warn!(error = %e, "could not re-sign the record with a new observed address");
+        }
+    }
+
+    async fn publish(&self, facts: &Facts) -> Result<(), StoreError> {
+        let seq = next_seq(&self.inner.store).await?;
+        let record = sign(&self.inner.key, self.inner.node_id, seq, facts);
+        self.inner.current.send_replace(Arc::new(record));
+        tracing::debug!(seq, topics = facts.topics.len(), "record re-signed");
+        Ok(())
+    }
+}
+
+/// A seq above every earlier one: the store persists it, and the clock (milliseconds) is the floor so a lost
+/// database does not restart seqs from 1.
+async fn next_seq(store: &Store) -> Result<u64, StoreError> {
+    store.next_record_seq(u64::try_from(super::now_ms()).unwrap_or(0)).await
+}
+
+fn sign(key: &SigningKey, node_id: NodeId, seq: u64, facts: &Facts) -> pb::SignedRecord {
+    let mut addresses: Vec<pb::Address> = facts
+        .interfaces
+        .iter()
+        .map(|a| pb::Address {
+            address: a.to_string(),
+            kind: if crate::nat::observed::is_private(a.ip()) {
+                pb::AddressKind::InterfacePrivate
+            } else {
+                pb::AddressKind::InterfacePublic
+            } as i32,
+        })
+        .collect();
+    addresses.extend(
+        facts
+            .observed
+            .iter()
+            .filter(|a| !facts.interfaces.contains(a))
+            .map(|a| pb::Address { address: a.to_string(), kind: pb::AddressKind::ObservedPublic as i32 }),
+    );
+    addresses.truncate(wire::MAX_ADDRESSES_PER_RECORD);
+    let body = pb::RecordBody {
+        node_id: node_id.as_bytes().to_vec(),
+        seq,
+        timestamp_ms: super::now_ms(),
+        topics: facts.topics.iter().take(wire::MAX_TOPICS_PER_RECORD).cloned().collect(),
+        addresses,
+        node_type: pb::NodeType::Unknown as i32,
+        nat: Some(pb::NatInfo::default()),
+        capabilities: Some(capabilities()),
+        services: Vec::new(),
+        protocol_versions: vec![wire::PROTOCOL_VERSION],
+    };
+    wire::sign_record(&body, key)
+}
+
+/// The addresses the QUIC socket can be reached on from this host's interfaces. A socket bound to one address
+/// has just that one; a wildcard socket has every interface address of its family (loopback only when nothing
+/// else exists, so that a purely local setup still works).
+fn interface_addresses(bound: SocketAddr) -> Vec<SocketAddr> {
+    if !bound.ip().is_unspecified() {
+        return vec![bound];
+    }
+    let Ok(interfaces) = if_addrs::get_if_addrs() else { return Vec::new() };
+    let same_family = |ip: &IpAddr| ip.is_ipv4() == bound.is_ipv4();
+    let mut addresses: Vec<SocketAddr> = interfaces
+        .iter()
+        .map(|i| i.ip())
+        .filter(|ip| same_family(ip) && !ip.is_loopback() && !is_link_local(ip))
+        .map(|ip| SocketAddr::new(ip, bound.port()))
+        .collect();
+    if addresses.is_empty() {
+        let loopback = if bound.is_ipv4() {
+            IpAddr::from([127, 0, 0, 1])
+        } else {
+            IpAddr::from([0u16, 0, 0, 0, 0, 0, 0, 1])
+        };
+        addresses.push(SocketAddr::new(loopback, bound.port()));
+    }
+    addresses.sort();
+    addresses.dedup();
+    addresses
+}
+
+fn is_link_local(ip: &IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(v4) => v4.is_link_local(),
+        IpAddr::V6(v6) => (v6.segments()[0] & 0xffc0) == 0xfe80,
+    }
+}
+
+/// What this host is, for peers choosing whom to ask for work later.
+fn capabilities() -> pb::Capabilities {
+    pb::Capabilities {
+        os: std::env::consts::OS.to_owned(),
+        arch: std::env::consts::ARCH.to_owned(),
+        cpu_cores: std::thread::available_parallelism().map(|n| n.get() as u32).unwrap_or(0),
+        memory_bytes: total_memory_bytes().unwrap_or(0),
+        software_version: env!("CARGO_PKG_VERSION").to_owned(),
+    }
+}
+
+fn total_memory_bytes() -> Option<u64> {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = meminfo.lines().find(|l| l.starts_with("MemTotal:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    kib.checked_mul(1024)
+}
+
+/// Addresses in a verified record that a dialer may try.
+pub fn dialable_addresses(record: &VerifiedRecord) -> Vec<SocketAddr> {
+    record.body.addresses.iter().filter_map(|a| a.address.parse().ok()).collect()
+}
+
+/// The store row for a verified record. `contact` is the address the record came over, if it came over a
+/// connection of ours (the most useful address, so it goes first).
+pub fn upsert_from_record(
+    record: &VerifiedRecord,
+    contact: Option<(String, AddressSource)>,
+    now_ms: i64,
+) -> PeerUpsert {
+    let body = &record.body;
+    let mut addresses: Vec<(String, AddressSource)> = contact.into_iter().collect();
+    addresses.extend(body.addresses.iter().map(|a| (a.address.clone(), AddressSource::Record)));
+    PeerUpsert {
+        node_id: record.node_id,
+        seq: record.seq,
+        record: record.signed.encode_to_vec(),
+        seen_at_ms: now_ms,
+        node_type: match pb::NodeType::try_from(body.node_type) {
+            Ok(pb::NodeType::Public) => store::NodeType::Public,
+            Ok(pb::NodeType::Private) => store::NodeType::Private,
+            _ => store::NodeType::Unknown,
+        },
+        nat_type: match body.nat.as_ref().map(|n| pb::NatType::try_from(n.mapping)) {
+            Some(Ok(pb::NatType::None)) => store::NatType::None,
+            Some(Ok(pb::NatType::EndpointIndependent)) => store::NatType::EndpointIndependent,
+            Some(Ok(pb::NatType::EndpointDependent)) => store::NatType::EndpointDependent,
+            Some(Ok(pb::NatType::UdpBlocked)) => store::NatType::UdpBlocked,
+            _ => store::NatType::Unknown,
+        },
+        topics: body.topics.clone(),
+        addresses,
+        capabilities: body.capabilities.as_ref().map(|c| store::Capabilities {
+            os: c.os.clone(),
+            arch: c.arch.clone(),
+            cpu_cores: c.cpu_cores,
+            memory_bytes: c.memory_bytes,
+            software_version: c.software_version.clone(),
+        }),
+        services: body
+            .services
+            .iter()
+            .map(|s| {
+                let mut attributes: Vec<(String, String)> =
+                    s.attributes.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+                attributes.sort();
+                ServiceEntry { name: s.name.clone(), version: s.version.clone(), attributes }
+            })
+            .collect(),
+    }
+}

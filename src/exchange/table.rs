@@ -1,0 +1,186 @@
+//! The table of live, authenticated sessions: at most one per peer.
+//!
+//! When two nodes dial each other at the same moment each ends up with two connections. Both must keep the same
+//! one without talking about it, so the rule depends only on facts both sides know: keep the connection dialed
+//! by the node with the smaller node id. A session whose connection already closed is always replaced.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use crate::api::names::NodeId;
+
+/// Which side dialed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Direction {
+    Inbound,
+    Outbound,
+}
+
+/// What the table needs to know about a session to arbitrate.
+pub trait Arbitrable {
+    fn direction(&self) -> Direction;
+    /// A session whose connection is gone never wins.
+    fn is_closed(&self) -> bool;
+    /// Unique per session, to remove exactly the session that ended.
+    fn session_id(&self) -> u64;
+}
+
+/// The outcome of offering a new session to the table.
+#[derive(Debug)]
+pub enum Admission<S> {
+    /// The new session is in; the previous one (if any) must be closed by the caller.
+    Admitted { replaced: Option<S> },
+    /// The existing session wins; the caller closes the new one.
+    Rejected,
+}
+
+/// Live sessions by peer.
+pub struct SessionTable<S> {
+    local: NodeId,
+    sessions: Mutex<HashMap<NodeId, S>>,
+}
+
+impl<S: Arbitrable + Clone> SessionTable<S> {
+    pub fn new(local: NodeId) -> Self {
+        Self { local, sessions: Mutex::new(HashMap::new()) }
+    }
+
+    /// Offers a new authenticated session with `peer`.
+    pub fn admit(&self, peer: NodeId, session: S) -> Admission<S> {
+        let mut sessions = self.lock();
+        match sessions.get(&peer) {
+            Some(existing) if !existing.is_closed() && !self.new_one_wins(peer, existing, &session) => {
+                Admission::Rejected
+            }
+            _ => Admission::Admitted { replaced: sessions.insert(peer, session) },
+        }
+    }
+
+    /// Whether `candidate` should replace the live `existing` session with `peer`.
+    fn new_one_wins(&self, peer: NodeId, existing: &S, candidate: &S) -> bool {
+        if existing.direction() == candidate.direction() {
+            // A redial in the same direction means the peer (or we) believe the old one is dead.
+            return true;
+        }
+        // Two directions at once: keep the one dialed by the smaller node id.
+        let dialer_of = |direction| if direction == Direction::Outbound { self.local } else { peer };
+        dialer_of(candidate.direction()) < dialer_of(existing.direction())
+    }
+
+    /// Removes the session with `peer` if it is still `session_id` (a newer one may have replaced it).
+    pub fn remove(&self, peer: &NodeId, session_id: u64) -> Option<S> {
+        let mut sessions = self.lock();
+        match sessions.get(peer) {
+            Some(current) if current.session_id() == session_id => sessions.remove(peer),
+            _ => None,
+        }
+    }
+
+    pub fn get(&self, peer: &NodeId) -> Option<S> {
+        self.lock().get(peer).filter(|s| !s.is_closed()).cloned()
+    }
+
+    pub fn all(&self) -> Vec<(NodeId, S)> {
+        self.lock().iter().filter(|(_, s)| !s.is_closed()).map(|(id, s)| (*id, s.clone())).collect()
+    }
+
+    pub fn len(&self) -> usize {
+        self.lock().values().filter(|s| !s.is_closed()).count()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<NodeId, S>> {
+        // The map stays consistent even if a holder panicked: every operation is a single insert or remove.
+        self.sessions.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, Clone, PartialEq)]
+    struct Fake {
+        direction: Direction,
+        closed: bool,
+        id: u64,
+    }
+
+    impl Arbitrable for Fake {
+        fn direction(&self) -> Direction {
+            self.direction
+        }
+        fn is_closed(&self) -> bool {
+            self.closed
+        }
+        fn session_id(&self) -> u64 {
+            self.id
+        }
+    }
+
+    fn fake(direction: Direction, id: u64) -> Fake {
+        Fake { direction, closed: false, id }
+    }
+
+    #[test]
+    fn simultaneous_dials_keep_the_same_connection_on_both_sides() {
+        let small = NodeId([1; 32]);
+        let large = NodeId([2; 32]);
+        // Connection X is dialed by `small`, connection Y by `large`; each side sees both, in either order.
+        for small_sees_x_first in [true, false] {
+            for large_sees_x_first in [true, false] {
+                let on_small = SessionTable::new(small);
+                let x = fake(Direction::Outbound, 1);
+                let y = fake(Direction::Inbound, 2);
+                let (a, b) = if small_sees_x_first { (x, y) } else { (y, x) };
+                on_small.admit(large, a);
+                on_small.admit(large, b);
+
+                let on_large = SessionTable::new(large);
+                let x = fake(Direction::Inbound, 1);
+                let y = fake(Direction::Outbound, 2);
+                let (a, b) = if large_sees_x_first { (x, y) } else { (y, x) };
+                on_large.admit(small, a);
+                on_large.admit(small, b);
+
+                assert_eq!(on_small.get(&large).map(|s| s.id), Some(1));
+                assert_eq!(
+                    on_large.get(&small).map(|s| s.id),
+                    Some(1),
+                    "both keep X, dialed by the smaller id"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn a_closed_session_is_replaced_and_removal_is_exact() {
+        let table = SessionTable::new(NodeId([1; 32]));
+        let peer = NodeId([2; 32]);
+        assert!(matches!(
+            table.admit(peer, fake(Direction::Inbound, 1)),
+            Admission::Admitted { replaced: None }
+        ));
+        // Inbound from the larger id loses against our outbound, unless ours is closed.
+        let mut dead = fake(Direction::Inbound, 1);
+        dead.closed = true;
+        table.admit(peer, dead);
+        assert!(table.get(&peer).is_none(), "closed sessions are not handed out");
+        assert!(matches!(table.admit(peer, fake(Direction::Inbound, 3)), Admission::Admitted { .. }));
+        assert!(table.remove(&peer, 1).is_none(), "an old session's end does not remove its successor");
+        assert_eq!(table.remove(&peer, 3).map(|s| s.id), Some(3));
+        assert!(table.is_empty());
+    }
+
+    #[test]
+    fn the_larger_ids_inbound_loses_against_our_live_outbound() {
+        let table = SessionTable::new(NodeId([1; 32]));
+        let peer = NodeId([2; 32]);
+        table.admit(peer, fake(Direction::Outbound, 1));
+        assert!(matches!(table.admit(peer, fake(Direction::Inbound, 2)), Admission::Rejected));
+        assert_eq!(table.len(), 1);
+    }
+}
