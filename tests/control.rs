@@ -58,8 +58,13 @@ async fn node_info_over_grpc_and_rnctl_in_both_formats() {
     let store = info.store.expect("store");
     assert_eq!(store.health(), StoreHealth::Ok);
     assert_eq!(store.schema_version, 1);
-    // Not running yet in this build: reported as unknown, not invented.
-    assert_eq!(info.dht.expect("dht").state, 0);
+    assert!(listen.quic.starts_with("127.0.0.1:") && !listen.quic.ends_with(":0"), "{}", listen.quic);
+    assert!(listen.dht.starts_with("127.0.0.1:") && !listen.dht.ends_with(":0"), "{}", listen.dht);
+    // A DHT alone (no bootstrap) is running but knows no node yet.
+    let dht = info.dht.expect("dht");
+    assert_eq!(dht.state(), remote_network::api::control::DhtState::Bootstrapping);
+    assert_eq!(dht.routing_table_size, 0);
+    // NAT classification is not implemented yet: reported as unknown, not invented.
     assert_eq!(info.nat.expect("nat").nat_type, 0);
 
     let out = dir.rnctl(&["-o", "json", "node", "info"]);
@@ -67,7 +72,8 @@ async fn node_info_over_grpc_and_rnctl_in_both_formats() {
     let value = json(&out);
     assert_eq!(value["node"]["nodeId"], info.node_id.as_str());
     assert_eq!(value["node"]["store"]["health"], "STORE_HEALTH_OK");
-    assert_eq!(value["node"]["dht"]["state"], "DHT_STATE_UNKNOWN");
+    assert_eq!(value["node"]["dht"]["state"], "DHT_STATE_BOOTSTRAPPING");
+    assert_eq!(value["node"]["nat"]["natType"], "NAT_TYPE_UNKNOWN");
 
     let out = dir.rnctl(&["node", "info"]);
     assert!(out.status.success(), "{}", stderr(&out));

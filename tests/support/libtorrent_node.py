@@ -16,6 +16,8 @@ Protocol (one command per stdin line, one JSON object per stdout line):
     quit                          -> {"event": "bye"} and exit
     anything unparsable           -> {"event": "error", "cmd": ..., "message": ...}
 
+With LIBTORRENT_NODE_DEBUG=1 in its environment it copies libtorrent's DHT log and packets to stderr.
+
 It never contacts anything but 127.0.0.1: no default DHT routers, no LSD/UPnP/NAT-PMP, and it only listens on
 the loopback address. It exits when stdin closes, so a test that dies cannot leave it behind for long.
 """
