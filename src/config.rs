@@ -35,6 +35,7 @@ enum Kind {
     Secret,
     OptionalPath,
     DhtMode,
+    LogFormat,
 }
 
 impl Kind {
@@ -51,6 +52,7 @@ impl Kind {
             }
             Kind::Secret => "a string of printable ASCII without spaces",
             Kind::DhtMode => "auto, server or client",
+            Kind::LogFormat => "text or json",
         }
     }
 }
@@ -80,6 +82,14 @@ const SETTINGS: &[Setting] = &[
         flag: Some("--log-level"),
         kind: Kind::LogLevel,
         doc: "Log filter. RUST_LOG, when set, is used before RN_LOG_LEVEL.",
+    },
+    Setting {
+        key: "log_format",
+        env: "RN_LOG_FORMAT",
+        flag: Some("--log-format"),
+        kind: Kind::LogFormat,
+        doc: "text: one readable line per event (under journald without colours or timestamps); json: one JSON \
+              object per line, for log shippers.",
     },
     Setting {
         key: "shutdown_timeout",
@@ -124,6 +134,14 @@ const SETTINGS: &[Setting] = &[
         flag: Some("--quic-listen"),
         kind: Kind::Addr,
         doc: "UDP address of the QUIC endpoint (listening and dialing share this one socket).",
+    },
+    Setting {
+        key: "quic.max_connections",
+        env: "RN_QUIC_MAX_CONNECTIONS",
+        flag: None,
+        kind: Kind::Count,
+        doc: "Most QUIC connections at once, inbound and outbound; more inbound ones are refused before any \
+              TLS work.",
     },
     Setting {
         key: "dht.listen",
@@ -206,9 +224,11 @@ const DEFAULT_BOOTSTRAP: &[&str] = &[
 pub struct Config {
     pub data_dir: PathBuf,
     pub log_level: String,
+    pub log_format: LogFormat,
     pub shutdown_timeout: Duration,
     pub control: ControlConfig,
     pub quic_listen: SocketAddr,
+    pub quic_max_connections: u64,
     pub dht: DhtConfig,
     pub monitoring_listen: SocketAddr,
     pub store: StoreConfig,
@@ -245,6 +265,13 @@ pub struct DhtConfig {
     pub mode: DhtMode,
     pub announce_interval: Duration,
     pub lookup_interval: Duration,
+}
+
+/// How log lines are written to stderr.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
 }
 
 /// Whether the node answers DHT queries.
@@ -563,6 +590,16 @@ impl Resolver<'_> {
             || Ok(("info".to_owned(), Source::Default)),
             |v| quote(v),
         )?;
+        let log_format = self.value(
+            "log_format",
+            |raw| match text(raw)? {
+                "text" => Ok(LogFormat::Text),
+                "json" => Ok(LogFormat::Json),
+                other => Err(format!("`{other}` is not a log format")),
+            },
+            || Ok((LogFormat::Text, Source::Default)),
+            |f| quote(if *f == LogFormat::Json { "json" } else { "text" }),
+        )?;
         let shutdown_timeout = self.value(
             "shutdown_timeout",
             parse_duration_raw,
@@ -595,6 +632,8 @@ impl Resolver<'_> {
         )?;
         let quic_listen =
             self.value("quic.listen", parse_addr, || Ok((addr(0, 30906), Source::Default)), show_addr)?;
+        let quic_max_connections =
+            self.value("quic.max_connections", parse_count, || Ok((1024, Source::Default)), u64::to_string)?;
         let dht_listen =
             self.value("dht.listen", parse_addr, || Ok((addr(0, 30609), Source::Default)), show_addr)?;
         let bootstrap = self.value(
@@ -674,9 +713,11 @@ impl Resolver<'_> {
         let config = Config {
             data_dir,
             log_level,
+            log_format,
             shutdown_timeout,
             control: ControlConfig { socket, tcp, token },
             quic_listen,
+            quic_max_connections,
             dht: DhtConfig {
                 listen: dht_listen,
                 bootstrap,

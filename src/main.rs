@@ -107,6 +107,9 @@ struct StartArgs {
     /// Log filter, such as info or remote_network=debug (RUST_LOG is used when this is absent).
     #[arg(long, value_name = "FILTER")]
     log_level: Option<String>,
+    /// Log lines as readable text or as one JSON object each.
+    #[arg(long, value_name = "text|json")]
+    log_format: Option<String>,
 }
 
 impl StartArgs {
@@ -125,6 +128,7 @@ impl StartArgs {
         flags.set("dht.mode", self.dht_server.then(|| "server".to_owned()));
         flags.set("monitoring.listen", self.monitoring_listen.clone());
         flags.set("log_level", self.log_level.clone());
+        flags.set("log_format", self.log_format.clone());
         flags
     }
 
@@ -165,7 +169,7 @@ fn main() -> ExitCode {
                     return ExitCode::from(EXIT_CONFIG);
                 }
             };
-            init_logging(&loaded.config.log_level);
+            init_logging(&loaded.config.log_level, loaded.config.log_format);
             match run(loaded) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
@@ -209,18 +213,15 @@ fn run(loaded: Loaded) -> anyhow::Result<()> {
 }
 
 /// Logs go to stderr. Under systemd (JOURNAL_STREAM is set) journald adds its own timestamps and shows no
-/// colours, so neither is written.
-fn init_logging(filter: &str) {
+/// colours, so neither is written; JSON lines carry their own timestamp for shippers that read them raw.
+fn init_logging(filter: &str, format: config::LogFormat) {
     let under_journald = std::env::var_os("JOURNAL_STREAM").is_some();
     let filter = tracing_subscriber::EnvFilter::try_new(filter)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(!under_journald && std::io::stderr().is_terminal());
-    if under_journald {
-        builder.without_time().init();
-    } else {
-        builder.init();
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        config::LogFormat::Json => builder.json().with_current_span(true).init(),
+        config::LogFormat::Text if under_journald => builder.with_ansi(false).without_time().init(),
+        config::LogFormat::Text => builder.with_ansi(std::io::stderr().is_terminal()).init(),
     }
 }

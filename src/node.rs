@@ -196,7 +196,11 @@ async fn start_network(
     store: &Store,
     shutdown: &CancellationToken,
 ) -> Result<(Exchange, Dht), StartError> {
-    let endpoint = QuicEndpoint::bind(config.quic_listen, identity.signing_key(), QuicLimits::default())?;
+    let limits = QuicLimits {
+        max_connections: usize::try_from(config.quic_max_connections).unwrap_or(usize::MAX),
+        ..QuicLimits::default()
+    };
+    let endpoint = QuicEndpoint::bind(config.quic_listen, identity.signing_key(), limits)?;
     let quic_addr = endpoint.local_addr()?;
     let topics: Vec<String> = store.joined_topics().await?.into_iter().map(|t| t.name).collect();
     let publisher =

@@ -65,6 +65,8 @@ pub(super) struct Actor {
     announce_interval: Duration,
     lookup_interval: Duration,
     announce_port: Option<u16>,
+    /// A DHT started without bootstrap nodes is the first of its network: finding nobody is expected.
+    has_bootstrap: bool,
     topics: HashMap<String, TopicState>,
     next_generation: u64,
     events: mpsc::UnboundedSender<TaskEvent>,
@@ -87,6 +89,7 @@ impl Actor {
             announce_interval: options.announce_interval.max(Duration::from_millis(1)),
             lookup_interval: options.lookup_interval.max(Duration::from_millis(1)),
             announce_port: options.announce_port,
+            has_bootstrap: !options.bootstrap.is_empty(),
             topics: HashMap::new(),
             next_generation: 0,
             events,
@@ -101,7 +104,8 @@ impl Actor {
     ) {
         // Whatever way this task ends (even a panic), waiters on `Dht::stopped` are released.
         let _stopped = self.shared.stopped.clone().drop_guard();
-        let bootstrap_log = tokio::spawn(tasks::log_bootstrap(self.dht.clone()).in_current_span());
+        let bootstrap_log =
+            tokio::spawn(tasks::log_bootstrap(self.dht.clone(), self.has_bootstrap).in_current_span());
 
         loop {
             let next_deadline = self.next_deadline();

@@ -220,15 +220,19 @@ pub(super) async fn report_status(dht: AsyncDht, local_addr: SocketAddr, reply: 
 
 /// Logs whether the first walk towards our own id (mainline's bootstrap) found anyone. mainline starts that
 /// walk itself; asking for it here joins it rather than adding traffic.
-pub(super) async fn log_bootstrap(dht: AsyncDht) {
+pub(super) async fn log_bootstrap(dht: AsyncDht, has_bootstrap: bool) {
     let span = tracing::info_span!("dht.bootstrap");
     async {
         if dht.bootstrapped().await {
             let routing_table_size = dht.to_bootstrap().await.len();
             tracing::info!(routing_table_size, "DHT bootstrapped");
-        } else {
+        } else if has_bootstrap {
             tracing::warn!(
                 "DHT bootstrap found no nodes; lookups and announces fail until some are reachable"
+            );
+        } else {
+            tracing::info!(
+                "DHT started without bootstrap nodes: it is empty until other nodes bootstrap from it"
             );
         }
     }
