@@ -122,12 +122,23 @@ pub enum DaemonCommand {
     /// Topics the node has joined
     #[command(subcommand)]
     Topics(TopicsCommand),
+    /// The NAT in front of this node: observed addresses, mapping and filtering verdicts, dial-backs
+    #[command(subcommand)]
+    Nat(NatCommand),
     /// Dial a peer's QUIC address, exchange verified metadata and store it
     Connect {
         /// The peer's QUIC address, HOST:PORT (IPv6 hosts in brackets)
         #[arg(value_name = "ADDR")]
         address: String,
     },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum NatCommand {
+    /// What the node knows of its NAT, with the evidence for each verdict
+    Status,
+    /// Probe now through connected peers (dial-backs), then show the status
+    Probe,
 }
 
 #[derive(Debug, Subcommand)]

@@ -7,14 +7,14 @@ use std::collections::BTreeSet;
 use std::time::Instant;
 
 use remote_network::api::control::{
-    ConnectPeerRequest, ForgetPeerRequest, GetNodeInfoRequest, GetPeerRequest, JoinTopicRequest,
-    LeaveTopicRequest, ListPeersRequest, ListPeersResponse, ListTopicsRequest, NodeType, PeerEvent,
-    PeerEventKind, PeerOrder, QueryPeerMetadataRequest, WatchPeersRequest,
+    ConnectPeerRequest, ForgetPeerRequest, GetNatStatusRequest, GetNodeInfoRequest, GetPeerRequest,
+    JoinTopicRequest, LeaveTopicRequest, ListPeersRequest, ListPeersResponse, ListTopicsRequest, NodeType,
+    PeerEvent, PeerEventKind, PeerOrder, ProbeNatRequest, QueryPeerMetadataRequest, WatchPeersRequest,
 };
 use remote_network::api::names::NodeId;
 use tokio::signal::unix::{SignalKind, signal};
 
-use crate::args::{DaemonCommand, ListPeersArgs, NodeCommand, PeersCommand, TopicsCommand};
+use crate::args::{DaemonCommand, ListPeersArgs, NatCommand, NodeCommand, PeersCommand, TopicsCommand};
 use crate::daemon::Daemon;
 use crate::exit::Failure;
 use crate::output::Printer;
@@ -33,6 +33,7 @@ pub async fn run(command: DaemonCommand, daemon: &Daemon, printer: &mut Printer)
         DaemonCommand::Peers(PeersCommand::Forget { id }) => forget_peer(daemon, printer, id).await,
         DaemonCommand::Peers(PeersCommand::Query { id }) => query_peer(daemon, printer, id).await,
         DaemonCommand::Connect { address } => connect(daemon, printer, address).await,
+        DaemonCommand::Nat(command) => nat(daemon, printer, command).await,
         DaemonCommand::Topics(TopicsCommand::Join { topic, wait: false, .. }) => {
             join_topic(daemon, printer, topic).await
         }
@@ -269,6 +270,17 @@ async fn join_and_wait(
             elapsed.as_secs_f64()
         ))
     }
+}
+
+async fn nat(daemon: &Daemon, printer: &mut Printer, command: NatCommand) -> Result<(), Failure> {
+    let mut client = daemon.nodes();
+    let response = match command {
+        NatCommand::Status => daemon.unary(client.get_nat_status(GetNatStatusRequest {})).await?,
+        NatCommand::Probe => daemon.unary(client.probe_nat(ProbeNatRequest {})).await?,
+    };
+    let now = now();
+    printer
+        .response(&response, |response| render::nat_report(&response.report.clone().unwrap_or_default(), now))
 }
 
 async fn connect(daemon: &Daemon, printer: &mut Printer, address: String) -> Result<(), Failure> {

@@ -34,6 +34,7 @@ api_messages!(
     ListPeersResponse,
     GetPeerResponse,
     ConnectPeerResponse,
+    GetNatStatusResponse,
     QueryPeerMetadataResponse,
     PeerEvent,
     ForgetPeerResponse,

@@ -359,6 +359,126 @@ pub fn topic_table(topics: &[control::Topic], now: i64) -> String {
     table.render()
 }
 
+/// `rnctl nat status`: the verdicts, the evidence for each, observed addresses and dial-backs.
+pub fn nat_report(report: &control::NatReport, now: i64) -> String {
+    let mut fields = Fields::new();
+    fields.add("nat type", nat_type_text(report.nat_type));
+    fields.add("reachability", reachability_text(report.reachability));
+    let mapping = match control::MappingBehavior::try_from(report.mapping) {
+        Ok(control::MappingBehavior::None) => "none (no address translation)".to_owned(),
+        Ok(control::MappingBehavior::EndpointIndependent) => "endpoint-independent".to_owned(),
+        Ok(control::MappingBehavior::EndpointDependent) => match report.port_allocation.as_str() {
+            "" => "endpoint-dependent".to_owned(),
+            allocation => format!("endpoint-dependent, ports {allocation}"),
+        },
+        _ => "unknown".to_owned(),
+    };
+    fields.add("mapping", mapping);
+    let preservation = match report.port_preservation {
+        Some(true) => "yes",
+        Some(false) => "no",
+        None => "unknown",
+    };
+    fields.add("port preservation", preservation);
+    let filtering = match control::FilteringBehavior::try_from(report.filtering) {
+        Ok(control::FilteringBehavior::EndpointIndependent) => "endpoint-independent",
+        Ok(control::FilteringBehavior::AddressDependent) => "address-dependent",
+        Ok(control::FilteringBehavior::AddressAndPortDependent) => "address-and-port-dependent",
+        _ => "unknown",
+    };
+    fields.add("filtering", filtering);
+    let hairpin = match control::HairpinSupport::try_from(report.hairpin) {
+        Ok(control::HairpinSupport::Supported) => "supported",
+        Ok(control::HairpinSupport::NotSupported) => "not supported",
+        _ => "unknown",
+    };
+    fields.add("hairpin", hairpin);
+    fields.add("last probe", time_and_age(report.last_probe.as_ref(), now, "never"));
+    let mut out = fields.render();
+
+    if !report.explanation.is_empty() {
+        out.push_str("\nwhy:\n");
+        for line in &report.explanation {
+            out.push_str(&format!("  {line}\n"));
+        }
+    }
+    out.push_str("\nobserved addresses:\n");
+    if report.observed.is_empty() {
+        out.push_str("  none yet (no peer has reported one)\n");
+    } else {
+        let mut table = Table::new(&[
+            ("ADDRESS", Align::Left),
+            ("CONFIRMED BY", Align::Right),
+            ("LAST REPORT", Align::Left),
+        ]);
+        for observed in &report.observed {
+            table.push_row(vec![
+                observed.address.clone(),
+                plural(u64::from(observed.confirmations), "peer", "peers"),
+                age(observed.last_report.as_ref(), now),
+            ]);
+        }
+        out.push_str(&table.render());
+    }
+    out.push_str("\ndial-backs:\n");
+    if report.dial_backs.is_empty() {
+        out.push_str("  none yet\n");
+    } else {
+        let mut table = Table::new(&[
+            ("WHEN", Align::Left),
+            ("KIND", Align::Left),
+            ("RESULT", Align::Left),
+            ("FROM", Align::Left),
+            ("HELPER", Align::Left),
+            ("DETAIL", Align::Left),
+        ]);
+        for dial_back in &report.dial_backs {
+            let kind = match control::DialBackKind::try_from(dial_back.kind) {
+                Ok(control::DialBackKind::OtherPort) => "other port",
+                Ok(control::DialBackKind::OtherIp) => "other ip",
+                _ => "unknown",
+            };
+            let result = match (dial_back.attempted, dial_back.arrived) {
+                (false, _) => "not attempted",
+                (true, true) => "arrived",
+                (true, false) => "blocked",
+            };
+            table.push_row(vec![
+                age(dial_back.at.as_ref(), now),
+                kind.to_owned(),
+                result.to_owned(),
+                dial_back.from_address.clone(),
+                dial_back.helper.clone(),
+                dial_back.detail.clone(),
+            ]);
+        }
+        out.push_str(&table.render());
+    }
+    out.push_str("\nhole punching:\n");
+    if report.punches.is_empty() {
+        out.push_str("  no attempts yet\n");
+    } else {
+        let mut table = Table::new(&[
+            ("OURS", Align::Left),
+            ("THEIRS", Align::Left),
+            ("ATTEMPTS", Align::Right),
+            ("SUCCEEDED", Align::Right),
+            ("LAST", Align::Left),
+        ]);
+        for punch in &report.punches {
+            table.push_row(vec![
+                nat_type_text(punch.our_nat),
+                nat_type_text(punch.their_nat),
+                punch.attempts.to_string(),
+                punch.successes.to_string(),
+                punch.last_outcome.clone(),
+            ]);
+        }
+        out.push_str(&table.render());
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

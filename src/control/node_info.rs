@@ -1,4 +1,4 @@
-//! `NodeService`: who this node is and the state of its parts.
+//! `NodeService`: who this node is, the state of its parts, and what it knows of its NAT.
 
 use tonic::{Request, Response, Status};
 
@@ -6,8 +6,8 @@ use super::Context;
 use super::convert::{self, store_status};
 use crate::api::control::node_service_server::NodeService;
 use crate::api::control::{
-    DhtState, DhtStatus, GetNodeInfoRequest, GetNodeInfoResponse, NatStatus, NodeInfo, StoreHealth,
-    StoreStats,
+    DhtState, DhtStatus, GetNatStatusRequest, GetNatStatusResponse, GetNodeInfoRequest, GetNodeInfoResponse,
+    NatStatus, NodeInfo, ProbeNatRequest, StoreHealth, StoreStats,
 };
 use crate::store;
 
@@ -15,6 +15,26 @@ pub struct Node(pub Context);
 
 #[tonic::async_trait]
 impl NodeService for Node {
+    async fn get_nat_status(
+        &self,
+        _request: Request<GetNatStatusRequest>,
+    ) -> Result<Response<GetNatStatusResponse>, Status> {
+        Ok(Response::new(GetNatStatusResponse { report: Some(nat_report(&self.0, self.0.nat.knowledge())) }))
+    }
+
+    async fn probe_nat(
+        &self,
+        _request: Request<ProbeNatRequest>,
+    ) -> Result<Response<GetNatStatusResponse>, Status> {
+        if self.0.exchange.connected_peers() == 0 {
+            return Err(Status::failed_precondition(
+                "no peer is connected to probe through: join a topic or connect to a peer first",
+            ));
+        }
+        let knowledge = self.0.nat.probe().await;
+        Ok(Response::new(GetNatStatusResponse { report: Some(nat_report(&self.0, knowledge)) }))
+    }
+
     async fn get_node_info(
         &self,
         _request: Request<GetNodeInfoRequest>,
@@ -46,17 +66,7 @@ impl NodeService for Node {
                 path: ctx.store.path().display().to_string(),
             }),
             dht: Some(dht_status(ctx).await),
-            nat: Some(NatStatus {
-                // Classification comes with the NAT work; until then only what peers confirmed is stated.
-                nat_type: 0,
-                reachability: 0,
-                public_addresses: ctx
-                    .exchange
-                    .confirmed_public_addresses()
-                    .iter()
-                    .map(|a| a.to_string())
-                    .collect(),
-            }),
+            nat: Some(nat_status(ctx)),
             joined_topics: topics.into_iter().map(|t| t.name).collect(),
             connected_peers: u32::try_from(ctx.exchange.connected_peers()).unwrap_or(u32::MAX),
             exchange: Some(exchange_stats(ctx)),
@@ -90,4 +100,98 @@ fn exchange_stats(ctx: &super::NodeContext) -> crate::api::control::ExchangeStat
         impersonations_rejected: counters.impersonations_rejected.load(Relaxed),
         records_from_peer_exchange: counters.records_from_peer_exchange.load(Relaxed),
     }
+}
+
+/// The summary `GetNodeInfo` carries: the coarse verdict and the confirmed public addresses.
+fn nat_status(ctx: &super::NodeContext) -> NatStatus {
+    let knowledge = ctx.nat.knowledge();
+    let (_, info) = knowledge.verdict.as_ref().map(crate::nat::prober::record_nat_info).unwrap_or_default();
+    let mut public: Vec<String> =
+        ctx.exchange.confirmed_public_addresses().iter().map(|a| a.to_string()).collect();
+    if let Some(external) = knowledge.verdict.as_ref().and_then(|v| v.external_address) {
+        let external = external.to_string();
+        if !public.contains(&external) {
+            public.insert(0, external);
+        }
+    }
+    NatStatus { nat_type: info.mapping, reachability: info.reachability, public_addresses: public }
+}
+
+/// Everything known about the NAT, with the evidence.
+fn nat_report(
+    ctx: &super::NodeContext,
+    knowledge: crate::nat::prober::NatKnowledge,
+) -> crate::api::control::NatReport {
+    use crate::api::control as pb;
+    use crate::nat::classify::{Filtering, Hairpin, Mapping, PortAllocation};
+    let observed = ctx
+        .exchange
+        .observed_addresses()
+        .into_iter()
+        .map(|o| pb::ObservedAddress {
+            address: o.address.to_string(),
+            confirmations: u32::try_from(o.confirmations).unwrap_or(u32::MAX),
+            last_report: Some(convert::timestamp(o.last_report_ms)),
+        })
+        .collect();
+    let dial_backs = knowledge
+        .dial_backs
+        .iter()
+        .map(|record| pb::DialBackResult {
+            helper: record.outcome.helper.to_string(),
+            kind: match record.outcome.kind {
+                crate::wire::pb::DialBackKind::OtherPort => pb::DialBackKind::OtherPort,
+                crate::wire::pb::DialBackKind::OtherIp => pb::DialBackKind::OtherIp,
+                crate::wire::pb::DialBackKind::Unspecified => pb::DialBackKind::Unspecified,
+            } as i32,
+            attempted: record.outcome.attempted,
+            arrived: record.outcome.arrived_from.is_some(),
+            from_address: record
+                .outcome
+                .arrived_from
+                .or(record.outcome.declared_from)
+                .map(|a| a.to_string())
+                .unwrap_or_default(),
+            detail: record.outcome.detail.clone(),
+            at: Some(convert::timestamp(record.at_ms)),
+        })
+        .collect();
+    let mut report = pb::NatReport {
+        observed,
+        dial_backs,
+        last_probe: knowledge.last_probe_ms.map(convert::timestamp),
+        ..Default::default()
+    };
+    if let Some(verdict) = &knowledge.verdict {
+        let (_, info) = crate::nat::prober::record_nat_info(verdict);
+        report.nat_type = info.mapping;
+        report.reachability = info.reachability;
+        report.mapping = match verdict.mapping {
+            Mapping::Unknown => pb::MappingBehavior::Unknown,
+            Mapping::NoTranslation => pb::MappingBehavior::None,
+            Mapping::EndpointIndependent => pb::MappingBehavior::EndpointIndependent,
+            Mapping::EndpointDependent(_) => pb::MappingBehavior::EndpointDependent,
+        } as i32;
+        report.port_allocation = match verdict.mapping {
+            Mapping::EndpointDependent(PortAllocation::Sequential { delta }) => {
+                format!("sequential, delta {delta}")
+            }
+            Mapping::EndpointDependent(PortAllocation::Unpredictable) => "unpredictable".to_owned(),
+            _ => String::new(),
+        };
+        report.port_preservation = verdict.port_preservation;
+        report.filtering = match verdict.filtering {
+            Filtering::Unknown => pb::FilteringBehavior::Unknown,
+            Filtering::EndpointIndependent => pb::FilteringBehavior::EndpointIndependent,
+            Filtering::AddressDependent => pb::FilteringBehavior::AddressDependent,
+            Filtering::AddressAndPortDependent => pb::FilteringBehavior::AddressAndPortDependent,
+        } as i32;
+        report.hairpin = match verdict.hairpin {
+            Hairpin::Unknown => pb::HairpinSupport::Unknown,
+            Hairpin::Supported => pb::HairpinSupport::Supported,
+            Hairpin::NotSupported => pb::HairpinSupport::NotSupported,
+        } as i32;
+        report.explanation = verdict.explain();
+    }
+    report
 }

@@ -7,6 +7,7 @@
 //! go into a [`table::SessionTable`] (one per peer) and then serve correlated requests: fresh record, ping, and
 //! peer exchange.
 
+pub mod dial_back;
 pub mod dialer;
 pub mod record;
 pub mod session;
@@ -88,6 +89,8 @@ pub enum ExchangeError {
     Store(#[from] crate::store::StoreError),
     #[error("the node is stopping")]
     Stopping,
+    #[error("a dial-back we asked for (not a session)")]
+    DialBack,
 }
 
 impl ExchangeError {
@@ -106,6 +109,7 @@ impl ExchangeError {
             Self::Unreachable(_) => "unreachable",
             Self::Store(_) => "store",
             Self::Stopping => "stopping",
+            Self::DialBack => "dial-back",
         }
     }
 }
@@ -157,6 +161,48 @@ struct Inner {
     shutdown: CancellationToken,
     next_session: AtomicU64,
     counters: ExchangeCounters,
+    dial_backs_expected: dial_back::Expected,
+    dial_back_server: dial_back::Server,
+    mappings: std::sync::Mutex<MappingLog>,
+}
+
+/// One peer's report of where our packets come from, with where we sent them: the raw evidence of how our
+/// NAT maps (see `nat::classify`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MappingSample {
+    /// Order in which the samples were taken (the NAT created the mappings in about this order).
+    pub seq: u64,
+    pub reporter: NodeId,
+    /// Our local address on that connection.
+    pub local: SocketAddr,
+    /// The peer's address: where our packets went.
+    pub destination: SocketAddr,
+    /// Where the peer saw them come from.
+    pub observed: SocketAddr,
+    pub at_ms: i64,
+}
+
+/// The most recent mapping samples, one per destination (a newer report replaces an older one).
+#[derive(Debug, Default)]
+struct MappingLog {
+    next_seq: u64,
+    samples: Vec<MappingSample>,
+}
+
+/// Destinations remembered; the oldest sample goes first.
+const MAX_MAPPING_SAMPLES: usize = 64;
+
+impl MappingLog {
+    fn record(&mut self, reporter: NodeId, local: SocketAddr, destination: SocketAddr, observed: SocketAddr) {
+        self.samples.retain(|s| s.destination != destination);
+        if self.samples.len() >= MAX_MAPPING_SAMPLES {
+            self.samples.remove(0);
+        }
+        self.next_seq += 1;
+        let sample =
+            MappingSample { seq: self.next_seq, reporter, local, destination, observed, at_ms: now_ms() };
+        self.samples.push(sample);
+    }
 }
 
 impl Exchange {
@@ -183,6 +229,9 @@ impl Exchange {
                 shutdown,
                 next_session: AtomicU64::new(1),
                 counters: ExchangeCounters::default(),
+                dial_backs_expected: dial_back::Expected::default(),
+                dial_back_server: dial_back::Server::default(),
+                mappings: std::sync::Mutex::new(MappingLog::default()),
             }
         });
         tokio::spawn(accept_loop(exchange.clone()));
@@ -238,6 +287,47 @@ impl Exchange {
         Ok((verified, rtt))
     }
 
+    /// Asks `helper` (a connected peer) to dial us back from a fresh 4-tuple and reports whether it arrived.
+    pub async fn request_dial_back(
+        &self,
+        helper: NodeId,
+        kind: pb::DialBackKind,
+    ) -> Result<dial_back::DialBackOutcome, ExchangeError> {
+        let session = self.inner.sessions.get(&helper).ok_or(ExchangeError::Unreachable(helper))?;
+        let arrival = self.inner.dial_backs_expected.expect(helper).ok_or(ExchangeError::Busy)?;
+        let request = pb::envelope::Kind::DialBackRequest(pb::DialBackRequest { kind: kind as i32 });
+        // The helper answers after its attempt, so the request may take as long as its dial.
+        let answer = session.request(request, self.inner.options.request_timeout * 2).await;
+        let response = match answer {
+            Ok((pb::envelope::Kind::DialBackResponse(response), _)) => response,
+            Ok(_) => {
+                self.inner.dial_backs_expected.forget(&helper);
+                return Err(ExchangeError::Protocol(
+                    "answered a dial-back request with another message".into(),
+                ));
+            }
+            Err(e) => {
+                self.inner.dial_backs_expected.forget(&helper);
+                return Err(e);
+            }
+        };
+        // The handshake completes at our end before the helper hears about it; allow a moment for ordering.
+        let arrived_from = if response.attempted {
+            tokio::time::timeout(Duration::from_secs(2), arrival).await.ok().and_then(Result::ok)
+        } else {
+            None
+        };
+        self.inner.dial_backs_expected.forget(&helper);
+        Ok(dial_back::DialBackOutcome {
+            helper,
+            kind,
+            attempted: response.attempted,
+            declared_from: response.from_address.parse().ok(),
+            arrived_from,
+            detail: response.detail,
+        })
+    }
+
     pub fn session_info(&self, peer: &NodeId) -> Option<SessionInfo> {
         self.inner.sessions.get(peer).map(|s| SessionInfo {
             direction: s.direction(),
@@ -260,6 +350,11 @@ impl Exchange {
 
     pub fn connected(&self) -> Vec<NodeId> {
         self.inner.sessions.all().into_iter().map(|(id, _)| id).collect()
+    }
+
+    /// The latest mapping sample per destination, oldest first.
+    pub fn mapping_samples(&self) -> Vec<MappingSample> {
+        self.inner.mappings.lock().unwrap_or_else(std::sync::PoisonError::into_inner).samples.clone()
     }
 
     pub fn observed_addresses(&self) -> Vec<Observation> {
@@ -309,6 +404,10 @@ impl Inner {
             connection.open_bi().await.map_err(|e| ExchangeError::Stream(e.to_string()))?;
         write_envelope(&mut send, &self.hello(remote)).await?;
         let peer = inbound.authenticated().await?;
+        if self.dial_backs_expected.arrived(peer, remote) {
+            CloseCode::DialBackReceived.close(&connection, "dial-back received");
+            return Err(ExchangeError::DialBack);
+        }
         if peer == self.local {
             CloseCode::SelfConnection.close(&connection, "self");
             return Err(ExchangeError::SelfConnection);
@@ -320,7 +419,7 @@ impl Inner {
                 self.reject(&connection, e);
             },
         )?;
-        self.note_observed(peer, observed);
+        self.note_observed(peer, &connection, observed);
         let outcome = Verified { node_id: peer, seq: verified.seq, elapsed: started.elapsed(), remote };
         self.admit(peer, Direction::Inbound, connection, send, reader);
         Ok(outcome)
@@ -349,7 +448,7 @@ impl Inner {
         self.store_verified(&verified, Some((remote, source)), Some(elapsed)).await.inspect_err(|e| {
             self.reject(&connection, e);
         })?;
-        self.note_observed(peer, observed);
+        self.note_observed(peer, &connection, observed);
         let outcome = Verified { node_id: peer, seq: verified.seq, elapsed, remote };
         self.admit(peer, Direction::Outbound, connection, send, reader);
         Ok(outcome)
@@ -435,8 +534,18 @@ impl Inner {
         Ok(())
     }
 
-    fn note_observed(&self, reporter: NodeId, observed: Option<SocketAddr>) {
+    fn note_observed(&self, reporter: NodeId, connection: &quinn::Connection, observed: Option<SocketAddr>) {
         let Some(address) = observed else { return };
+        if let Ok(local) = self.endpoint.local_addr() {
+            // The socket may be bound to a wildcard; the path's own local IP is what the NAT saw.
+            let local = connection.local_ip().map_or(local, |ip| SocketAddr::new(ip, local.port()));
+            self.mappings.lock().unwrap_or_else(std::sync::PoisonError::into_inner).record(
+                reporter,
+                local,
+                connection.remote_address(),
+                address,
+            );
+        }
         let newly_confirmed =
             self.observed().report(reporter, address, now_ms(), self.options.min_observed_confirmations);
         if newly_confirmed && !crate::nat::observed::is_private(address.ip()) {
@@ -556,10 +665,19 @@ impl Inner {
 struct Handler(std::sync::Weak<Inner>);
 
 impl RequestHandler for Handler {
-    async fn handle(&self, _peer: NodeId, request: pb::envelope::Kind) -> Option<pb::envelope::Kind> {
+    async fn handle(&self, peer: NodeId, request: pb::envelope::Kind) -> Option<pb::envelope::Kind> {
         use pb::envelope::Kind;
         let inner = self.0.upgrade()?;
         match request {
+            Kind::DialBackRequest(request) => {
+                let session = inner.sessions.get(&peer)?;
+                let target = session.connection().remote_address();
+                let local = session.connection().local_ip();
+                let kind = request.kind();
+                let key = inner.publisher.signing_key().clone();
+                let response = inner.dial_back_server.serve(&key, peer, target, local, kind).await;
+                Some(Kind::DialBackResponse(response))
+            }
             Kind::GetRecordRequest(_) => Some(Kind::GetRecordResponse(pb::GetRecordResponse {
                 record: Some((*inner.publisher.current()).clone()),
             })),
@@ -610,6 +728,7 @@ async fn accept_loop(inner: Arc<Inner>) {
                         Ok(verified) => {
                             tracing::info!(peer = %verified.node_id, %remote, seq = verified.seq, "inbound peer verified")
                         }
+                        Err(ExchangeError::DialBack) => tracing::debug!(%remote, "dial-back received"),
                         Err(e) => {
                             inner.counters.exchanges_failed.fetch_add(1, Ordering::Relaxed);
                             tracing::debug!(%remote, error = %e, "inbound exchange failed");

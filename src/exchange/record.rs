@@ -23,6 +23,9 @@ struct Facts {
     interfaces: Vec<SocketAddr>,
     /// Public addresses confirmed by peers.
     observed: Vec<SocketAddr>,
+    /// What the NAT prober concluded (unknown until it has).
+    node_type: Option<pb::NodeType>,
+    nat: pb::NatInfo,
 }
 
 /// Builds, signs and hands out the node's current record.
@@ -50,8 +53,13 @@ impl RecordPublisher {
     ) -> Result<Self, StoreError> {
         topics.sort();
         let node_id = NodeId(key.verifying_key().to_bytes());
-        let facts =
-            Facts { topics: topics.clone(), interfaces: interface_addresses(quic), observed: Vec::new() };
+        let facts = Facts {
+            topics: topics.clone(),
+            interfaces: interface_addresses(quic),
+            observed: Vec::new(),
+            node_type: None,
+            nat: pb::NatInfo::default(),
+        };
         let first = sign(&key, node_id, next_seq(&store).await?, &facts);
         let (current, _) = watch::channel(Arc::new(first));
         Ok(Self {
@@ -64,6 +72,11 @@ impl RecordPublisher {
                 topics: std::sync::RwLock::new(topics),
             }),
         })
+    }
+
+    /// The node's signing key (dial-backs open connections under the node's identity).
+    pub(crate) fn signing_key(&self) -> &SigningKey {
+        &self.inner.key
     }
 
     /// The record to send now.
@@ -105,6 +118,17 @@ impl RecordPublisher {
         if let Err(e) = self.publish(&facts).await {
             tracing::warn!(error = %e, "could not re-sign the record with a new observed address");
         }
+    }
+
+    /// Re-signs the record with a new NAT verdict, if it changed.
+    pub async fn set_nat(&self, node_type: pb::NodeType, nat: pb::NatInfo) -> Result<(), StoreError> {
+        let mut facts = self.inner.facts.lock().await;
+        if facts.node_type == Some(node_type) && facts.nat == nat {
+            return Ok(());
+        }
+        facts.node_type = Some(node_type);
+        facts.nat = nat;
+        self.publish(&facts).await
     }
 
     async fn publish(&self, facts: &Facts) -> Result<(), StoreError> {
@@ -149,8 +173,8 @@ fn sign(key: &SigningKey, node_id: NodeId, seq: u64, facts: &Facts) -> pb::Signe
         timestamp_ms: super::now_ms(),
         topics: facts.topics.iter().take(wire::MAX_TOPICS_PER_RECORD).cloned().collect(),
         addresses,
-        node_type: pb::NodeType::Unknown as i32,
-        nat: Some(pb::NatInfo::default()),
+        node_type: facts.node_type.unwrap_or(pb::NodeType::Unknown) as i32,
+        nat: Some(facts.nat),
         capabilities: Some(capabilities()),
         services: Vec::new(),
         protocol_versions: vec![wire::PROTOCOL_VERSION],

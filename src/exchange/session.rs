@@ -46,6 +46,8 @@ pub enum CloseCode {
     Forgotten = 5,
     /// The peer did not complete the exchange in time.
     Timeout = 6,
+    /// A dial-back we asked for arrived; the connection has served its purpose.
+    DialBackReceived = 7,
 }
 
 impl CloseCode {
@@ -285,7 +287,11 @@ fn is_response(kind: &pb::envelope::Kind) -> bool {
     use pb::envelope::Kind;
     matches!(
         kind,
-        Kind::GetRecordResponse(_) | Kind::Pong(_) | Kind::PeerExchangeResponse(_) | Kind::Error(_)
+        Kind::GetRecordResponse(_)
+            | Kind::Pong(_)
+            | Kind::PeerExchangeResponse(_)
+            | Kind::DialBackResponse(_)
+            | Kind::Error(_)
     )
 }
 

@@ -1,5 +1,10 @@
-//! NAT-facing knowledge: which addresses the world sees for us. Peers report the address they observe for our
-//! QUIC socket in every `Hello`; [`observed::ObservedAddresses`] aggregates those reports so that no single peer
-//! can make us advertise an address it made up.
+//! NAT-facing knowledge: which addresses the world sees for us and how our NAT behaves.
+//!
+//! Peers report the address they observe for our QUIC socket in every `Hello`; [`observed::ObservedAddresses`]
+//! aggregates those reports so that no single peer can make us advertise an address it made up.
+//! [`classify`] turns that evidence and dial-back results into RFC 4787 verdicts (pure logic);
+//! [`prober`] gathers the evidence, runs the classifier and publishes the verdict.
 
+pub mod classify;
 pub mod observed;
+pub mod prober;

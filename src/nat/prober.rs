@@ -1,0 +1,249 @@
+//! The NAT prober: gathers evidence about the NAT in front of our QUIC socket, classifies it with
+//! [`super::classify`], and acts on the verdict.
+//!
+//! Evidence comes from the exchange: every peer's report of where our packets come from (mapping samples), and
+//! dial-backs that connected peers make to us from a fresh 4-tuple (another port of their IP, another of their
+//! IPs). The verdict goes into our signed record (node type and NAT info, so peers know how to reach us), into
+//! `GetNodeInfo` / `GetNatStatus`, and — once the mapping is known to be endpoint-independent — the external
+//! port becomes the port the DHT announces.
+//!
+//! Probing runs once peers are connected, again every [`REPROBE_INTERVAL`], and on demand (`ProbeNat`).
+
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+
+use super::classify::{self, NatVerdict, Observations};
+use crate::api::names::NodeId;
+use crate::dht::Dht;
+use crate::exchange::dial_back::DialBackOutcome;
+use crate::exchange::{Exchange, now_ms};
+use crate::store::{NodeType, Store};
+use crate::wire::pb;
+
+/// How often the NAT is probed again (NATs and networks change under a long-running node).
+pub const REPROBE_INTERVAL: Duration = Duration::from_secs(600);
+/// How often the prober checks whether a first probe is possible.
+const WAKE_INTERVAL: Duration = Duration::from_secs(5);
+/// Helpers asked per probe.
+const HELPERS_PER_PROBE: usize = 2;
+/// Dial-back results kept for `GetNatStatus`.
+const DIAL_BACK_HISTORY: usize = 16;
+
+/// A dial-back result with when it happened.
+#[derive(Debug, Clone)]
+pub struct DialBackRecord {
+    pub outcome: DialBackOutcome,
+    pub at_ms: i64,
+}
+
+/// What the prober knows.
+#[derive(Debug, Clone, Default)]
+pub struct NatKnowledge {
+    pub verdict: Option<NatVerdict>,
+    pub last_probe_ms: Option<i64>,
+    pub dial_backs: VecDeque<DialBackRecord>,
+}
+
+/// Handle to the prober.
+#[derive(Clone)]
+pub struct NatProber {
+    inner: Arc<ProberInner>,
+}
+
+struct ProberInner {
+    exchange: Exchange,
+    dht: Dht,
+    store: Store,
+    knowledge: Mutex<NatKnowledge>,
+    /// One probe at a time: a second caller waits for the running one and reads its result.
+    probing: tokio::sync::Mutex<()>,
+}
+
+impl NatProber {
+    /// Starts the background schedule; probes run until `shutdown`.
+    pub fn start(exchange: Exchange, dht: Dht, store: Store, shutdown: CancellationToken) -> Self {
+        let prober = Self {
+            inner: Arc::new(ProberInner {
+                exchange,
+                dht,
+                store,
+                knowledge: Mutex::new(NatKnowledge::default()),
+                probing: tokio::sync::Mutex::new(()),
+            }),
+        };
+        let background = prober.clone();
+        tokio::spawn(async move { background.schedule(shutdown).await });
+        prober
+    }
+
+    pub fn knowledge(&self) -> NatKnowledge {
+        self.lock().clone()
+    }
+
+    /// Runs a probe now and returns what is known afterwards.
+    pub async fn probe(&self) -> NatKnowledge {
+        let _running = self.inner.probing.lock().await;
+        let helpers = self.pick_helpers().await;
+        let mut outcomes = Vec::new();
+        for helper in helpers {
+            for kind in [pb::DialBackKind::OtherPort, pb::DialBackKind::OtherIp] {
+                match self.inner.exchange.request_dial_back(helper, kind).await {
+                    Ok(outcome) => outcomes.push(outcome),
+                    Err(e) => tracing::debug!(%helper, ?kind, error = %e, "dial-back request failed"),
+                }
+            }
+        }
+        let verdict = classify::classify(&self.observations(&outcomes));
+        let now = now_ms();
+        {
+            let mut knowledge = self.lock();
+            for outcome in outcomes {
+                if knowledge.dial_backs.len() >= DIAL_BACK_HISTORY {
+                    knowledge.dial_backs.pop_front();
+                }
+                knowledge.dial_backs.push_back(DialBackRecord { outcome, at_ms: now });
+            }
+            knowledge.verdict = Some(verdict.clone());
+            knowledge.last_probe_ms = Some(now);
+        }
+        self.act_on(&verdict).await;
+        self.knowledge()
+    }
+
+    async fn schedule(&self, shutdown: CancellationToken) {
+        let mut last_samples = 0;
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(WAKE_INTERVAL) => {}
+            }
+            let samples = self.inner.exchange.mapping_samples().len();
+            let due = match self.lock().last_probe_ms {
+                None => samples > 0,
+                Some(at) => {
+                    now_ms().saturating_sub(at) >= REPROBE_INTERVAL.as_millis() as i64
+                        // New witnesses can settle an undecided verdict: probe again soon after they report.
+                        || (samples != last_samples && self.undecided())
+                }
+            };
+            if due {
+                last_samples = samples;
+                self.probe().await;
+            }
+        }
+    }
+
+    fn undecided(&self) -> bool {
+        self.lock().verdict.as_ref().is_none_or(|v| v.reachability == classify::Reachability::Unknown)
+    }
+
+    /// Connected peers to ask for dial-backs, those that say they are public first.
+    async fn pick_helpers(&self) -> Vec<NodeId> {
+        let mut public = Vec::new();
+        let mut others = Vec::new();
+        for peer in self.inner.exchange.connected() {
+            let is_public = matches!(
+                self.inner.store.get_peer(peer).await,
+                Ok(Some(detail)) if detail.summary.node_type == NodeType::Public
+            );
+            if is_public { public.push(peer) } else { others.push(peer) }
+        }
+        public.into_iter().chain(others).take(HELPERS_PER_PROBE).collect()
+    }
+
+    /// The classifier's input: mapping samples, the endpoints we talk to, and the dial-backs (each helper's
+    /// live session is its control probe: it shows that helper reaches us at all).
+    fn observations(&self, outcomes: &[DialBackOutcome]) -> Observations {
+        let exchange = &self.inner.exchange;
+        let local = exchange.local_addr().unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
+        let mut observations = Observations::new(local);
+        observations.interfaces =
+            if_addrs::get_if_addrs().map(|list| list.iter().map(|i| i.ip()).collect()).unwrap_or_default();
+        observations.mappings = exchange
+            .mapping_samples()
+            .iter()
+            .map(|s| classify::MappingObservation {
+                seq: s.seq,
+                destination: s.destination,
+                observed: s.observed,
+            })
+            .collect();
+        let sessions: Vec<(NodeId, SocketAddr)> = exchange
+            .connected()
+            .into_iter()
+            .filter_map(|id| exchange.session_info(&id).map(|s| (id, s.remote)))
+            .collect();
+        observations.contacted = sessions.iter().map(|(_, remote)| *remote).collect();
+        for outcome in outcomes.iter().filter(|o| o.attempted) {
+            let Some(helper) =
+                sessions.iter().find(|(id, _)| *id == outcome.helper).map(|(_, remote)| *remote)
+            else {
+                continue;
+            };
+            observations.dial_backs.push(classify::DialBack { helper, from: helper, arrived: true });
+            let declared = outcome.declared_from.unwrap_or(helper);
+            let from = outcome.arrived_from.unwrap_or(declared);
+            observations.dial_backs.push(classify::DialBack {
+                helper,
+                from,
+                arrived: outcome.arrived_from.is_some(),
+            });
+        }
+        let answered = u32::try_from(sessions.len()).unwrap_or(u32::MAX);
+        observations.peers_tried = answered;
+        observations.peers_answered = answered;
+        observations
+    }
+
+    /// Publishes the verdict: in our record (peers learn how to reach us) and, with endpoint-independent
+    /// mapping, as the port the DHT announces (the port the world sees).
+    async fn act_on(&self, verdict: &NatVerdict) {
+        let (node_type, nat) = record_nat_info(verdict);
+        if let Err(e) = self.inner.exchange.publisher().set_nat(node_type, nat).await {
+            tracing::warn!(error = %e, "could not re-sign the record with the NAT verdict");
+        }
+        if let (Some(external), true) = (verdict.external_address, announces_external_port(verdict)) {
+            self.inner.dht.set_announce_port(external.port());
+        }
+        tracing::info!(
+            mapping = ?verdict.mapping, filtering = ?verdict.filtering, reachability = ?verdict.reachability,
+            "NAT classified"
+        );
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, NatKnowledge> {
+        self.inner.knowledge.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+/// Whether the external port is stable enough to announce: it is the same for every peer.
+fn announces_external_port(verdict: &NatVerdict) -> bool {
+    matches!(verdict.mapping, classify::Mapping::NoTranslation | classify::Mapping::EndpointIndependent)
+}
+
+/// The node type and NAT info our record states for a verdict.
+pub fn record_nat_info(verdict: &NatVerdict) -> (pb::NodeType, pb::NatInfo) {
+    let reachability = match verdict.reachability {
+        classify::Reachability::Unknown => pb::Reachability::Unknown,
+        classify::Reachability::Public => pb::Reachability::Public,
+        classify::Reachability::PrivatePunchable => pb::Reachability::PrivatePunchable,
+        classify::Reachability::PrivateHard => pb::Reachability::PrivateHard,
+    };
+    let node_type = match verdict.reachability {
+        classify::Reachability::Unknown => pb::NodeType::Unknown,
+        classify::Reachability::Public => pb::NodeType::Public,
+        _ => pb::NodeType::Private,
+    };
+    let mapping = match (verdict.udp, verdict.mapping) {
+        (classify::Udp::Blocked, _) => pb::NatType::UdpBlocked,
+        (_, classify::Mapping::NoTranslation) => pb::NatType::None,
+        (_, classify::Mapping::EndpointIndependent) => pb::NatType::EndpointIndependent,
+        (_, classify::Mapping::EndpointDependent(_)) => pb::NatType::EndpointDependent,
+        (_, classify::Mapping::Unknown) => pb::NatType::Unknown,
+    };
+    (node_type, pb::NatInfo { mapping: mapping as i32, reachability: reachability as i32 })
+}
