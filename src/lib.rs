@@ -27,4 +27,6 @@ pub mod quic;
 #[cfg(feature = "daemon")]
 pub mod store;
 #[cfg(feature = "daemon")]
+pub mod telemetry;
+#[cfg(feature = "daemon")]
 pub mod wire;

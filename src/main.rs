@@ -17,6 +17,17 @@ use remote_network::node::Node;
 
 mod devnet;
 
+#[global_allocator]
+static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
+/// Heap profiling is on from the start (one sample per 512 KiB allocated on average; see the monitoring README
+/// for the measured cost), so `/debug/pprof/heap` works without a restart. tikv-jemallocator prefixes
+/// jemalloc's symbols with `_rjem_` on Linux, so the plain `malloc_conf` name would be silently ignored.
+/// `_RJEM_MALLOC_CONF=prof:false` in the environment overrides this.
+#[allow(non_upper_case_globals)]
+#[unsafe(export_name = "_rjem_malloc_conf")]
+pub static malloc_conf: &[u8] = b"prof:true,prof_active:true,lg_prof_sample:19\0";
+
 const EXIT_FAILURE: u8 = 1;
 const EXIT_CONFIG: u8 = 78;
 

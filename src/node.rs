@@ -2,13 +2,14 @@
 //!
 //! Start: data dir (locked) → identity → store → QUIC endpoint → our signed record → exchange (accepting and
 //! dialing) → DHT (announcing our QUIC port for each joined topic, its discoveries feeding the dialer) → control
-//! listeners → control servers → `READY=1`.
+//! listeners → monitoring HTTP → control servers → `READY=1`.
 //! Stop: `STOPPING=1` → cancel (control stops taking requests and ends streams, the DHT and dialer stop) →
 //! servers drain → connections close → the store writer commits what it was given and stops → the control
 //! socket is removed.
 
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
 use tokio::task::JoinHandle;
@@ -26,6 +27,7 @@ use crate::identity::{self, Identity, IdentityError};
 use crate::lifecycle::{self, ExclusiveLock, LockError};
 use crate::quic::{QuicEndpoint, QuicError, QuicLimits};
 use crate::store::{AddressSource, Store, StoreError, StoreHealth, StoreOptions};
+use crate::telemetry::{self, MetricKind, Monitoring, MonitoringError, Readiness, Registry};
 
 /// File name of the peer database inside the data dir.
 pub const DATABASE_FILE: &str = "peers.db";
@@ -46,6 +48,8 @@ pub enum StartError {
     Quic(#[from] QuicError),
     #[error("DHT: {0}")]
     Dht(#[from] DhtError),
+    #[error("monitoring: {0}")]
+    Monitoring(#[from] MonitoringError),
 }
 
 /// A running node.
@@ -53,6 +57,10 @@ pub struct Node {
     ctx: Arc<NodeContext>,
     control: ControlServer,
     background: Vec<JoinHandle<()>>,
+    monitoring: Monitoring,
+    /// What `/readyz` reports besides store health: false until the control API serves, and again from the
+    /// moment `stop` begins, so a load balancer or supervisor stops routing to a draining node.
+    serving: Arc<AtomicBool>,
     _data_dir_lock: ExclusiveLock,
 }
 
@@ -88,6 +96,12 @@ impl Node {
             }
         };
         let (exchange, dht) = parts;
+        let nat = crate::nat::prober::NatProber::start(
+            exchange.clone(),
+            dht.clone(),
+            store.clone(),
+            shutdown.clone(),
+        );
 
         let listeners = match ControlListeners::bind(&config.control).await {
             Ok(listeners) => listeners,
@@ -98,12 +112,25 @@ impl Node {
                 return Err(e.into());
             }
         };
+        let serving = Arc::new(AtomicBool::new(false));
+        let registry = node_metrics(&store, &exchange, &dht);
+        let readiness = node_readiness(&store, &serving);
+        let monitoring =
+            match telemetry::serve(config.monitoring_listen, registry, readiness, shutdown.clone()).await {
+                Ok(monitoring) => monitoring,
+                Err(e) => {
+                    shutdown.cancel();
+                    exchange.shutdown().await;
+                    let _ = store.close().await;
+                    return Err(e.into());
+                }
+            };
         let listen = ListenAddresses {
             control_socket: listeners.socket_path().display().to_string(),
             control_tcp: listeners.tcp_addr().map(|a| a.to_string()).unwrap_or_default(),
             quic: exchange.local_addr().map(|a| a.to_string()).unwrap_or_default(),
             dht: dht.local_addr().to_string(),
-            ..Default::default()
+            monitoring: monitoring.local_addr.to_string(),
         };
         let ctx = Arc::new(NodeContext {
             node_id,
@@ -114,6 +141,7 @@ impl Node {
             store: store.clone(),
             exchange: exchange.clone(),
             dht: dht.clone(),
+            nat,
             shutdown: shutdown.clone(),
         });
         let control = match ControlServer::start(listeners, ctx.clone()).await {
@@ -135,10 +163,11 @@ impl Node {
             data_dir = %config.data_dir.display(),
             "node started"
         );
+        serving.store(true, Ordering::Relaxed);
         lifecycle::notify_ready(&status_line(&ctx).await);
         let mut background = Vec::new();
         background.extend(lifecycle::spawn_watchdog(shutdown.clone()));
-        Ok(Self { ctx, control, background, _data_dir_lock: data_dir_lock })
+        Ok(Self { ctx, control, background, monitoring, serving, _data_dir_lock: data_dir_lock })
     }
 
     pub fn node_id(&self) -> NodeId {
@@ -176,8 +205,10 @@ impl Node {
     /// Stops every part in order. Writes already acknowledged are on disk when this returns.
     pub async fn stop(self) -> Result<(), StoreError> {
         lifecycle::notify_stopping("stopping: draining control API, flushing the store");
+        self.serving.store(false, Ordering::Relaxed);
         self.ctx.shutdown.cancel();
         self.control.wait().await;
+        self.monitoring.wait().await;
         self.ctx.exchange.shutdown().await;
         for task in self.background {
             let _ = task.await;
@@ -251,4 +282,161 @@ async fn status_line(ctx: &NodeContext) -> String {
         ),
         Err(e) => format!("serving on {}; store {health} ({e})", ctx.listen.control_socket),
     }
+}
+
+/// What `/readyz` answers: ready while the control API serves and the store accepts writes.
+fn node_readiness(store: &Store, serving: &Arc<AtomicBool>) -> Readiness {
+    let (store, serving) = (store.clone(), serving.clone());
+    Arc::new(move || {
+        if !serving.load(Ordering::Relaxed) {
+            return Err("starting or stopping: the control API is not serving".to_owned());
+        }
+        match store.health() {
+            StoreHealth::Ok => Ok(()),
+            StoreHealth::Degraded(why) => Err(format!("store degraded: {why}")),
+        }
+    })
+}
+
+/// The node's metric families: the exchange's and DHT's counters and the store's statistics, read where they
+/// live at scrape time, plus process and allocator metrics.
+fn node_metrics(store: &Store, exchange: &Exchange, dht: &Dht) -> Arc<Registry> {
+    use std::convert::Infallible;
+    let registry = Arc::new(Registry::new());
+    telemetry::register_process_metrics(&registry);
+    telemetry::register_allocator_metrics(&registry);
+    // The version as a label on a constant 1, the usual `*_build_info` shape: it joins onto any series in PromQL.
+    registry.register(
+        "rn_build_info",
+        "Version of the running node; always 1.",
+        MetricKind::Gauge,
+        Box::new(|w| w.sample(&[("version", env!("CARGO_PKG_VERSION"))], 1u8)),
+    );
+
+    let ex = exchange.clone();
+    registry.register(
+        "rn_exchanges_total",
+        "Metadata exchanges with peers, by result.",
+        MetricKind::Counter,
+        Box::new(move |w| {
+            let c = ex.counters();
+            w.sample(&[("result", "ok")], c.exchanges_ok.load(Ordering::Relaxed));
+            w.sample(&[("result", "failed")], c.exchanges_failed.load(Ordering::Relaxed));
+        }),
+    );
+    let ex = exchange.clone();
+    registry.register(
+        "rn_exchange_records_rejected_total",
+        "Peer records rejected, by reason.",
+        MetricKind::Counter,
+        Box::new(move |w| {
+            let c = ex.counters();
+            w.sample(&[("reason", "replay")], c.replays_rejected.load(Ordering::Relaxed));
+            w.sample(&[("reason", "impersonation")], c.impersonations_rejected.load(Ordering::Relaxed));
+        }),
+    );
+    let ex = exchange.clone();
+    registry.register_value(
+        "rn_exchange_records_from_peer_exchange_total",
+        "Peer records learnt from other peers (peer exchange) rather than from the peers themselves.",
+        MetricKind::Counter,
+        move || ex.counters().records_from_peer_exchange.load(Ordering::Relaxed),
+    );
+    let ex = exchange.clone();
+    registry.register_value(
+        "rn_connected_peers",
+        "Peers with an open QUIC connection.",
+        MetricKind::Gauge,
+        move || ex.connected_peers(),
+    );
+
+    // One counters snapshot per scrape instead of one per family.
+    let d = dht.clone();
+    let counters = registry.snapshot("DHT counters", move || {
+        let c = d.counters();
+        async move { Ok::<_, Infallible>(c) }
+    });
+    for (name, help, field) in [
+        (
+            "rn_dht_announces_sent_total",
+            "Announces sent to the DHT.",
+            (|c| c.announces_sent) as fn(&dht::DhtCounters) -> u64,
+        ),
+        ("rn_dht_announces_failed_total", "Announces that failed.", |c| c.announces_failed),
+        ("rn_dht_lookups_started_total", "Topic lookups started.", |c| c.lookups_started),
+        ("rn_dht_lookups_finished_total", "Topic lookups that ran to their end.", |c| c.lookups_finished),
+        ("rn_dht_peers_found_total", "Peer addresses found and handed to the dialer.", |c| c.peers_found),
+        (
+            "rn_dht_discoveries_dropped_total",
+            "Discovery batches dropped because the dialer's queue stayed full.",
+            |c| c.discoveries_dropped,
+        ),
+    ] {
+        registry.register_from(name, help, MetricKind::Counter, &counters, field);
+    }
+    let d = dht.clone();
+    let status = registry.snapshot("DHT status", move || {
+        let d = d.clone();
+        async move { Ok::<_, Infallible>(d.status().await) }
+    });
+    registry.register_from(
+        "rn_dht_routing_table_nodes",
+        "Nodes in the DHT routing table.",
+        MetricKind::Gauge,
+        &status,
+        |s| s.routing_table_size,
+    );
+    registry.register_from(
+        "rn_dht_firewalled",
+        "1 while the DHT has not confirmed that our public address is reachable.",
+        MetricKind::Gauge,
+        &status,
+        |s| s.firewalled,
+    );
+
+    let st = store.clone();
+    let stats = registry.snapshot("store stats", move || {
+        let st = st.clone();
+        async move { st.stats().await }
+    });
+    registry.register_from("rn_store_peers", "Peers in the store.", MetricKind::Gauge, &stats, |s| s.peers);
+    registry.register_from(
+        "rn_store_peer_addresses",
+        "Peer addresses in the store.",
+        MetricKind::Gauge,
+        &stats,
+        |s| s.peer_addresses,
+    );
+    registry.register_from("rn_store_joined_topics", "Topics joined.", MetricKind::Gauge, &stats, |s| {
+        s.joined_topics
+    });
+    registry.register_from(
+        "rn_store_size_bytes",
+        "Size of the peer database files.",
+        MetricKind::Gauge,
+        &stats,
+        |s| s.size_bytes,
+    );
+    registry.register_from(
+        "rn_store_writes_committed_total",
+        "Writes committed to the peer database.",
+        MetricKind::Counter,
+        &stats,
+        |s| s.writes_committed,
+    );
+    registry.register_from(
+        "rn_store_write_batches_total",
+        "Write transactions (batches of writes) committed.",
+        MetricKind::Counter,
+        &stats,
+        |s| s.write_batches,
+    );
+    let st = store.clone();
+    registry.register_value(
+        "rn_store_healthy",
+        "1 while the store accepts writes; 0 when degraded (see /readyz for the reason).",
+        MetricKind::Gauge,
+        move || st.health() == StoreHealth::Ok,
+    );
+    registry
 }

@@ -210,6 +210,7 @@ impl DialerState {
         tokio::spawn(async move {
             let started = Instant::now();
             let attempt = async {
+                exchange.contacted(address, false);
                 let outbound = exchange.endpoint.connect(address, None).await?;
                 exchange.run_outbound(outbound, started, source).await
             };

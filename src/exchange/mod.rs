@@ -164,6 +164,38 @@ struct Inner {
     dial_backs_expected: dial_back::Expected,
     dial_back_server: dial_back::Server,
     mappings: std::sync::Mutex<MappingLog>,
+    contacted: std::sync::Mutex<ContactLog>,
+}
+
+/// Every remote endpoint our socket sent to recently, and whether it answered: a "fresh" dial-back source must
+/// not be one of them (our NAT would let it in for having talked to it), and many silent endpoints with none
+/// answering means UDP is blocked.
+#[derive(Debug, Default)]
+struct ContactLog {
+    endpoints: std::collections::HashMap<SocketAddr, Contact>,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct Contact {
+    pub last_sent_ms: i64,
+    pub answered: bool,
+}
+
+/// Endpoints remembered (the least recently contacted are forgotten first).
+const MAX_CONTACTS: usize = 4096;
+
+impl ContactLog {
+    fn sent(&mut self, endpoint: SocketAddr, answered: bool) {
+        if !self.endpoints.contains_key(&endpoint) && self.endpoints.len() >= MAX_CONTACTS {
+            let oldest = self.endpoints.iter().min_by_key(|(_, c)| c.last_sent_ms).map(|(a, _)| *a);
+            if let Some(oldest) = oldest {
+                self.endpoints.remove(&oldest);
+            }
+        }
+        let contact = self.endpoints.entry(endpoint).or_insert(Contact { last_sent_ms: 0, answered: false });
+        contact.last_sent_ms = now_ms();
+        contact.answered |= answered;
+    }
 }
 
 /// One peer's report of where our packets come from, with where we sent them: the raw evidence of how our
@@ -232,6 +264,7 @@ impl Exchange {
                 dial_backs_expected: dial_back::Expected::default(),
                 dial_back_server: dial_back::Server::default(),
                 mappings: std::sync::Mutex::new(MappingLog::default()),
+                contacted: std::sync::Mutex::new(ContactLog::default()),
             }
         });
         tokio::spawn(accept_loop(exchange.clone()));
@@ -352,6 +385,12 @@ impl Exchange {
         self.inner.sessions.all().into_iter().map(|(id, _)| id).collect()
     }
 
+    /// Endpoints our socket sent to since `since_ms`, with whether each answered.
+    pub fn contacted_since(&self, since_ms: i64) -> Vec<(SocketAddr, Contact)> {
+        let log = self.inner.contacted.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        log.endpoints.iter().filter(|(_, c)| c.last_sent_ms >= since_ms).map(|(a, c)| (*a, *c)).collect()
+    }
+
     /// The latest mapping sample per destination, oldest first.
     pub fn mapping_samples(&self) -> Vec<MappingSample> {
         self.inner.mappings.lock().unwrap_or_else(std::sync::PoisonError::into_inner).samples.clone()
@@ -390,6 +429,11 @@ impl Inner {
         VerifyPolicy { now_ms: now_ms(), max_clock_skew: self.options.max_clock_skew, max_age: None }
     }
 
+    /// Notes that our socket sent to `endpoint` (and whether it answered).
+    fn contacted(&self, endpoint: SocketAddr, answered: bool) {
+        self.contacted.lock().unwrap_or_else(std::sync::PoisonError::into_inner).sent(endpoint, answered);
+    }
+
     fn observed(&self) -> std::sync::MutexGuard<'_, ObservedAddresses> {
         self.observed.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
@@ -400,6 +444,8 @@ impl Inner {
         let started = Instant::now();
         let connection = inbound.connection.clone();
         let remote = inbound.remote;
+        // Answering the handshake sends to the remote: our NAT now lets it in.
+        self.contacted(remote, true);
         let (mut send, recv) =
             connection.open_bi().await.map_err(|e| ExchangeError::Stream(e.to_string()))?;
         write_envelope(&mut send, &self.hello(remote)).await?;
@@ -435,6 +481,7 @@ impl Inner {
         let connection = outbound.connection.clone();
         let peer = outbound.node_id;
         let remote = connection.remote_address();
+        self.contacted(remote, true);
         if peer == self.local {
             CloseCode::SelfConnection.close(&connection, "self");
             return Err(ExchangeError::SelfConnection);
@@ -634,6 +681,7 @@ impl Inner {
         let detail = self.store.get_peer(peer).await?.ok_or(ExchangeError::Unreachable(peer))?;
         for address in detail.addresses.iter().filter_map(|a| a.address.parse::<SocketAddr>().ok()).take(4) {
             let started = Instant::now();
+            self.contacted(address, false);
             let attempt = match self.endpoint.connect(address, Some(peer)).await {
                 Ok(outbound) => self.run_outbound(outbound, started, AddressSource::Record).await,
                 Err(e) => Err(e.into()),

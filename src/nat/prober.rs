@@ -32,6 +32,9 @@ const WAKE_INTERVAL: Duration = Duration::from_secs(5);
 const HELPERS_PER_PROBE: usize = 2;
 /// Dial-back results kept for `GetNatStatus`.
 const DIAL_BACK_HISTORY: usize = 16;
+/// How far back an endpoint we sent to still counts as "contacted": longer than common UDP NAT filter
+/// lifetimes (Linux conntrack keeps an answered UDP flow 180 s), so a fresh-IP dial-back is really fresh.
+const CONTACT_WINDOW: Duration = Duration::from_secs(600);
 
 /// A dial-back result with when it happened.
 #[derive(Debug, Clone)]
@@ -177,7 +180,9 @@ impl NatProber {
             .into_iter()
             .filter_map(|id| exchange.session_info(&id).map(|s| (id, s.remote)))
             .collect();
-        observations.contacted = sessions.iter().map(|(_, remote)| *remote).collect();
+        let contacted = exchange.contacted_since(now_ms() - CONTACT_WINDOW.as_millis() as i64);
+        observations.contacted = contacted.iter().map(|(endpoint, _)| *endpoint).collect();
+        observations.contacted.extend(sessions.iter().map(|(_, remote)| *remote));
         for outcome in outcomes.iter().filter(|o| o.attempted) {
             let Some(helper) =
                 sessions.iter().find(|(id, _)| *id == outcome.helper).map(|(_, remote)| *remote)
@@ -193,9 +198,10 @@ impl NatProber {
                 arrived: outcome.arrived_from.is_some(),
             });
         }
-        let answered = u32::try_from(sessions.len()).unwrap_or(u32::MAX);
-        observations.peers_tried = answered;
-        observations.peers_answered = answered;
+        let count = |n: usize| u32::try_from(n).unwrap_or(u32::MAX);
+        observations.peers_tried = count(contacted.len().max(sessions.len()));
+        observations.peers_answered =
+            count(contacted.iter().filter(|(_, c)| c.answered).count().max(sessions.len()));
         observations
     }
 

@@ -29,6 +29,8 @@ pub(super) fn kind_name(kind: &Kind) -> &'static str {
         Kind::PeerExchangeRequest(_) => "PeerExchangeRequest",
         Kind::PeerExchangeResponse(_) => "PeerExchangeResponse",
         Kind::Error(_) => "ErrorResponse",
+        Kind::DialBackRequest(_) => "DialBackRequest",
+        Kind::DialBackResponse(_) => "DialBackResponse",
     }
 }
 
