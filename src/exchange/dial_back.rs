@@ -23,7 +23,7 @@ use crate::wire::pb;
 /// Dial-backs served at once; more are declined (the requester tries another helper).
 const MAX_CONCURRENT: usize = 2;
 /// How long a served dial-back may take to complete its handshake.
-const DIAL_TIMEOUT: Duration = Duration::from_secs(5);
+pub const DIAL_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// What the requester learned from one dial-back.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -122,6 +122,7 @@ impl Server {
             Err(e) => return declined(&format!("cannot open a socket on {bind_ip}: {e}")),
         };
         let from = endpoint.local_addr().map(|a| a.to_string()).unwrap_or_default();
+        tracing::debug!(%requester, %target, %from, ?kind, "dial-back: dialing");
         let detail = match tokio::time::timeout(DIAL_TIMEOUT, endpoint.connect(target, Some(requester))).await
         {
             Ok(Ok(outbound)) => {
@@ -132,7 +133,9 @@ impl Server {
             Ok(Err(e)) => format!("no handshake: {e}"),
             Err(_) => "no handshake within the deadline".to_owned(),
         };
-        endpoint.close().await;
+        tracing::debug!(%requester, %target, %from, %detail, "dial-back: done");
+        // Answer now; telling a silent requester that the endpoint closes can take a while and changes nothing.
+        tokio::spawn(async move { endpoint.close().await });
         pb::DialBackResponse { attempted: true, from_address: from, detail }
     }
 }

@@ -330,7 +330,8 @@ impl Exchange {
         let arrival = self.inner.dial_backs_expected.expect(helper).ok_or(ExchangeError::Busy)?;
         let request = pb::envelope::Kind::DialBackRequest(pb::DialBackRequest { kind: kind as i32 });
         // The helper answers after its attempt, so the request may take as long as its dial.
-        let answer = session.request(request, self.inner.options.request_timeout * 2).await;
+        let answer =
+            session.request(request, self.inner.options.request_timeout + dial_back::DIAL_TIMEOUT).await;
         let response = match answer {
             Ok((pb::envelope::Kind::DialBackResponse(response), _)) => response,
             Ok(_) => {
@@ -444,8 +445,6 @@ impl Inner {
         let started = Instant::now();
         let connection = inbound.connection.clone();
         let remote = inbound.remote;
-        // Answering the handshake sends to the remote: our NAT now lets it in.
-        self.contacted(remote, true);
         let (mut send, recv) =
             connection.open_bi().await.map_err(|e| ExchangeError::Stream(e.to_string()))?;
         write_envelope(&mut send, &self.hello(remote)).await?;
@@ -454,6 +453,9 @@ impl Inner {
             CloseCode::DialBackReceived.close(&connection, "dial-back received");
             return Err(ExchangeError::DialBack);
         }
+        // From here on we talk to the remote, so our NAT lets it in: it is no longer a fresh source. (A dial-back
+        // above is not recorded: it arrived before we ever sent to its source, which is what it measures.)
+        self.contacted(remote, true);
         if peer == self.local {
             CloseCode::SelfConnection.close(&connection, "self");
             return Err(ExchangeError::SelfConnection);

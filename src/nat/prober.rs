@@ -125,7 +125,9 @@ impl NatProber {
                 _ = tokio::time::sleep(WAKE_INTERVAL) => {}
             }
             let samples = self.inner.exchange.mapping_samples().len();
-            let due = match self.lock().last_probe_ms {
+            // Read under the lock, then release it: `undecided` below takes the same lock.
+            let last_probe_ms = self.lock().last_probe_ms;
+            let due = match last_probe_ms {
                 None => samples > 0,
                 Some(at) => {
                     now_ms().saturating_sub(at) >= REPROBE_INTERVAL.as_millis() as i64

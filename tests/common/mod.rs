@@ -4,6 +4,7 @@
 
 #![allow(dead_code)]
 
+pub mod lab;
 use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
@@ -70,6 +71,8 @@ pub struct NodeDir {
     data_dir: PathBuf,
     bootstrap: Option<String>,
     dht_server: bool,
+    quic_listen: String,
+    dht_listen: String,
 }
 
 impl NodeDir {
@@ -77,7 +80,28 @@ impl NodeDir {
         let dir = tempfile::Builder::new().prefix("rn-test-").tempdir().expect("tempdir");
         let socket = dir.path().join("control.sock");
         let data_dir = dir.path().join("data");
-        Self { dir, socket, data_dir, bootstrap: None, dht_server: false }
+        let loopback = "127.0.0.1:0".to_owned();
+        Self {
+            dir,
+            socket,
+            data_dir,
+            bootstrap: None,
+            dht_server: false,
+            quic_listen: loopback.clone(),
+            dht_listen: loopback,
+        }
+    }
+
+    /// Listens for QUIC (and dials) on `address` instead of an ephemeral loopback port.
+    pub fn with_quic_listen(mut self, address: &str) -> Self {
+        self.quic_listen = address.to_owned();
+        self
+    }
+
+    /// Runs the DHT on `address` instead of an ephemeral loopback port.
+    pub fn with_dht_listen(mut self, address: &str) -> Self {
+        self.dht_listen = address.to_owned();
+        self
     }
 
     /// Bootstraps the DHT from `address` instead of starting a DHT of its own.
@@ -139,7 +163,7 @@ impl NodeDir {
             .arg(self.data_dir())
             .arg("--control-socket")
             .arg(self.socket())
-            .args(["--quic-listen", "127.0.0.1:0", "--dht-listen", "127.0.0.1:0"])
+            .args(["--quic-listen", &self.quic_listen, "--dht-listen", &self.dht_listen])
             .args(["--monitoring-listen", "127.0.0.1:0"])
             .env("HOME", self.path())
             .env("RUST_LOG", "info");
@@ -345,13 +369,20 @@ pub fn skip_without_root(test: &str, why: &str) -> bool {
 /// Wraps a command so that it runs in a private mount namespace after the shell `setup` ran there. Mounts made
 /// by `setup` vanish with the process, so nothing is left on the host even if the test fails.
 pub fn in_mount_namespace(cmd: &Command, setup: &str) -> Command {
-    let mut wrapped = Command::new("unshare");
-    wrapped
-        .args(["--mount", "--propagation", "private", "--", "sh", "-c"])
-        .arg(format!("set -e; {setup}; exec \"$@\""))
-        .arg("sh")
-        .arg(cmd.get_program())
-        .args(cmd.get_args());
+    let setup = format!("set -e; {setup}; exec \"$@\"");
+    wrap(cmd, "unshare", &["--mount", "--propagation", "private", "--", "sh", "-c", &setup, "sh"])
+}
+
+/// Wraps a command so that it runs in network namespace `netns` (`ip netns exec` execs the program itself, so
+/// the child's pid is the program's).
+pub fn in_network_namespace(cmd: &Command, netns: &str) -> Command {
+    wrap(cmd, "ip", &["netns", "exec", netns])
+}
+
+/// `launcher ARGS... PROGRAM PROGRAM-ARGS...` with the command's environment changes carried over.
+fn wrap(cmd: &Command, launcher: &str, args: &[&str]) -> Command {
+    let mut wrapped = Command::new(launcher);
+    wrapped.args(args).arg(cmd.get_program()).args(cmd.get_args());
     for (key, value) in cmd.get_envs() {
         match value {
             Some(value) => wrapped.env(key, value),
