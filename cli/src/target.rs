@@ -105,7 +105,9 @@ pub fn locate(choice: Choice, candidates: &[PathBuf]) -> Result<Located, Failure
     match choice {
         Choice::Socket(path) => Ok(Located { target: Target::Unix(path), looked_at: None }),
         Choice::Endpoint(url) => Ok(Located { target: Target::Tcp(url), looked_at: None }),
-        Choice::Discover => match candidates.iter().find(|path| path.exists()) {
+        // A socket in a directory we may not enter (the service's 0750 runtime directory) is not "missing": it
+        // is picked, so that the connection fails with "permission denied" and the message says what to do.
+        Choice::Discover => match candidates.iter().find(|path| exists_or_forbidden(path)) {
             Some(path) => {
                 Ok(Located { target: Target::Unix(path.clone()), looked_at: Some(candidates.to_vec()) })
             }
@@ -130,9 +132,23 @@ pub async fn connect(located: &Located, timeout: Option<Duration>) -> Result<Cha
     result.map_err(|reason| Failure::Connect(connect_failure_message(located, &reason)))
 }
 
+fn exists_or_forbidden(path: &std::path::Path) -> bool {
+    match std::fs::metadata(path) {
+        Ok(_) => true,
+        Err(e) => e.kind() == io::ErrorKind::PermissionDenied,
+    }
+}
+
 /// The one line printed when connecting failed.
 fn connect_failure_message(located: &Located, reason: &str) -> String {
     let target = &located.target;
+    if reason == PERMISSION_DENIED {
+        return format!(
+            "permission denied on {target}: the control socket belongs to the daemon's user and group; add \
+             yourself to that group (for the systemd service: sudo usermod -aG remote-network $USER, then log in \
+             again) or run rnctl as that user"
+        );
+    }
     match (&located.looked_at, target) {
         (Some(candidates), _) => format!(
             "no remote-network daemon is listening (looked at {}; {target}: {reason}); {START_HINT} or pass \
@@ -171,11 +187,13 @@ fn describe_connect_error(error: &tonic::transport::Error) -> String {
     innermost.to_string()
 }
 
+const PERMISSION_DENIED: &str = "permission denied";
+
 fn describe_io_error(error: &io::Error) -> String {
     match error.kind() {
         io::ErrorKind::NotFound => "no such socket".to_owned(),
         io::ErrorKind::ConnectionRefused => "connection refused".to_owned(),
-        io::ErrorKind::PermissionDenied => "permission denied".to_owned(),
+        io::ErrorKind::PermissionDenied => PERMISSION_DENIED.to_owned(),
         _ => error.to_string(),
     }
 }
