@@ -180,15 +180,20 @@ fn main() -> ExitCode {
                     return ExitCode::from(EXIT_CONFIG);
                 }
             };
-            init_logging(&loaded.config.log_level, loaded.config.log_format);
-            match run(loaded) {
+            let mut otel = init_logging(&loaded.config.log_level, loaded.config.log_format);
+            let code = match run(loaded) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     tracing::error!("{e:#}");
                     lifecycle::notify_status(&format!("failed: {e:#}"));
                     ExitCode::from(EXIT_FAILURE)
                 }
+            };
+            // After the node's runtime is gone: flush the last spans (bounded in time).
+            if let Some(guard) = otel.as_mut() {
+                guard.shutdown();
             }
+            code
         }
     }
 }
@@ -225,14 +230,37 @@ fn run(loaded: Loaded) -> anyhow::Result<()> {
 
 /// Logs go to stderr. Under systemd (JOURNAL_STREAM is set) journald adds its own timestamps and shows no
 /// colours, so neither is written; JSON lines carry their own timestamp for shippers that read them raw.
-fn init_logging(filter: &str, format: config::LogFormat) {
+/// Spans also go to an OTLP collector when `OTEL_EXPORTER_OTLP_ENDPOINT` (or `..._TRACES_ENDPOINT`) is set; the
+/// returned guard flushes them at exit.
+fn init_logging(
+    filter: &str,
+    format: config::LogFormat,
+) -> Option<remote_network::telemetry::otel::OtelGuard> {
+    use tracing_subscriber::Layer as _;
+    use tracing_subscriber::layer::SubscriberExt as _;
+    use tracing_subscriber::util::SubscriberInitExt as _;
+
     let under_journald = std::env::var_os("JOURNAL_STREAM").is_some();
     let filter = tracing_subscriber::EnvFilter::try_new(filter)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
-    match format {
-        config::LogFormat::Json => builder.json().with_current_span(true).init(),
-        config::LogFormat::Text if under_journald => builder.with_ansi(false).without_time().init(),
-        config::LogFormat::Text => builder.with_ansi(std::io::stderr().is_terminal()).init(),
+    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    let fmt = match format {
+        config::LogFormat::Json => fmt.json().with_current_span(true).boxed(),
+        config::LogFormat::Text if under_journald => fmt.with_ansi(false).without_time().boxed(),
+        config::LogFormat::Text => fmt.with_ansi(std::io::stderr().is_terminal()).boxed(),
+    };
+    let (otel, guard, otel_error) = match remote_network::telemetry::otel::layer_from_env() {
+        Ok(Some((layer, guard))) => (Some(layer), Some(guard), None),
+        Ok(None) => (None, None, None),
+        Err(e) => (None, None, Some(e)),
+    };
+    tracing_subscriber::registry().with(fmt.with_filter(filter)).with(otel).init();
+    if let Some(e) = otel_error {
+        tracing::warn!("{e}; traces are not exported");
     }
+    if let Some(guard) = &guard {
+        let config = guard.config();
+        tracing::info!(endpoint = %config.endpoint, protocol = ?config.protocol, "exporting traces over OTLP");
+    }
+    guard
 }

@@ -76,6 +76,8 @@ impl Node {
         )?;
         let (identity, created) = Identity::load_or_create(&config.data_dir)?;
         let node_id = identity.node_id();
+        // Spans exported from here on carry the node id (the trace resource is fixed before it is known).
+        crate::telemetry::otel::set_node_id(node_id.to_string());
         if created {
             tracing::info!(%node_id, "created a new node identity");
         }
@@ -305,6 +307,17 @@ fn node_metrics(store: &Store, exchange: &Exchange, dht: &Dht) -> Arc<Registry> 
     let registry = Arc::new(Registry::new());
     telemetry::register_process_metrics(&registry);
     telemetry::register_allocator_metrics(&registry);
+    registry.register(
+        "rn_trace_spans_total",
+        "Spans handed to the OTLP exporter, by outcome (dropped: the bounded queue was full).",
+        MetricKind::Counter,
+        Box::new(|w| {
+            use crate::telemetry::otel;
+            w.sample(&[("outcome", "exported")], otel::exported_spans());
+            w.sample(&[("outcome", "dropped")], otel::dropped_spans());
+            w.sample(&[("outcome", "failed")], otel::failed_spans());
+        }),
+    );
     // The version as a label on a constant 1, the usual `*_build_info` shape: it joins onto any series in PromQL.
     registry.register(
         "rn_build_info",

@@ -145,6 +145,7 @@ impl ControlServer {
         let unix_incoming = UnixListenerStream::new(socket_listener).map(|conn| conn.map(authority::wrap));
         servers.push(tokio::spawn(async move {
             Server::builder()
+                .layer(crate::telemetry::otel::GrpcTraceLayer)
                 .add_routes(unix_routes)
                 .serve_with_incoming_shutdown(unix_incoming, stop.cancelled_owned())
                 .await
@@ -159,6 +160,7 @@ impl ControlServer {
                     let layer = InterceptorLayer::new(transport::RequireToken::new(&token));
                     tokio::spawn(async move {
                         Server::builder()
+                            .layer(crate::telemetry::otel::GrpcTraceLayer)
                             .layer(layer)
                             .add_routes(routes)
                             .serve_with_incoming_shutdown(incoming, stop.cancelled_owned())
@@ -169,6 +171,7 @@ impl ControlServer {
                     tracing::warn!(%addr, "control API on loopback TCP without a token: any local user can use it");
                     tokio::spawn(async move {
                         Server::builder()
+                            .layer(crate::telemetry::otel::GrpcTraceLayer)
                             .add_routes(routes)
                             .serve_with_incoming_shutdown(incoming, stop.cancelled_owned())
                             .await

@@ -27,6 +27,7 @@
 pub mod heap;
 pub mod http;
 pub mod metrics;
+pub mod otel;
 pub mod process;
 
 #[cfg(test)]
