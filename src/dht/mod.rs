@@ -374,9 +374,11 @@ impl mainline::RequestFilter for AnswerNothing {
     }
 }
 
-/// Resolves `host:port` entries to IPv4 addresses. A host that does not resolve is an error only when no
-/// entry resolves at all: one dead router (or DNS hiccup) among the public ones must not keep the node down,
-/// while a list where nothing works would leave the DHT silently useless.
+/// Resolves `host:port` entries to IPv4 addresses. A malformed entry is an error. A host that resolves to no
+/// IPv4 address is an error only when nothing usable remains (such a list can never work). A host that does not
+/// resolve at all is only a warning, even when it is the last one: DNS may not be up yet at boot, or the
+/// machine may have no internet; the node then starts with an empty DHT (others can still bootstrap from it)
+/// rather than not at all.
 fn resolve_bootstrap(entries: &[String]) -> Result<Vec<SocketAddrV4>, DhtError> {
     let mut resolved = Vec::new();
     let mut first_failure = None;
@@ -410,6 +412,14 @@ fn resolve_bootstrap(entries: &[String]) -> Result<Vec<SocketAddrV4>, DhtError> 
         resolved.extend(addresses);
     }
     match first_failure {
+        Some(DhtError::UnresolvableBootstrap { source: Some(_), entry }) if resolved.is_empty() => {
+            tracing::warn!(
+                %entry,
+                "no DHT bootstrap host resolves (no DNS or no network?): starting without bootstrap nodes; the \
+                 DHT stays empty until a node bootstraps from this one or this node restarts with a working resolver"
+            );
+            Ok(resolved)
+        }
         Some(error) if resolved.is_empty() => Err(error),
         _ => Ok(resolved),
     }
