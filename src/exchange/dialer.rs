@@ -207,29 +207,33 @@ impl DialerState {
         self.in_flight.insert(address);
         let done = done.clone();
         let timeout = self.options.dial_timeout;
-        tokio::spawn(async move {
-            let started = Instant::now();
-            let attempt = async {
-                exchange.contacted(address, false);
-                let outbound = exchange.endpoint.connect(address, None).await?;
-                exchange.run_outbound(outbound, started, source).await
-            };
-            let result = match tokio::time::timeout(timeout, attempt).await {
-                Ok(result) => result,
-                Err(_) => Err(ExchangeError::TimedOut("dial")),
-            };
-            match &result {
-                Ok(verified) => tracing::info!(
-                    peer = %verified.node_id, %address, seq = verified.seq,
-                    elapsed_ms = verified.elapsed.as_millis() as u64, "outbound peer verified"
-                ),
-                Err(e) => {
-                    exchange.counters.exchanges_failed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    tracing::debug!(%address, error = %e, "dial failed");
+        let span = tracing::info_span!("exchange.dial", %address, ?source);
+        tokio::spawn(tracing::Instrument::instrument(
+            async move {
+                let started = Instant::now();
+                let attempt = async {
+                    exchange.contacted(address, false);
+                    let outbound = exchange.endpoint.connect(address, None).await?;
+                    exchange.run_outbound(outbound, started, source).await
+                };
+                let result = match tokio::time::timeout(timeout, attempt).await {
+                    Ok(result) => result,
+                    Err(_) => Err(ExchangeError::TimedOut("dial")),
+                };
+                match &result {
+                    Ok(verified) => tracing::info!(
+                        peer = %verified.node_id, %address, seq = verified.seq,
+                        elapsed_ms = verified.elapsed.as_millis() as u64, "outbound peer verified"
+                    ),
+                    Err(e) => {
+                        exchange.counters.exchanges_failed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        tracing::debug!(%address, error = %e, "dial failed");
+                    }
                 }
-            }
-            let _ = done.send(Finished { address, result }).await;
-        });
+                let _ = done.send(Finished { address, result }).await;
+            },
+            span,
+        ));
     }
 
     fn finish(&mut self, finished: Finished) {

@@ -441,6 +441,7 @@ impl Inner {
 
     /// The listener side: our `Hello` goes out before the client is authenticated (0.5-RTT), theirs is read
     /// only after.
+    #[tracing::instrument(name = "exchange.inbound", skip_all, fields(remote = %inbound.remote, peer))]
     async fn run_inbound(self: &Arc<Self>, mut inbound: Inbound) -> Result<Verified, ExchangeError> {
         let started = Instant::now();
         let connection = inbound.connection.clone();
@@ -449,6 +450,7 @@ impl Inner {
             connection.open_bi().await.map_err(|e| ExchangeError::Stream(e.to_string()))?;
         write_envelope(&mut send, &self.hello(remote)).await?;
         let peer = inbound.authenticated().await?;
+        tracing::Span::current().record("peer", tracing::field::display(peer));
         if self.dial_backs_expected.arrived(peer, remote) {
             CloseCode::DialBackReceived.close(&connection, "dial-back received");
             return Err(ExchangeError::DialBack);
@@ -474,6 +476,7 @@ impl Inner {
     }
 
     /// The dialer side: the listener's `Hello` arrives with the handshake's last flight.
+    #[tracing::instrument(name = "exchange.outbound", skip_all, fields(peer = %outbound.node_id, ?source))]
     async fn run_outbound(
         self: &Arc<Self>,
         outbound: Outbound,

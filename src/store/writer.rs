@@ -199,6 +199,9 @@ struct BatchContext<'a> {
 
 impl BatchContext<'_> {
     fn run_batch(&mut self, conn: &mut Connection, batch: Vec<Command>) {
+        // One span per transaction: how big batches get and how long commits take is what an operator tuning
+        // the store (or hunting a slow disk) wants to see in traces.
+        let _span = tracing::info_span!("store.write_batch", commands = batch.len()).entered();
         let mut tx = match conn.transaction_with_behavior(TransactionBehavior::Immediate) {
             Ok(tx) => tx,
             Err(error) => {
