@@ -108,9 +108,7 @@ impl Node {
         let listeners = match ControlListeners::bind(&config.control).await {
             Ok(listeners) => listeners,
             Err(e) => {
-                shutdown.cancel();
-                exchange.shutdown().await;
-                let _ = store.close().await;
+                abandon_start(&shutdown, &exchange, &store).await;
                 return Err(e.into());
             }
         };
@@ -121,9 +119,7 @@ impl Node {
             match telemetry::serve(config.monitoring_listen, registry, readiness, shutdown.clone()).await {
                 Ok(monitoring) => monitoring,
                 Err(e) => {
-                    shutdown.cancel();
-                    exchange.shutdown().await;
-                    let _ = store.close().await;
+                    abandon_start(&shutdown, &exchange, &store).await;
                     return Err(e.into());
                 }
             };
@@ -149,9 +145,7 @@ impl Node {
         let control = match ControlServer::start(listeners, ctx.clone()).await {
             Ok(control) => control,
             Err(e) => {
-                shutdown.cancel();
-                exchange.shutdown().await;
-                let _ = store.close().await;
+                abandon_start(&shutdown, &exchange, &store).await;
                 return Err(e.into());
             }
         };
@@ -218,6 +212,16 @@ impl Node {
         let result = self.ctx.store.close().await;
         tracing::info!(node_id = %self.ctx.node_id, "node stopped");
         result
+    }
+}
+
+/// Undoes a start that failed after the network parts were running: stops them and closes the store, so that
+/// nothing acknowledged is lost and no task outlives the error.
+async fn abandon_start(shutdown: &CancellationToken, exchange: &Exchange, store: &Store) {
+    shutdown.cancel();
+    exchange.shutdown().await;
+    if let Err(e) = store.close().await {
+        tracing::warn!(error = %e, "store did not close cleanly after a failed start");
     }
 }
 
