@@ -9,7 +9,7 @@
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
@@ -129,56 +129,13 @@ async fn start_node(
 ) -> anyhow::Result<DevNode> {
     let label = format!("n{index}");
     let node_dir = dir.join(&label);
-    std::fs::create_dir_all(&node_dir)?;
-    let socket = node_dir.join("control.sock");
-    let log = std::fs::File::create(node_dir.join("daemon.log"))?;
-    let config = node_dir.join("config.toml");
-    // An empty config file keeps the developer's own config out of the devnet.
-    std::fs::write(&config, "")?;
     let exe = std::env::current_exe().context("cannot find this program's path")?;
-    let mut command = Command::new(exe);
-    command
-        .arg("start")
-        .arg("--config")
-        .arg(&config)
-        .arg("--data-dir")
-        .arg(node_dir.join("data"))
-        .arg("--control-socket")
-        .arg(&socket)
-        .args([
-            "--quic-listen",
-            "127.0.0.1:0",
-            "--dht-listen",
-            "127.0.0.1:0",
-            "--monitoring-listen",
-            "127.0.0.1:0",
-        ])
-        .arg("--dht-server")
-        .env_remove("NOTIFY_SOCKET")
-        .env_remove("WATCHDOG_USEC")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(log);
-    match bootstrap {
-        Some(address) => command.args(["--bootstrap", address]),
-        None => command.arg("--no-bootstrap"),
-    };
+    let (mut command, paths) = remote_network::loopback::command(&exe, &node_dir, bootstrap)?;
     let mut child = command.spawn().context("cannot start a daemon")?;
-
-    let deadline = Instant::now() + START_TIMEOUT;
-    let channel = loop {
-        if let Ok(Some(status)) = child.try_wait() {
-            bail!("{label} exited with {status} at start; see {}", node_dir.join("daemon.log").display());
-        }
-        if let Ok(channel) = connect_unix(&socket).await {
-            break channel;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            bail!("{label} did not open {} within {START_TIMEOUT:?}", socket.display());
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let channel = remote_network::loopback::wait_ready(&mut child, &paths, START_TIMEOUT)
+        .await
+        .with_context(|| format!("{label} did not start"))?;
+    let socket = paths.socket;
     let info = NodeServiceClient::new(channel.clone())
         .get_node_info(GetNodeInfoRequest {})
         .await

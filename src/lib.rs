@@ -19,6 +19,8 @@ pub mod identity;
 #[cfg(feature = "daemon")]
 pub mod lifecycle;
 #[cfg(feature = "daemon")]
+pub mod loopback;
+#[cfg(feature = "daemon")]
 pub mod nat;
 #[cfg(feature = "daemon")]
 pub mod node;

@@ -10,14 +10,13 @@
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use ed25519_dalek::SigningKey;
-use remote_network::api::client::connect_unix;
 use remote_network::api::control::node_service_client::NodeServiceClient;
 use remote_network::api::control::peer_service_client::PeerServiceClient;
 use remote_network::api::control::topic_service_client::TopicServiceClient;
@@ -607,54 +606,11 @@ impl Drop for Daemon {
 }
 
 async fn start_daemon(binary: &Path, dir: &Path, bootstrap: Option<&str>) -> anyhow::Result<Daemon> {
-    std::fs::create_dir_all(dir)?;
-    let config = dir.join("config.toml");
-    std::fs::write(&config, "")?;
-    let socket = dir.join("control.sock");
-    let mut command = Command::new(binary);
-    command
-        .arg("start")
-        .arg("--config")
-        .arg(&config)
-        .arg("--data-dir")
-        .arg(dir.join("data"))
-        .arg("--control-socket")
-        .arg(&socket)
-        .args([
-            "--quic-listen",
-            "127.0.0.1:0",
-            "--dht-listen",
-            "127.0.0.1:0",
-            "--monitoring-listen",
-            "127.0.0.1:0",
-        ])
-        .arg("--dht-server")
-        .env("RN_LOG_LEVEL", "warn")
-        .env_remove("RUST_LOG")
-        .env_remove("NOTIFY_SOCKET")
-        .env_remove("WATCHDOG_USEC")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(dir.join("daemon.log"))?);
-    match bootstrap {
-        Some(address) => command.args(["--bootstrap", address]),
-        None => command.arg("--no-bootstrap"),
-    };
+    let (mut command, paths) = remote_network::loopback::command(binary, dir, bootstrap)?;
+    // Quiet daemons: their logs are not what is measured.
+    command.env("RN_LOG_LEVEL", "warn").env_remove("RUST_LOG");
     let mut child = command.spawn().context("cannot start the daemon")?;
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let channel = loop {
-        if let Ok(Some(status)) = child.try_wait() {
-            bail!("the daemon exited with {status}; see {}", dir.join("daemon.log").display());
-        }
-        if let Ok(channel) = connect_unix(&socket).await {
-            break channel;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            bail!("the daemon did not open its control socket in time");
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let channel = remote_network::loopback::wait_ready(&mut child, &paths, Duration::from_secs(30)).await?;
     let mut daemon = Daemon { child, channel, quic: loopback(), dht: String::new() };
     let info = node_info(&daemon).await?;
     let listen = info.listen.unwrap_or_default();
