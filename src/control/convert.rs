@@ -1,7 +1,7 @@
 //! Mapping between store rows and control API messages, and from internal errors to gRPC statuses with
 //! messages a caller can act on.
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use prost_types::Timestamp;
 use tonic::Status;
@@ -24,16 +24,7 @@ pub fn millis(ts: &Timestamp) -> i64 {
     ts.seconds.saturating_mul(1000).saturating_add(i64::from(ts.nanos.clamp(0, 999_999_999)) / 1_000_000)
 }
 
-pub fn system_time_ms(time: SystemTime) -> i64 {
-    match time.duration_since(UNIX_EPOCH) {
-        Ok(d) => i64::try_from(d.as_millis()).unwrap_or(i64::MAX),
-        Err(e) => -i64::try_from(e.duration().as_millis()).unwrap_or(i64::MAX),
-    }
-}
-
-pub fn now_ms() -> i64 {
-    system_time_ms(SystemTime::now())
-}
+pub use crate::clock::{now_ms, unix_ms};
 
 pub fn duration(d: Duration) -> prost_types::Duration {
     prost_types::Duration {

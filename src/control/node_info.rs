@@ -49,7 +49,7 @@ impl NodeService for Node {
         let node = NodeInfo {
             node_id: ctx.node_id.to_string(),
             version: env!("CARGO_PKG_VERSION").to_owned(),
-            started_at: Some(convert::timestamp(convert::system_time_ms(ctx.started_at))),
+            started_at: Some(convert::timestamp(convert::unix_ms(ctx.started_at))),
             uptime: Some(convert::duration(ctx.started.elapsed())),
             listen: Some(ctx.listen.clone()),
             data_dir: ctx.data_dir.display().to_string(),

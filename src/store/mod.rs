@@ -347,7 +347,7 @@ fn start_prune_timer(commands: &mpsc::Sender<Command>, interval: Duration) {
             let Some(sender) = commands.upgrade() else {
                 return;
             };
-            let command = Command::Prune { now_ms: writer::unix_now_ms(), reply: None };
+            let command = Command::Prune { now_ms: writer::now_ms(), reply: None };
             if sender.send(command).await.is_err() {
                 return;
             }

@@ -7,7 +7,7 @@ use std::time::Duration;
 use tempfile::TempDir;
 use tokio::sync::broadcast::error::TryRecvError;
 
-use super::writer::{Command, MAX_ADDRESSES_PER_PEER, unix_now_ms};
+use super::writer::{Command, MAX_ADDRESSES_PER_PEER, now_ms};
 use super::*;
 use crate::api::names::NodeId;
 
@@ -84,7 +84,7 @@ async fn migrations_create_version_1_and_reopening_is_idempotent() {
     ] {
         assert!(tables.contains(table), "missing table {table}");
     }
-    store.upsert_peer(peer(node(1), 1, unix_now_ms())).await.unwrap();
+    store.upsert_peer(peer(node(1), 1, now_ms())).await.unwrap();
     store.close().await.unwrap();
 
     for _ in 0..2 {
@@ -161,7 +161,7 @@ async fn wal_mode_is_active() {
 async fn upsert_keeps_the_higher_seq() {
     let dir = TempDir::new().unwrap();
     let store = open(&dir);
-    let now = unix_now_ms();
+    let now = now_ms();
     let id = node(1);
 
     let mut first = peer(id, 5, now);
@@ -223,7 +223,7 @@ async fn upsert_keeps_the_higher_seq() {
 async fn an_equal_seq_refreshes_last_seen_and_addresses_only() {
     let dir = TempDir::new().unwrap();
     let store = open(&dir);
-    let now = unix_now_ms();
+    let now = now_ms();
     let id = node(1);
     let mut first = peer(id, 5, now);
     first.topics = topics(&["a"]);
@@ -253,7 +253,7 @@ async fn an_equal_seq_refreshes_last_seen_and_addresses_only() {
 async fn addresses_merge_and_stay_bounded() {
     let dir = TempDir::new().unwrap();
     let store = open(&dir);
-    let now = unix_now_ms();
+    let now = now_ms();
     let id = node(1);
     let mut first = peer(id, 1, now);
     first.addresses = (0..10).map(|i| (format!("10.0.0.{i}:1"), AddressSource::Dht)).collect();
@@ -299,7 +299,7 @@ async fn pruning_by_retention_then_by_max_peers_emits_removed() {
     options.retention = Duration::from_secs(10);
     options.max_peers = 3;
     let store = Store::open(options).unwrap();
-    let now = unix_now_ms();
+    let now = now_ms();
     let seen = [now - 20_000, now - 4000, now - 3000, now - 2000, now - 1000];
     for (index, seen_at) in seen.iter().enumerate() {
         let mut upsert = peer(node(index as u8), 1, *seen_at);
@@ -327,7 +327,7 @@ async fn pruning_by_retention_then_by_max_peers_emits_removed() {
 async fn forget_peer_cascades() {
     let dir = TempDir::new().unwrap();
     let store = open(&dir);
-    let now = unix_now_ms();
+    let now = now_ms();
     let id = node(1);
     let mut upsert = peer(id, 1, now);
     upsert.topics = topics(&["x", "y"]);
@@ -374,7 +374,7 @@ async fn walk(store: &Store, mut query: PeerQuery, limit: u32, total: u64) -> Ve
 async fn list_peers_walks_every_row_once_in_both_orders_with_filters() {
     let dir = TempDir::new().unwrap();
     let store = open(&dir);
-    let now = unix_now_ms();
+    let now = now_ms();
     for index in 0..30u8 {
         let id = node(index);
         // Ties in last_seen (every third pair) and in score (most peers score 0) exercise the node id tiebreak.
@@ -472,7 +472,7 @@ async fn joined_topics_are_bounded_counted_and_persisted() {
     let mut options = options(&dir);
     options.max_joined_topics = 2;
     let store = Store::open(options.clone()).unwrap();
-    let now = unix_now_ms();
+    let now = now_ms();
 
     let (joined, new) = store.join_topic("red".into(), now).await.unwrap();
     assert!(new);
@@ -518,7 +518,7 @@ async fn a_failing_command_does_not_fail_its_batch() {
     let mut options = options(&dir);
     options.max_joined_topics = 1;
     let store = Store::open(options).unwrap();
-    let now = unix_now_ms();
+    let now = now_ms();
     // Submitted together, these usually share a batch; the outcome must be the same either way.
     let (a, b, c) = tokio::join!(
         store.join_topic("a".into(), now),
@@ -537,7 +537,7 @@ async fn a_failing_command_does_not_fail_its_batch() {
 async fn readers_are_served_while_the_writer_commits() {
     let dir = TempDir::new().unwrap();
     let store = open(&dir);
-    let now = unix_now_ms();
+    let now = now_ms();
     const PEERS: u64 = 2000;
 
     let writer = {
@@ -596,7 +596,7 @@ async fn readers_are_served_while_the_writer_commits() {
 async fn acknowledged_writes_survive_close_and_reopen() {
     let dir = TempDir::new().unwrap();
     let store = open(&dir);
-    let now = unix_now_ms();
+    let now = now_ms();
     let mut tasks = tokio::task::JoinSet::new();
     for index in 0..100u8 {
         let store = store.clone();
@@ -617,7 +617,7 @@ async fn acknowledged_writes_survive_close_and_reopen() {
 async fn writes_after_close_fail_with_closed() {
     let dir = TempDir::new().unwrap();
     let store = open(&dir);
-    let now = unix_now_ms();
+    let now = now_ms();
     store.upsert_peer(peer(node(1), 1, now)).await.unwrap();
     let other_handle = store.clone();
     store.close().await.unwrap();
@@ -636,7 +636,7 @@ async fn writes_after_close_fail_with_closed() {
 async fn events_are_broadcast_after_commit_in_order() {
     let dir = TempDir::new().unwrap();
     let store = open(&dir);
-    let now = unix_now_ms();
+    let now = now_ms();
     let id = node(1);
     let mut events = store.subscribe();
 
@@ -671,7 +671,7 @@ async fn events_are_broadcast_after_commit_in_order() {
 async fn quality_is_smoothed_and_scored_within_bounds() {
     let dir = TempDir::new().unwrap();
     let store = open(&dir);
-    let now = unix_now_ms();
+    let now = now_ms();
     let id = node(1);
     store.upsert_peer(peer(id, 1, now)).await.unwrap();
     assert_eq!(detail(&store, id).await.quality, Quality::default());
@@ -713,7 +713,7 @@ async fn quality_is_smoothed_and_scored_within_bounds() {
 async fn a_full_database_degrades_health_until_a_commit_succeeds() {
     let dir = TempDir::new().unwrap();
     let store = open(&dir);
-    let now = unix_now_ms();
+    let now = now_ms();
     store.upsert_peer(peer(node(1), 1, now)).await.unwrap();
     let pages: i64 = raw_connection(&store).query_row("PRAGMA page_count", [], |row| row.get(0)).unwrap();
     // Make the writer's database "full" at its current size.
@@ -740,7 +740,7 @@ async fn a_full_database_degrades_health_until_a_commit_succeeds() {
 async fn malformed_stored_rows_are_read_without_panicking() {
     let dir = TempDir::new().unwrap();
     let store = open(&dir);
-    let now = unix_now_ms();
+    let now = now_ms();
     store.upsert_peer(peer(node(1), 1, now)).await.unwrap();
     {
         let conn = raw_connection(&store);

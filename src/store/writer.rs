@@ -9,7 +9,7 @@
 
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
@@ -147,7 +147,7 @@ impl Writer {
 
         // Prune once at start: a node that was down for a long time should not serve stale peers until the
         // first periodic prune.
-        context.run_batch(&mut conn, vec![Command::Prune { now_ms: unix_now_ms(), reply: None }]);
+        context.run_batch(&mut conn, vec![Command::Prune { now_ms: now_ms(), reply: None }]);
 
         while let Some(first) = commands.blocking_recv() {
             let mut batch = Vec::with_capacity(16);
@@ -170,13 +170,7 @@ impl Writer {
     }
 }
 
-/// The current time as Unix milliseconds (0 if the clock is before 1970).
-pub(crate) fn unix_now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|since| i64::try_from(since.as_millis()).unwrap_or(i64::MAX))
-        .unwrap_or(0)
-}
+pub(crate) use crate::clock::now_ms;
 
 /// A command that was applied (or refused) inside the transaction and waits for the COMMIT's outcome.
 struct Settled {
