@@ -7,7 +7,6 @@
 //! servers drain → connections close → the store writer commits what it was given and stops → the control
 //! socket is removed.
 
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant, SystemTime};
@@ -16,7 +15,6 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::api::control::ListenAddresses;
-use crate::api::names::NodeId;
 use crate::config::Config;
 use crate::config::DhtMode;
 use crate::control::{ControlListeners, ControlServer, NodeContext, TransportError};
@@ -164,14 +162,6 @@ impl Node {
         let mut background = Vec::new();
         background.extend(lifecycle::spawn_watchdog(shutdown.clone()));
         Ok(Self { ctx, control, background, monitoring, serving, _data_dir_lock: data_dir_lock })
-    }
-
-    pub fn node_id(&self) -> NodeId {
-        self.ctx.node_id
-    }
-
-    pub fn data_dir(&self) -> &PathBuf {
-        &self.ctx.data_dir
     }
 
     /// Runs until `stop` resolves, keeping health and the systemd status line current.

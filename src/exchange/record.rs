@@ -84,11 +84,6 @@ impl RecordPublisher {
         self.inner.current.borrow().clone()
     }
 
-    /// The seq of the current record.
-    pub fn current_seq(&self) -> u64 {
-        pb::RecordBody::decode(self.current().body.as_slice()).map(|b| b.seq).unwrap_or(0)
-    }
-
     /// The topics the current record states.
     pub fn topics(&self) -> Vec<String> {
         self.inner.topics.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
