@@ -190,7 +190,7 @@ impl DialerState {
             }
         }
         // Already connected through this very address (inbound or outbound).
-        !exchange.sessions.all().iter().any(|(_, s)| s.connection().remote_address() == address)
+        !exchange.sessions.any(|s| s.connection().remote_address() == address)
     }
 
     fn start_queued(&mut self, done: &mpsc::Sender<Finished>) {

@@ -84,6 +84,11 @@ impl<S: Arbitrable + Clone> SessionTable<S> {
         self.lock().iter().filter(|(_, s)| !s.is_closed()).map(|(id, s)| (*id, s.clone())).collect()
     }
 
+    /// Whether any live session satisfies `predicate` (checked under the lock, nothing cloned).
+    pub fn any(&self, predicate: impl Fn(&S) -> bool) -> bool {
+        self.lock().values().any(|s| !s.is_closed() && predicate(s))
+    }
+
     pub fn len(&self) -> usize {
         self.lock().values().filter(|s| !s.is_closed()).count()
     }
