@@ -350,6 +350,17 @@ fn node_metrics(store: &Store, exchange: &Exchange, dht: &Dht) -> Arc<Registry> 
         move || ex.counters().records_from_peer_exchange.load(Ordering::Relaxed),
     );
     let ex = exchange.clone();
+    registry.register(
+        "rn_nat_punches_total",
+        "Hole-punch attempts (as initiator or target), by result.",
+        MetricKind::Counter,
+        Box::new(move |w| {
+            let (attempts, successes) = ex.punch_totals();
+            w.sample(&[("result", "connected")], successes);
+            w.sample(&[("result", "failed")], attempts.saturating_sub(successes));
+        }),
+    );
+    let ex = exchange.clone();
     registry.register_value(
         "rn_connected_peers",
         "Peers with an open QUIC connection.",

@@ -127,8 +127,9 @@ pub enum DaemonCommand {
     Nat(NatCommand),
     /// Dial a peer's QUIC address, exchange verified metadata and store it
     Connect {
-        /// The peer's QUIC address, HOST:PORT (IPv6 hosts in brackets)
-        #[arg(value_name = "ADDR")]
+        /// The peer's QUIC address, HOST:PORT (IPv6 hosts in brackets), or the node id of a known peer
+        /// (its stored addresses are tried, then hole punching through a connected peer)
+        #[arg(value_name = "ADDR|NODE_ID")]
         address: String,
     },
 }

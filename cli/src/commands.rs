@@ -285,12 +285,18 @@ async fn nat(daemon: &Daemon, printer: &mut Printer, command: NatCommand) -> Res
 
 async fn connect(daemon: &Daemon, printer: &mut Printer, address: String) -> Result<(), Failure> {
     let mut client = daemon.peers();
-    let response = daemon.unary(client.connect_peer(ConnectPeerRequest { address: address.clone() })).await?;
+    // A node id (64 hex characters) names a known peer: the daemon tries its addresses, then hole punching.
+    let request = match NodeId::parse(&address) {
+        Ok(id) => ConnectPeerRequest { node_id: id.to_string(), ..Default::default() },
+        Err(_) => ConnectPeerRequest { address: address.clone(), ..Default::default() },
+    };
+    let response = daemon.unary(client.connect_peer(request)).await?;
     let now = now();
     printer.response(&response, |response| {
         let peer = response.peer.clone().unwrap_or_default();
         let rtt = response.rtt.as_ref().map(crate::timefmt::format_rtt).unwrap_or_default();
-        format!("verified {} at {address} in {rtt}\n{}", peer.node_id, render::peer_detail(&peer, now))
+        let remote = peer.connection.as_ref().map_or(address.as_str(), |c| c.remote_address.as_str());
+        format!("verified {} at {remote} in {rtt}\n{}", peer.node_id, render::peer_detail(&peer, now))
     })
 }
 

@@ -191,7 +191,10 @@ pub fn connection(info: Option<&crate::exchange::SessionInfo>) -> pb::PeerConnec
             } as i32,
             remote_address: info.remote.to_string(),
             since: Some(timestamp(info.since_ms)),
-            path: pb::ConnectionPath::Direct as i32,
+            path: match info.path {
+                crate::exchange::ConnectionPath::Direct => pb::ConnectionPath::Direct,
+                crate::exchange::ConnectionPath::Punched => pb::ConnectionPath::Punched,
+            } as i32,
             rtt: Some(duration(info.rtt)),
         },
     }

@@ -156,9 +156,27 @@ fn nat_report(
             at: Some(convert::timestamp(record.at_ms)),
         })
         .collect();
+    // wire.proto's NatType and control.proto's share their numbers, so values pass through unchanged.
+    let punches = ctx
+        .exchange
+        .punch_stats()
+        .into_iter()
+        .map(|((ours, theirs), stat)| pb::PunchStats {
+            our_nat: ours,
+            their_nat: theirs,
+            attempts: stat.attempts,
+            successes: stat.successes,
+            last_outcome: stat.last_outcome,
+            last_attempt: Some(convert::timestamp(stat.last_at_ms)),
+            last_time_to_connected: stat
+                .last_success_ms
+                .map(|ms| convert::duration(std::time::Duration::from_millis(ms))),
+        })
+        .collect();
     let mut report = pb::NatReport {
         observed,
         dial_backs,
+        punches,
         last_probe: knowledge.last_probe_ms.map(convert::timestamp),
         ..Default::default()
     };

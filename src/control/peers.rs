@@ -124,7 +124,14 @@ impl PeerService for Peers {
         &self,
         request: Request<ConnectPeerRequest>,
     ) -> Result<Response<ConnectPeerResponse>, Status> {
-        let text = request.into_inner().address;
+        let request = request.into_inner();
+        if !request.node_id.is_empty() {
+            if !request.address.is_empty() {
+                return Err(Status::invalid_argument("give either address or node_id, not both"));
+            }
+            return self.connect_known(node_id_arg("node_id", &request.node_id)?).await;
+        }
+        let text = request.address;
         let address = resolve_address(&text).await?;
         let verified = self
             .0
@@ -159,6 +166,28 @@ impl PeerService for Peers {
             peer: Some(convert::peer_from_record(&record)),
             rtt: Some(convert::duration(rtt)),
             record: prost::Message::encode_to_vec(&record.signed),
+        }))
+    }
+}
+
+impl Peers {
+    /// `ConnectPeer` by node id: stored addresses, then hole punching.
+    async fn connect_known(&self, node_id: NodeId) -> Result<Response<ConnectPeerResponse>, Status> {
+        if node_id == self.0.node_id {
+            return Err(Status::invalid_argument("node_id: that is this node itself"));
+        }
+        let started = std::time::Instant::now();
+        self.0
+            .exchange
+            .connect_known(node_id)
+            .await
+            .map_err(|e| exchange_status(&format!("connecting to {node_id}"), e))?;
+        let detail = self.0.store.get_peer(node_id).await.map_err(store_status)?;
+        let mut peer = detail.as_ref().map(convert::peer_detail).unwrap_or_default();
+        peer.connection = Some(convert::connection(self.0.exchange.session_info(&node_id).as_ref()));
+        Ok(Response::new(ConnectPeerResponse {
+            peer: Some(peer),
+            rtt: Some(convert::duration(started.elapsed())),
         }))
     }
 }

@@ -9,6 +9,7 @@
 
 pub mod dial_back;
 pub mod dialer;
+pub mod punch;
 pub mod record;
 pub mod session;
 pub mod table;
@@ -91,6 +92,8 @@ pub enum ExchangeError {
     Stopping,
     #[error("a dial-back we asked for (not a session)")]
     DialBack,
+    #[error("hole punch failed: {0}")]
+    Punch(String),
 }
 
 impl ExchangeError {
@@ -110,6 +113,7 @@ impl ExchangeError {
             Self::Store(_) => "store",
             Self::Stopping => "stopping",
             Self::DialBack => "dial-back",
+            Self::Punch(_) => "punch",
         }
     }
 }
@@ -134,10 +138,20 @@ pub struct ExchangeCounters {
     pub records_from_peer_exchange: AtomicU64,
 }
 
+/// How a connection reached its peer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConnectionPath {
+    /// One side dialed the other's address and got in.
+    Direct,
+    /// Both sides dialed each other at once after an introduction by a rendezvous (hole punching).
+    Punched,
+}
+
 /// What `GetPeer` shows about a live connection.
 #[derive(Debug, Clone)]
 pub struct SessionInfo {
     pub direction: Direction,
+    pub path: ConnectionPath,
     pub remote: SocketAddr,
     pub since_ms: i64,
     pub rtt: Duration,
@@ -165,6 +179,7 @@ struct Inner {
     dial_back_server: dial_back::Server,
     mappings: std::sync::Mutex<MappingLog>,
     contacted: std::sync::Mutex<ContactLog>,
+    punch: punch::PunchState,
 }
 
 /// Every remote endpoint our socket sent to recently, and whether it answered: a "fresh" dial-back source must
@@ -265,6 +280,7 @@ impl Exchange {
                 dial_back_server: dial_back::Server::default(),
                 mappings: std::sync::Mutex::new(MappingLog::default()),
                 contacted: std::sync::Mutex::new(ContactLog::default()),
+                punch: punch::PunchState::default(),
             }
         });
         tokio::spawn(accept_loop(exchange.clone()));
@@ -362,9 +378,36 @@ impl Exchange {
         })
     }
 
+    /// Gets a direct connection to `peer` by hole punching through a peer both are connected to.
+    pub async fn punch(&self, peer: NodeId) -> Result<(), ExchangeError> {
+        self.inner.punch_to(peer).await.map(|_| ())
+    }
+
+    /// Connects to a known peer: its stored addresses first, then hole punching.
+    pub async fn connect_known(&self, peer: NodeId) -> Result<(), ExchangeError> {
+        match self.inner.sessions.get(&peer) {
+            Some(_) => Ok(()),
+            None => self.inner.dial_known(peer).await.map(|_| ()),
+        }
+    }
+
+    /// Punch attempts and outcomes by (our NAT type, their NAT type).
+    pub fn punch_stats(&self) -> std::collections::BTreeMap<punch::NatPair, punch::PunchStat> {
+        self.inner.punch.stats()
+    }
+
+    /// Punch attempts and successes since start (either role).
+    pub fn punch_totals(&self) -> (u64, u64) {
+        (
+            self.inner.punch.attempts.load(Ordering::Relaxed),
+            self.inner.punch.successes.load(Ordering::Relaxed),
+        )
+    }
+
     pub fn session_info(&self, peer: &NodeId) -> Option<SessionInfo> {
         self.inner.sessions.get(peer).map(|s| SessionInfo {
             direction: s.direction(),
+            path: s.path(),
             remote: s.connection().remote_address(),
             since_ms: s.since_ms(),
             rtt: s.connection().rtt(),
@@ -618,8 +661,9 @@ impl Inner {
     ) {
         let id = self.next_session.fetch_add(1, Ordering::Relaxed);
         let weak = Arc::downgrade(self);
+        let path = if self.punch.is_active(&peer) { ConnectionPath::Punched } else { ConnectionPath::Direct };
         let session = SessionHandle::start(
-            session::SessionParts { id, peer, direction, connection, send, reader, since_ms: now_ms() },
+            session::SessionParts { id, peer, direction, path, connection, send, reader, since_ms: now_ms() },
             Arc::new(Handler(weak.clone())),
             move |session, _| {
                 if let Some(inner) = weak.upgrade() {
@@ -641,7 +685,7 @@ impl Inner {
     }
 
     /// Asks a new peer for records of the topics we share, verifies and stores each, and dials the new ones.
-    async fn exchange_peers(&self, session: SessionHandle) {
+    async fn exchange_peers(self: &Arc<Self>, session: SessionHandle) {
         let ours = self.publisher.topics();
         let Ok(Some(theirs)) = self.store.get_peer(session.peer()).await else { return };
         let common: Vec<String> =
@@ -669,6 +713,7 @@ impl Inner {
                     continue;
                 }
                 candidates.extend(record::dialable_addresses(&verified));
+                self.punch_if_private(&verified);
                 // A stale record (lower seq than stored) is simply not newer: nothing to do.
                 let upsert = upsert_from_record(&verified, None, now_ms());
                 if let Ok(UpsertOutcome::Added | UpsertOutcome::Updated) =
@@ -681,10 +726,37 @@ impl Inner {
         }
     }
 
+    /// Starts a punch to a peer learnt by peer exchange whose record says it is behind a NAT: dialing its
+    /// addresses (which the dialer does anyway) will not get through its NAT's filter.
+    fn punch_if_private(self: &Arc<Self>, record: &VerifiedRecord) {
+        let private = record.body.node_type == pb::NodeType::Private as i32
+            || record.body.nat.is_some_and(|n| {
+                n.reachability == pb::Reachability::PrivatePunchable as i32
+                    || n.reachability == pb::Reachability::PrivateHard as i32
+            });
+        if !private || !self.punch.auto_punch_due(record.node_id) {
+            return;
+        }
+        let inner = self.clone();
+        let peer = record.node_id;
+        tokio::spawn(async move {
+            // Give the dialer's direct attempt a head start: a direct path is better when there is one.
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            if inner.sessions.get(&peer).is_some() {
+                return;
+            }
+            match inner.punch_to(peer).await {
+                Ok(_) => tracing::info!(%peer, "connected by hole punching"),
+                Err(e) => tracing::info!(%peer, error = %e, "hole punch failed"),
+            }
+        });
+    }
+
     /// Dials a known peer on its stored addresses, best first, pinning its node id.
     async fn dial_known(self: &Arc<Self>, peer: NodeId) -> Result<SessionHandle, ExchangeError> {
-        let detail = self.store.get_peer(peer).await?.ok_or(ExchangeError::Unreachable(peer))?;
-        for address in detail.addresses.iter().filter_map(|a| a.address.parse::<SocketAddr>().ok()).take(4) {
+        // An unknown peer may still be reachable by punching through a connected peer that knows it.
+        let addresses = self.store.get_peer(peer).await?.map(|detail| detail.addresses).unwrap_or_default();
+        for address in addresses.iter().filter_map(|a| a.address.parse::<SocketAddr>().ok()).take(4) {
             let started = Instant::now();
             self.contacted(address, false);
             let attempt = match self.endpoint.connect(address, Some(peer)).await {
@@ -700,7 +772,14 @@ impl Inner {
                 Err(e) => self.note_failure(peer, address, &e).await,
             }
         }
-        Err(ExchangeError::Unreachable(peer))
+        // No stored address let us in: the peer may be behind a NAT that a punch gets through.
+        match self.punch_to(peer).await {
+            Ok(session) => Ok(session),
+            Err(e @ ExchangeError::Punch(_)) if !addresses.is_empty() => {
+                Err(ExchangeError::Punch(format!("no stored address of {peer} answered, and {e}")))
+            }
+            Err(e) => Err(e),
+        }
     }
 
     /// Records a failed contact with a known peer.
@@ -730,6 +809,10 @@ impl RequestHandler for Handler {
                 let key = inner.publisher.signing_key().clone();
                 let response = inner.dial_back_server.serve(&key, peer, target, local, kind).await;
                 Some(Kind::DialBackResponse(response))
+            }
+            Kind::PunchRequest(request) => Some(inner.forward_punch(peer, request).await),
+            Kind::PunchIntroduction(introduction) => {
+                Some(inner.accept_introduction(peer, introduction).await)
             }
             Kind::GetRecordRequest(_) => Some(Kind::GetRecordResponse(pb::GetRecordResponse {
                 record: Some((*inner.publisher.current()).clone()),

@@ -15,6 +15,9 @@ use crate::api::names::NodeId;
 use crate::store::{self, AddressSource, PeerUpsert, ServiceEntry, Store, StoreError};
 use crate::wire::{self, VerifiedRecord, pb};
 
+/// Rendezvous peers named in our record.
+const MAX_RENDEZVOUS: usize = 3;
+
 /// What our record states, besides identity and seq.
 #[derive(Debug, Clone, Default)]
 struct Facts {
@@ -23,6 +26,8 @@ struct Facts {
     interfaces: Vec<SocketAddr>,
     /// Public addresses confirmed by peers.
     observed: Vec<SocketAddr>,
+    /// Peers that can introduce others to us (hole punching), while we are not reachable directly.
+    rendezvous: Vec<SocketAddr>,
     /// What the NAT prober concluded (unknown until it has).
     node_type: Option<pb::NodeType>,
     nat: pb::NatInfo,
@@ -57,6 +62,7 @@ impl RecordPublisher {
             topics: topics.clone(),
             interfaces: interface_addresses(quic),
             observed: Vec::new(),
+            rendezvous: Vec::new(),
             node_type: None,
             nat: pb::NatInfo::default(),
         };
@@ -115,6 +121,22 @@ impl RecordPublisher {
         }
     }
 
+    /// Re-signs the record if the rendezvous peers (addresses of peers that keep a session with us and can
+    /// introduce others) changed.
+    pub async fn set_rendezvous(&self, mut rendezvous: Vec<SocketAddr>) {
+        rendezvous.sort();
+        rendezvous.dedup();
+        rendezvous.truncate(MAX_RENDEZVOUS);
+        let mut facts = self.inner.facts.lock().await;
+        if facts.rendezvous == rendezvous {
+            return;
+        }
+        facts.rendezvous = rendezvous;
+        if let Err(e) = self.publish(&facts).await {
+            tracing::warn!(error = %e, "could not re-sign the record with new rendezvous peers");
+        }
+    }
+
     /// Re-signs the record with a new NAT verdict, if it changed.
     pub async fn set_nat(&self, node_type: pb::NodeType, nat: pb::NatInfo) -> Result<(), StoreError> {
         let mut facts = self.inner.facts.lock().await;
@@ -160,6 +182,12 @@ fn sign(key: &SigningKey, node_id: NodeId, seq: u64, facts: &Facts) -> pb::Signe
             .iter()
             .filter(|a| !facts.interfaces.contains(a))
             .map(|a| pb::Address { address: a.to_string(), kind: pb::AddressKind::ObservedPublic as i32 }),
+    );
+    addresses.extend(
+        facts
+            .rendezvous
+            .iter()
+            .map(|a| pb::Address { address: a.to_string(), kind: pb::AddressKind::Relay as i32 }),
     );
     addresses.truncate(wire::MAX_ADDRESSES_PER_RECORD);
     let body = pb::RecordBody {
@@ -231,8 +259,25 @@ fn total_memory_bytes() -> Option<u64> {
 }
 
 /// Addresses in a verified record that a dialer may try.
+/// Rendezvous addresses (`ADDRESS_KIND_RELAY`) are not the node's own: they are where to ask for an
+/// introduction.
 pub fn dialable_addresses(record: &VerifiedRecord) -> Vec<SocketAddr> {
-    record.body.addresses.iter().filter_map(|a| a.address.parse().ok()).collect()
+    record
+        .body
+        .addresses
+        .iter()
+        .filter(|a| a.kind != pb::AddressKind::Relay as i32)
+        .filter_map(|a| a.address.parse().ok())
+        .collect()
+}
+
+/// The peers a record names as able to introduce others to its node.
+pub fn rendezvous_addresses(body: &pb::RecordBody) -> Vec<SocketAddr> {
+    body.addresses
+        .iter()
+        .filter(|a| a.kind == pb::AddressKind::Relay as i32)
+        .filter_map(|a| a.address.parse().ok())
+        .collect()
 }
 
 /// The store row for a verified record. `contact` is the address the record came over, if it came over a
@@ -244,7 +289,12 @@ pub fn upsert_from_record(
 ) -> PeerUpsert {
     let body = &record.body;
     let mut addresses: Vec<(String, AddressSource)> = contact.into_iter().collect();
-    addresses.extend(body.addresses.iter().map(|a| (a.address.clone(), AddressSource::Record)));
+    addresses.extend(
+        body.addresses
+            .iter()
+            .filter(|a| a.kind != pb::AddressKind::Relay as i32)
+            .map(|a| (a.address.clone(), AddressSource::Record)),
+    );
     PeerUpsert {
         node_id: record.node_id,
         seq: record.seq,

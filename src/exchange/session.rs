@@ -24,6 +24,8 @@ use crate::wire::{self, FrameDecoder, pb};
 
 /// Requests awaiting an answer on one session; more are refused rather than queued without bound.
 const MAX_PENDING_REQUESTS: usize = 64;
+/// Requests from the peer being answered at once on one session.
+const MAX_REQUESTS_HANDLED: usize = 8;
 /// Outgoing frames queued per session before senders wait.
 const OUTGOING_QUEUE: usize = 64;
 /// Bytes read from the stream at a time.
@@ -98,6 +100,7 @@ struct SessionInner {
     id: u64,
     peer: NodeId,
     direction: Direction,
+    path: super::ConnectionPath,
     connection: quinn::Connection,
     since_ms: i64,
     outgoing: mpsc::Sender<pb::Envelope>,
@@ -133,6 +136,7 @@ pub struct SessionParts {
     pub id: u64,
     pub peer: NodeId,
     pub direction: Direction,
+    pub path: super::ConnectionPath,
     pub connection: quinn::Connection,
     pub send: SendStream,
     pub reader: EnvelopeReader,
@@ -146,13 +150,14 @@ impl SessionHandle {
         handler: Arc<H>,
         on_end: impl FnOnce(&SessionHandle, Option<ExchangeError>) + Send + 'static,
     ) -> Self {
-        let SessionParts { id, peer, direction, connection, send, reader, since_ms } = parts;
+        let SessionParts { id, peer, direction, path, connection, send, reader, since_ms } = parts;
         let (outgoing, queue) = mpsc::channel(OUTGOING_QUEUE);
         let handle = Self {
             inner: Arc::new(SessionInner {
                 id,
                 peer,
                 direction,
+                path,
                 connection,
                 since_ms,
                 outgoing,
@@ -193,6 +198,10 @@ impl SessionHandle {
 
     pub fn direction(&self) -> Direction {
         self.inner.direction
+    }
+
+    pub fn path(&self) -> super::ConnectionPath {
+        self.inner.path
     }
 
     pub fn connection(&self) -> &quinn::Connection {
@@ -250,6 +259,7 @@ impl SessionHandle {
         mut reader: EnvelopeReader,
         handler: Arc<H>,
     ) -> Result<(), ExchangeError> {
+        let handling = Arc::new(tokio::sync::Semaphore::new(MAX_REQUESTS_HANDLED));
         while let Some(envelope) = reader.next().await? {
             let Some(kind) = envelope.kind else {
                 return Err(ExchangeError::Frame(wire::FrameError::Malformed(
@@ -268,16 +278,24 @@ impl SessionHandle {
                     "a request needs a nonzero request_id, and Hello is sent once".into(),
                 )));
             }
-            let answer = handler.handle(self.inner.peer, kind).await.unwrap_or_else(|| {
-                pb::envelope::Kind::Error(pb::ErrorResponse {
-                    code: 1,
-                    message: "unsupported request".into(),
-                })
+            // Requests are answered concurrently: some wait on other sessions (a rendezvous waits for the
+            // target's answer to an introduction), and two such waits on one reader would deadlock two
+            // sessions that wait on each other. The permit bounds the work one peer can start; while it is
+            // used up, this loop stops reading, which pushes back on the peer through QUIC flow control.
+            let permit = handling.clone().acquire_owned().await.map_err(|_| ExchangeError::SessionClosed)?;
+            let (handler, outgoing, peer) = (handler.clone(), self.inner.outgoing.clone(), self.inner.peer);
+            let request_id = envelope.request_id;
+            tokio::spawn(async move {
+                let _permit = permit;
+                let answer = handler.handle(peer, kind).await.unwrap_or_else(|| {
+                    pb::envelope::Kind::Error(pb::ErrorResponse {
+                        code: 1,
+                        message: "unsupported request".into(),
+                    })
+                });
+                // A closed session has nobody to answer.
+                let _ = outgoing.send(pb::Envelope { request_id, kind: Some(answer) }).await;
             });
-            let response = pb::Envelope { request_id: envelope.request_id, kind: Some(answer) };
-            if self.inner.outgoing.send(response).await.is_err() {
-                return Err(ExchangeError::SessionClosed);
-            }
         }
         Ok(())
     }
@@ -291,6 +309,7 @@ fn is_response(kind: &pb::envelope::Kind) -> bool {
             | Kind::Pong(_)
             | Kind::PeerExchangeResponse(_)
             | Kind::DialBackResponse(_)
+            | Kind::PunchResponse(_)
             | Kind::Error(_)
     )
 }

@@ -138,6 +138,9 @@ impl NatProber {
             if due {
                 last_samples = samples;
                 self.probe().await;
+            } else {
+                // Sessions come and go between probes: keep the published rendezvous peers live ones.
+                self.maintain_rendezvous().await;
             }
         }
     }
@@ -214,6 +217,7 @@ impl NatProber {
         if let Err(e) = self.inner.exchange.publisher().set_nat(node_type, nat).await {
             tracing::warn!(error = %e, "could not re-sign the record with the NAT verdict");
         }
+        self.maintain_rendezvous().await;
         if let (Some(external), true) = (verdict.external_address, announces_external_port(verdict)) {
             self.inner.dht.set_announce_port(external.port());
         }
@@ -221,6 +225,31 @@ impl NatProber {
             mapping = ?verdict.mapping, filtering = ?verdict.filtering, reachability = ?verdict.reachability,
             "NAT classified"
         );
+    }
+
+    /// While we are not reachable directly, names in our record the public peers we hold a session with, so
+    /// that others know whom to ask for an introduction (hole punching); names none once we are reachable.
+    async fn maintain_rendezvous(&self) {
+        let private = self.lock().verdict.as_ref().is_some_and(|v| {
+            matches!(
+                v.reachability,
+                classify::Reachability::PrivatePunchable | classify::Reachability::PrivateHard
+            )
+        });
+        let mut rendezvous = Vec::new();
+        if private {
+            let exchange = &self.inner.exchange;
+            for peer in exchange.connected() {
+                let public = matches!(
+                    self.inner.store.get_peer(peer).await,
+                    Ok(Some(detail)) if detail.summary.node_type == NodeType::Public
+                );
+                if let (true, Some(session)) = (public, exchange.session_info(&peer)) {
+                    rendezvous.push(session.remote);
+                }
+            }
+        }
+        self.inner.exchange.publisher().set_rendezvous(rendezvous).await;
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, NatKnowledge> {

@@ -31,6 +31,9 @@ pub(super) fn kind_name(kind: &Kind) -> &'static str {
         Kind::Error(_) => "ErrorResponse",
         Kind::DialBackRequest(_) => "DialBackRequest",
         Kind::DialBackResponse(_) => "DialBackResponse",
+        Kind::PunchRequest(_) => "PunchRequest",
+        Kind::PunchIntroduction(_) => "PunchIntroduction",
+        Kind::PunchResponse(_) => "PunchResponse",
     }
 }
 
@@ -59,6 +62,11 @@ pub(super) fn check_envelope(envelope: &pb::Envelope) -> Result<(), String> {
         Kind::Hello(pb::Hello { record: None, .. })
         | Kind::GetRecordResponse(pb::GetRecordResponse { record: None }) => {
             Err(format!("{name} must carry a record"))
+        }
+        Kind::PunchRequest(pb::PunchRequest { offer: None })
+        | Kind::PunchIntroduction(pb::PunchIntroduction { offer: None, .. })
+        | Kind::PunchResponse(pb::PunchResponse { offer: None, .. }) => {
+            Err(format!("{name} must carry a signed offer"))
         }
         Kind::PeerExchangeResponse(response) if response.records.len() > MAX_PEER_EXCHANGE_RECORDS => {
             Err(format!(

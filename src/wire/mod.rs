@@ -10,12 +10,15 @@
 //!   size limit, and the rules every envelope follows (request ids, required fields).
 //! - Records ([`sign_record`], [`verify_record`], [`check_not_replayed`]): signing and verification of
 //!   [`pb::SignedRecord`], and the replay rule.
+//! - Punch offers ([`sign_punch_offer`], [`verify_punch_offer`]): what a node asks a rendezvous to pass on
+//!   when it wants to hole-punch to a peer.
 //! - Conversation helpers ([`negotiate_version`], [`build_peer_exchange_response`]).
 //! - [`fuzz_decode_and_verify`]: the whole receive path in one call, for the fuzz target and tests.
 
 mod frame;
 mod fuzz;
 mod message;
+mod punch;
 mod record;
 #[cfg(test)]
 mod test_support;
@@ -23,6 +26,10 @@ mod test_support;
 pub use frame::{FrameDecoder, FrameError, encode_frame};
 pub use fuzz::fuzz_decode_and_verify;
 pub use message::{build_peer_exchange_response, negotiate_version};
+pub use punch::{
+    MAX_PUNCH_CANDIDATES, MAX_PUNCH_OFFER_AGE, PUNCH_DOMAIN, PunchOfferError, VerifiedPunchOffer,
+    sign_punch_offer, verify_punch_offer,
+};
 pub use record::{
     DEFAULT_MAX_CLOCK_SKEW, RecordError, VerifiedRecord, VerifyPolicy, check_not_replayed, parse_address,
     sign_record, verify_record,

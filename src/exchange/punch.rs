@@ -1,0 +1,604 @@
+//! Hole punching through a rendezvous: how two nodes behind NATs get a direct QUIC connection with the help of a
+//! peer both are connected to (the protocol is described in `proto/wire.proto`, "Hole punching through a
+//! rendezvous").
+//!
+//! Three roles, all in this module because each needs the live session table and the endpoint:
+//! - the **initiator** ([`Inner::punch_to`]) signs an offer with its candidate addresses and asks rendezvous
+//!   peers, those the target's record names first, to pass it on;
+//! - the **rendezvous** ([`Inner::forward_punch`]) checks the offer comes from the session that sent it, passes
+//!   it to the target with the address it sees the initiator at, and returns the target's answer;
+//! - the **target** ([`Inner::accept_introduction`]) checks the offer (signature, addressed to us, fresh, nonce
+//!   unused), answers with its own, and starts dialing when the answer should have reached the initiator.
+//!
+//! Both sides then dial every candidate of the other from the one endpoint socket at once: the first packets
+//! each side sends open its own NAT for the other side's packets, so whichever arrives after the other side's
+//! NAT opened (a retransmitted Initial at worst) gets through. Connections that both succeed are resolved by
+//! the session table like any simultaneous dial. A session admitted while a punch with its peer is running is
+//! recorded as punched.
+//!
+//! Everything is bounded: punches running at once, introductions a rendezvous forwards per requester, offers
+//! remembered against replay, candidates dialed per punch.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use prost::Message;
+use tokio::task::JoinSet;
+
+use super::session::SessionHandle;
+use super::{ExchangeError, Inner, now_ms};
+use crate::api::names::NodeId;
+use crate::store::AddressSource;
+use crate::wire::{self, VerifiedPunchOffer, pb};
+
+/// How long both sides keep dialing each other before a punch counts as failed: several of quinn's
+/// Initial retransmissions.
+pub const PUNCH_WINDOW: Duration = Duration::from_secs(8);
+/// Punches (either role) running at once; more are refused as busy.
+const MAX_CONCURRENT_PUNCHES: usize = 8;
+/// Candidate addresses dialed per punch.
+const MAX_DIALED_CANDIDATES: usize = 6;
+/// Rendezvous peers asked, in turn, per punch.
+const MAX_RENDEZVOUS_ASKED: usize = 4;
+/// Introductions a rendezvous forwards for one requester per [`FORWARD_WINDOW`].
+const MAX_FORWARDS_PER_WINDOW: u32 = 10;
+const FORWARD_WINDOW: Duration = Duration::from_secs(60);
+/// Requesters whose forward counts are remembered (oldest window forgotten first).
+const MAX_FORWARD_REQUESTERS: usize = 1024;
+/// Offers remembered against replay; an offer older than [`wire::MAX_PUNCH_OFFER_AGE`] is refused anyway.
+const MAX_REMEMBERED_OFFERS: usize = 4096;
+/// Automatic punches to the same peer (after discovering it) at most this often.
+pub const AUTO_PUNCH_INTERVAL: Duration = Duration::from_secs(120);
+/// Peers whose last automatic punch time is remembered.
+const MAX_AUTO_PUNCH_PEERS: usize = 1024;
+
+/// Punch attempts and outcomes for one pair of NAT types (ours, theirs; each as the records state them when
+/// the attempt ended, so a success knows the peer's from its fresh record).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PunchStat {
+    pub attempts: u64,
+    pub successes: u64,
+    pub last_outcome: String,
+    pub last_at_ms: i64,
+    /// Time from the start of the attempt to the verified session, of the last success.
+    pub last_success_ms: Option<u64>,
+}
+
+/// Key of [`PunchStat`]: (our NAT type, their NAT type), as `wire.proto` `NatType` values.
+pub type NatPair = (i32, i32);
+
+/// The exchange's hole-punching state.
+pub(super) struct PunchState {
+    running: Arc<tokio::sync::Semaphore>,
+    /// Peers with a punch in progress, with how many punches target each.
+    active: std::sync::Mutex<HashMap<NodeId, usize>>,
+    /// (sender, nonce, when) of offers accepted, oldest first.
+    seen: std::sync::Mutex<VecDeque<(NodeId, u64, i64)>>,
+    /// Per requester: start of its current window and introductions forwarded in it.
+    forwards: std::sync::Mutex<HashMap<NodeId, (Instant, u32)>>,
+    auto: std::sync::Mutex<HashMap<NodeId, Instant>>,
+    stats: std::sync::Mutex<BTreeMap<NatPair, PunchStat>>,
+    pub(super) attempts: AtomicU64,
+    pub(super) successes: AtomicU64,
+}
+
+impl Default for PunchState {
+    fn default() -> Self {
+        Self {
+            running: Arc::new(tokio::sync::Semaphore::new(MAX_CONCURRENT_PUNCHES)),
+            active: std::sync::Mutex::default(),
+            seen: std::sync::Mutex::default(),
+            forwards: std::sync::Mutex::default(),
+            auto: std::sync::Mutex::default(),
+            stats: std::sync::Mutex::default(),
+            attempts: AtomicU64::new(0),
+            successes: AtomicU64::new(0),
+        }
+    }
+}
+
+/// Locks a mutex whose data stays consistent even if a holder panicked (every update is a single insert,
+/// remove or increment).
+fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+impl PunchState {
+    /// Whether a punch with `peer` is running (a session admitted now was punched).
+    pub(super) fn is_active(&self, peer: &NodeId) -> bool {
+        lock(&self.active).contains_key(peer)
+    }
+
+    pub(super) fn stats(&self) -> BTreeMap<NatPair, PunchStat> {
+        lock(&self.stats).clone()
+    }
+
+    /// Accepts `(from, nonce)` once.
+    fn first_use(&self, offer: &VerifiedPunchOffer, now: i64) -> bool {
+        let mut seen = lock(&self.seen);
+        let max_age = wire::MAX_PUNCH_OFFER_AGE.as_millis() as i64;
+        // Anything older than twice the age limit would be refused as stale anyway.
+        while seen.front().is_some_and(|(_, _, at)| now.saturating_sub(*at) > 2 * max_age) {
+            seen.pop_front();
+        }
+        if seen.iter().any(|(from, nonce, _)| *from == offer.from && *nonce == offer.nonce) {
+            return false;
+        }
+        if seen.len() >= MAX_REMEMBERED_OFFERS {
+            seen.pop_front();
+        }
+        seen.push_back((offer.from, offer.nonce, now));
+        true
+    }
+
+    /// Counts one forward for `requester`; false when it used up its window.
+    fn allow_forward(&self, requester: NodeId) -> bool {
+        let mut forwards = lock(&self.forwards);
+        let now = Instant::now();
+        if !forwards.contains_key(&requester) && forwards.len() >= MAX_FORWARD_REQUESTERS {
+            forwards.retain(|_, (start, _)| now.duration_since(*start) < FORWARD_WINDOW);
+            if forwards.len() >= MAX_FORWARD_REQUESTERS {
+                return false;
+            }
+        }
+        let (start, count) = forwards.entry(requester).or_insert((now, 0));
+        if now.duration_since(*start) >= FORWARD_WINDOW {
+            *start = now;
+            *count = 0;
+        }
+        *count += 1;
+        *count <= MAX_FORWARDS_PER_WINDOW
+    }
+
+    /// Whether an automatic punch to `peer` may start now (and notes that it does).
+    pub(super) fn auto_punch_due(&self, peer: NodeId) -> bool {
+        let mut auto = lock(&self.auto);
+        let now = Instant::now();
+        if auto.get(&peer).is_some_and(|at| now.duration_since(*at) < AUTO_PUNCH_INTERVAL) {
+            return false;
+        }
+        if auto.len() >= MAX_AUTO_PUNCH_PEERS {
+            auto.retain(|_, at| now.duration_since(*at) < AUTO_PUNCH_INTERVAL);
+            if auto.len() >= MAX_AUTO_PUNCH_PEERS {
+                return false;
+            }
+        }
+        auto.insert(peer, now);
+        true
+    }
+
+    fn record(&self, pair: NatPair, outcome: &Result<Duration, String>) {
+        self.attempts.fetch_add(1, Ordering::Relaxed);
+        let mut stats = lock(&self.stats);
+        let stat = stats.entry(pair).or_default();
+        stat.attempts += 1;
+        stat.last_at_ms = now_ms();
+        match outcome {
+            Ok(elapsed) => {
+                self.successes.fetch_add(1, Ordering::Relaxed);
+                stat.successes += 1;
+                stat.last_outcome = format!("connected directly in {} ms", elapsed.as_millis());
+                stat.last_success_ms = Some(elapsed.as_millis() as u64);
+            }
+            Err(reason) => stat.last_outcome = reason.clone(),
+        }
+    }
+}
+
+/// Marks a peer as being punched for as long as it lives.
+struct ActivePunch<'a> {
+    state: &'a PunchState,
+    peer: NodeId,
+}
+
+impl<'a> ActivePunch<'a> {
+    fn new(state: &'a PunchState, peer: NodeId) -> Self {
+        *lock(&state.active).entry(peer).or_insert(0) += 1;
+        Self { state, peer }
+    }
+}
+
+impl Drop for ActivePunch<'_> {
+    fn drop(&mut self) {
+        let mut active = lock(&self.state.active);
+        if let Some(count) = active.get_mut(&self.peer) {
+            *count -= 1;
+            if *count == 0 {
+                active.remove(&self.peer);
+            }
+        }
+    }
+}
+
+fn random_nonce() -> u64 {
+    let mut bytes = [0u8; 8];
+    // A weak nonce only weakens replay protection of a message that is also time-bound and useless to replay
+    // to anyone but its target; the time is a fine fallback.
+    if getrandom::fill(&mut bytes).is_err() {
+        return now_ms() as u64;
+    }
+    u64::from_le_bytes(bytes)
+}
+
+fn error_kind(message: String) -> pb::envelope::Kind {
+    pb::envelope::Kind::Error(pb::ErrorResponse { code: pb::ErrorCode::Unspecified as u32, message })
+}
+
+/// Candidates in the order to try: the address a rendezvous saw (the NAT mapping the other side's packets use)
+/// first, then the other side's own list; same IP family as our socket only, no duplicates, bounded.
+fn dial_order(observed: Option<SocketAddr>, offered: &[SocketAddr], ours: SocketAddr) -> Vec<SocketAddr> {
+    let mut order: Vec<SocketAddr> = Vec::new();
+    for candidate in observed.iter().chain(offered) {
+        if candidate.is_ipv4() == ours.is_ipv4() && !order.contains(candidate) {
+            order.push(*candidate);
+        }
+    }
+    order.truncate(MAX_DIALED_CANDIDATES);
+    order
+}
+
+impl Inner {
+    /// The addresses we offer: every address our record states except rendezvous ones.
+    fn own_candidates(&self) -> Vec<SocketAddr> {
+        let current = self.publisher.current();
+        let Ok(body) = pb::RecordBody::decode(current.body.as_slice()) else { return Vec::new() };
+        body.addresses
+            .iter()
+            .filter(|a| a.kind != pb::AddressKind::Relay as i32)
+            .filter_map(|a| a.address.parse().ok())
+            .collect()
+    }
+
+    /// Our NAT type as our record states it, and `peer`'s as its stored record does.
+    async fn nat_pair(&self, peer: NodeId) -> NatPair {
+        let ours = pb::RecordBody::decode(self.publisher.current().body.as_slice())
+            .ok()
+            .and_then(|b| b.nat)
+            .map_or(0, |n| n.mapping);
+        let theirs = self.stored_record_body(peer).await.and_then(|b| b.nat).map_or(0, |n| n.mapping);
+        (ours, theirs)
+    }
+
+    async fn stored_record_body(&self, peer: NodeId) -> Option<pb::RecordBody> {
+        let detail = self.store.get_peer(peer).await.ok()??;
+        let signed = pb::SignedRecord::decode(detail.record.as_slice()).ok()?;
+        pb::RecordBody::decode(signed.body.as_slice()).ok()
+    }
+
+    /// Sessions to ask for an introduction to `peer`: the rendezvous its record names (dialed if needed),
+    /// then other connected peers, public ones first.
+    async fn rendezvous_for(self: &Arc<Self>, peer: NodeId) -> Vec<SessionHandle> {
+        let mut chosen: Vec<SessionHandle> = Vec::new();
+        let named: Vec<SocketAddr> = self
+            .stored_record_body(peer)
+            .await
+            .map(|body| super::record::rendezvous_addresses(&body))
+            .unwrap_or_default();
+        let connected = self.sessions.all();
+        for address in named {
+            let session = match connected.iter().find(|(_, s)| s.connection().remote_address() == address) {
+                Some((_, session)) => Some(session.clone()),
+                None => match self.dialer.dial_now(address, AddressSource::Record).await {
+                    super::dialer::DialOutcome::Verified(verified) => self.sessions.get(&verified.node_id),
+                    super::dialer::DialOutcome::Failed(e) => {
+                        tracing::debug!(%peer, %address, error = %e, "rendezvous named in the record is unreachable");
+                        None
+                    }
+                },
+            };
+            if let Some(session) = session
+                && session.peer() != peer
+                && !chosen.iter().any(|c| c.peer() == session.peer())
+            {
+                chosen.push(session);
+            }
+        }
+        let mut public = Vec::new();
+        let mut others = Vec::new();
+        for (id, session) in connected {
+            if id == peer || chosen.iter().any(|c| c.peer() == id) {
+                continue;
+            }
+            let is_public = self
+                .stored_record_body(id)
+                .await
+                .is_some_and(|body| body.node_type == pb::NodeType::Public as i32);
+            if is_public { public.push(session) } else { others.push(session) }
+        }
+        chosen.extend(public);
+        chosen.extend(others);
+        chosen.truncate(MAX_RENDEZVOUS_ASKED);
+        chosen
+    }
+
+    /// The initiator: gets a direct connection to `peer` by hole punching through a common rendezvous.
+    #[tracing::instrument(name = "nat.punch", skip_all, fields(peer = %peer))]
+    pub(super) async fn punch_to(self: &Arc<Self>, peer: NodeId) -> Result<SessionHandle, ExchangeError> {
+        if let Some(session) = self.sessions.get(&peer) {
+            return Ok(session);
+        }
+        let _permit = self.punch.running.clone().try_acquire_owned().map_err(|_| ExchangeError::Busy)?;
+        let rendezvous = self.rendezvous_for(peer).await;
+        if rendezvous.is_empty() {
+            return Err(ExchangeError::Punch("no connected peer can introduce us (no rendezvous)".into()));
+        }
+        let local = self.endpoint.local_addr()?;
+        let mut last_error = String::new();
+        for via in rendezvous {
+            let nonce = random_nonce();
+            let offer = wire::sign_punch_offer(
+                self.publisher.signing_key(),
+                peer,
+                nonce,
+                now_ms(),
+                &self.own_candidates(),
+            );
+            let request = pb::envelope::Kind::PunchRequest(pb::PunchRequest { offer: Some(offer) });
+            // The rendezvous waits for the target's answer before answering us.
+            let answer = via.request(request, self.options.request_timeout * 2).await;
+            let response = match answer {
+                Ok((pb::envelope::Kind::PunchResponse(response), _)) => response,
+                Ok(_) => {
+                    last_error = format!("rendezvous {} answered with another message", via.peer());
+                    continue;
+                }
+                Err(e) => {
+                    tracing::debug!(rendezvous = %via.peer(), error = %e, "rendezvous could not introduce us");
+                    last_error = format!("rendezvous {}: {e}", via.peer());
+                    continue;
+                }
+            };
+            let Some(offer) = response.offer.as_ref() else { continue };
+            let theirs = match wire::verify_punch_offer(offer, peer, self.local, now_ms()) {
+                Ok(theirs) if theirs.nonce == nonce => theirs,
+                Ok(_) => {
+                    last_error = "the answer echoed another nonce".into();
+                    continue;
+                }
+                Err(e) => {
+                    last_error = format!("the answer was refused: {e}");
+                    continue;
+                }
+            };
+            let observed = response.observed_address.parse().ok();
+            let candidates = dial_order(observed, &theirs.candidates, local);
+            tracing::info!(rendezvous = %via.peer(), ?candidates, "punching");
+            let outcome = self.dial_simultaneously(peer, candidates, Duration::ZERO).await;
+            // After the attempt: a success has just stored the peer's record, with its NAT type.
+            let pair = self.nat_pair(peer).await;
+            self.punch
+                .record(pair, &outcome.as_ref().map(|(_, elapsed)| *elapsed).map_err(ToString::to_string));
+            return outcome.map(|(session, _)| session);
+        }
+        Err(ExchangeError::Punch(last_error))
+    }
+
+    /// The rendezvous: passes `requester`'s offer to its target and returns the target's answer.
+    pub(super) async fn forward_punch(
+        &self,
+        requester: NodeId,
+        request: pb::PunchRequest,
+    ) -> pb::envelope::Kind {
+        let Some(offer) = request.offer else { return error_kind("PunchRequest without an offer".into()) };
+        let Ok(body) = pb::PunchOfferBody::decode(offer.body.as_slice()) else {
+            return error_kind("the offer does not decode".into());
+        };
+        let Ok(target) = <[u8; 32]>::try_from(body.to.as_slice()).map(NodeId) else {
+            return error_kind("the offer's target is not a node id".into());
+        };
+        if let Err(e) = wire::verify_punch_offer(&offer, requester, target, now_ms()) {
+            return error_kind(format!("offer refused: {e}"));
+        }
+        if !self.punch.allow_forward(requester) {
+            return pb::envelope::Kind::Error(pb::ErrorResponse {
+                code: pb::ErrorCode::RateLimited as u32,
+                message: "too many introductions asked; retry in a minute".into(),
+            });
+        }
+        let (Some(from_session), Some(to_session)) =
+            (self.sessions.get(&requester), self.sessions.get(&target))
+        else {
+            return error_kind(format!("not connected to {target}"));
+        };
+        let introduction = pb::envelope::Kind::PunchIntroduction(pb::PunchIntroduction {
+            offer: Some(offer),
+            observed_address: from_session.connection().remote_address().to_string(),
+            rtt_to_sender_us: from_session.connection().rtt().as_micros() as u64,
+        });
+        match to_session.request(introduction, self.options.request_timeout).await {
+            Ok((pb::envelope::Kind::PunchResponse(mut response), _)) => {
+                let valid = response
+                    .offer
+                    .as_ref()
+                    .is_some_and(|o| wire::verify_punch_offer(o, target, requester, now_ms()).is_ok());
+                if !valid {
+                    return error_kind(format!("{target} answered with an invalid offer"));
+                }
+                response.observed_address = to_session.connection().remote_address().to_string();
+                response.rtt_to_peer_us = to_session.connection().rtt().as_micros() as u64;
+                pb::envelope::Kind::PunchResponse(response)
+            }
+            Ok(_) => error_kind(format!("{target} answered with another message")),
+            Err(e) => error_kind(format!("{target} did not answer: {e}")),
+        }
+    }
+
+    /// The target: checks an introduction passed on by `rendezvous`, answers it, and starts dialing.
+    pub(super) async fn accept_introduction(
+        self: &Arc<Self>,
+        rendezvous: NodeId,
+        introduction: pb::PunchIntroduction,
+    ) -> pb::envelope::Kind {
+        let Some(offer) = introduction.offer else {
+            return error_kind("introduction without an offer".into());
+        };
+        let Ok(body) = pb::PunchOfferBody::decode(offer.body.as_slice()) else {
+            return error_kind("the offer does not decode".into());
+        };
+        let Ok(from) = <[u8; 32]>::try_from(body.from.as_slice()).map(NodeId) else {
+            return error_kind("the offer's sender is not a node id".into());
+        };
+        let now = now_ms();
+        let theirs = match wire::verify_punch_offer(&offer, from, self.local, now) {
+            Ok(theirs) => theirs,
+            Err(e) => {
+                tracing::warn!(%rendezvous, error = %e, "punch introduction refused");
+                return error_kind(format!("offer refused: {e}"));
+            }
+        };
+        if from == self.local || from == rendezvous {
+            return error_kind("an introduction to oneself or to the rendezvous itself".into());
+        }
+        if !self.punch.first_use(&theirs, now) {
+            return error_kind("offer already used (replay)".into());
+        }
+        let Ok(permit) = self.punch.running.clone().try_acquire_owned() else {
+            return pb::envelope::Kind::Error(pb::ErrorResponse {
+                code: pb::ErrorCode::RateLimited as u32,
+                message: "too many punches running".into(),
+            });
+        };
+        let Ok(local) = self.endpoint.local_addr() else { return error_kind("endpoint closed".into()) };
+        let answer = wire::sign_punch_offer(
+            self.publisher.signing_key(),
+            from,
+            theirs.nonce,
+            now,
+            &self.own_candidates(),
+        );
+        let candidates = dial_order(introduction.observed_address.parse().ok(), &theirs.candidates, local);
+        // Our answer reaches the initiator in about half of each leg's round trip; it starts dialing then.
+        let rtt_to_rendezvous =
+            self.sessions.get(&rendezvous).map_or(Duration::ZERO, |s| s.connection().rtt());
+        let delay =
+            (rtt_to_rendezvous + Duration::from_micros(introduction.rtt_to_sender_us.min(2_000_000))) / 2;
+        let inner = self.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            tracing::info!(peer = %from, %rendezvous, ?candidates, ?delay, "punching on introduction");
+            let outcome = inner.dial_simultaneously(from, candidates, delay).await;
+            let pair = inner.nat_pair(from).await;
+            inner
+                .punch
+                .record(pair, &outcome.as_ref().map(|(_, elapsed)| *elapsed).map_err(ToString::to_string));
+        });
+        pb::envelope::Kind::PunchResponse(pb::PunchResponse {
+            offer: Some(answer),
+            observed_address: String::new(),
+            rtt_to_peer_us: 0,
+        })
+    }
+
+    /// Both sides of a punch: after `delay`, dials every candidate at once, and returns the session with
+    /// `peer` as soon as one exists (ours or the one `peer` dialed to us), or fails after [`PUNCH_WINDOW`].
+    async fn dial_simultaneously(
+        self: &Arc<Self>,
+        peer: NodeId,
+        candidates: Vec<SocketAddr>,
+        delay: Duration,
+    ) -> Result<(SessionHandle, Duration), ExchangeError> {
+        let _active = ActivePunch::new(&self.punch, peer);
+        if candidates.is_empty() {
+            return Err(ExchangeError::Punch("the peer offered no address we can dial".into()));
+        }
+        tokio::time::sleep(delay).await;
+        let started = Instant::now();
+        let mut dials = JoinSet::new();
+        for address in candidates {
+            let inner = self.clone();
+            dials.spawn(async move {
+                inner.contacted(address, false);
+                let outbound = inner.endpoint.connect(address, Some(peer)).await?;
+                inner.run_outbound(outbound, started, AddressSource::Record).await
+            });
+        }
+        let deadline = tokio::time::Instant::now() + PUNCH_WINDOW;
+        let mut last_error = None;
+        loop {
+            if let Some(session) = self.sessions.get(&peer) {
+                // Dials still running are abandoned: the session exists.
+                dials.abort_all();
+                return Ok((session, started.elapsed()));
+            }
+            let tick = tokio::time::sleep(Duration::from_millis(20));
+            tokio::select! {
+                finished = dials.join_next(), if !dials.is_empty() => {
+                    if let Some(Ok(Err(e))) = finished {
+                        last_error = Some(e);
+                    }
+                }
+                _ = tick => {}
+                _ = tokio::time::sleep_until(deadline) => break,
+            }
+            if tokio::time::Instant::now() >= deadline {
+                break;
+            }
+        }
+        dials.abort_all();
+        if let Some(session) = self.sessions.get(&peer) {
+            return Ok((session, started.elapsed()));
+        }
+        Err(ExchangeError::Punch(match last_error {
+            Some(e) => format!("no connection within {} s (last dial: {e})", PUNCH_WINDOW.as_secs()),
+            None => format!("no connection within {} s", PUNCH_WINDOW.as_secs()),
+        }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn peer(n: u8) -> NodeId {
+        NodeId([n; 32])
+    }
+
+    #[test]
+    fn dial_order_puts_the_observed_mapping_first_and_keeps_one_family() {
+        let ours: SocketAddr = "0.0.0.0:30906".parse().unwrap();
+        let observed: SocketAddr = "203.0.113.101:30906".parse().unwrap();
+        let offered: Vec<SocketAddr> =
+            vec!["192.168.1.2:30906".parse().unwrap(), observed, "[2001:db8::1]:30906".parse().unwrap()];
+        assert_eq!(dial_order(Some(observed), &offered, ours), vec![observed, offered[0]]);
+        let many: Vec<SocketAddr> = (1..40).map(|p| SocketAddr::from(([198, 51, 100, 1], p))).collect();
+        assert_eq!(dial_order(None, &many, ours).len(), MAX_DIALED_CANDIDATES);
+    }
+
+    #[test]
+    fn an_offer_is_accepted_once() {
+        let state = PunchState::default();
+        let offer =
+            VerifiedPunchOffer { from: peer(1), to: peer(2), nonce: 7, timestamp_ms: 0, candidates: vec![] };
+        assert!(state.first_use(&offer, 1_000));
+        assert!(!state.first_use(&offer, 2_000), "the same (sender, nonce) is a replay");
+        let other = VerifiedPunchOffer { nonce: 8, ..offer.clone() };
+        assert!(state.first_use(&other, 2_000));
+    }
+
+    #[test]
+    fn forwards_are_limited_per_requester_and_window() {
+        let state = PunchState::default();
+        for _ in 0..MAX_FORWARDS_PER_WINDOW {
+            assert!(state.allow_forward(peer(1)));
+        }
+        assert!(!state.allow_forward(peer(1)), "the requester used up its window");
+        assert!(state.allow_forward(peer(2)), "others are not affected");
+    }
+
+    #[test]
+    fn outcomes_are_counted_by_nat_pair() {
+        let state = PunchState::default();
+        state.record((2, 2), &Ok(Duration::from_millis(120)));
+        state.record((2, 3), &Err("no connection within 8 s".into()));
+        let stats = state.stats();
+        assert_eq!(stats[&(2, 2)].successes, 1);
+        assert_eq!(stats[&(2, 3)].attempts, 1);
+        assert_eq!(stats[&(2, 3)].successes, 0);
+        assert!(stats[&(2, 3)].last_outcome.contains("no connection"));
+        assert!(state.auto_punch_due(peer(3)));
+        assert!(!state.auto_punch_due(peer(3)), "not again within the interval");
+    }
+}

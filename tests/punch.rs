@@ -1,0 +1,223 @@
+//! Hole punching between real daemons behind the kernel's own NATs (see `common::lab`): public nodes serve
+//! as rendezvous, private nodes behind endpoint-independent (EIM), endpoint-dependent (EDM) and double NATs
+//! connect to each other by node id (`rnctl connect ID`: stored addresses, then a punch introduced by a
+//! connected peer). Prints the matrix of pairs with the path each got and the time to connected.
+//! Needs root; skipped loudly without it (a failure in CI).
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::lab::{Host, Lab, Nat, NatOptions};
+use common::{NodeDir, TestNode, in_network_namespace, json, skip_without_root, stderr};
+
+/// The QUIC port every lab node listens on (each in its own namespace).
+const QUIC_PORT: u16 = 30906;
+
+const EIM: NatOptions = NatOptions { nat: Nat::EndpointIndependent, hairpin: false };
+const EDM: NatOptions = NatOptions { nat: Nat::EndpointDependent, hairpin: false };
+
+struct LabNode {
+    label: &'static str,
+    host: Host,
+    dir: NodeDir,
+    id: String,
+    node: TestNode,
+}
+
+impl LabNode {
+    fn start(label: &'static str, host: Host) -> Self {
+        let dir =
+            NodeDir::new().with_quic_listen(&format!("0.0.0.0:{QUIC_PORT}")).with_dht_listen("0.0.0.0:0");
+        let mut cmd = dir.start_command();
+        cmd.env("RUST_LOG", "info,remote_network::exchange::punch=debug");
+        let node = dir.spawn_ready(in_network_namespace(&cmd, &host.netns));
+        let info = json(&dir.rnctl(&["-o", "json", "node", "info"]));
+        let id = info["node"]["nodeId"].as_str().expect("node id").to_owned();
+        Self { label, host, dir, id, node }
+    }
+
+    /// The address the world sees this node's QUIC socket at (its outermost NAT keeps the port).
+    fn public_address(&self) -> String {
+        format!("{}:{QUIC_PORT}", self.host.public_addr.unwrap_or(self.host.addr))
+    }
+
+    fn connect_address(&self, other: &LabNode) {
+        let out =
+            self.dir.rnctl(&["--timeout", "60", "connect", &format!("{}:{QUIC_PORT}", other.host.addr)]);
+        assert!(out.status.success(), "{} → {}: {}", self.label, other.label, stderr(&out));
+    }
+
+    /// `rnctl connect ID`: returns whether it connected, and how long it took.
+    fn connect_id(&self, other: &LabNode) -> (bool, Duration, String) {
+        let started = Instant::now();
+        let out = self.dir.rnctl(&["--timeout", "90", "connect", &other.id]);
+        (out.status.success(), started.elapsed(), stderr(&out))
+    }
+
+    fn probe(&self) -> serde_json::Value {
+        let out = self.dir.rnctl(&["--timeout", "120", "-o", "json", "nat", "probe"]);
+        assert!(out.status.success(), "{}: {}", self.label, stderr(&out));
+        json(&out)["report"].clone()
+    }
+
+    fn connection_to(&self, other: &LabNode) -> serde_json::Value {
+        let out = self.dir.rnctl(&["-o", "json", "peers", "show", &other.id]);
+        assert!(out.status.success(), "{}: peers show {}: {}", self.label, other.label, stderr(&out));
+        json(&out)["peer"]["connection"].clone()
+    }
+
+    fn nat_status(&self) -> serde_json::Value {
+        let out = self.dir.rnctl(&["-o", "json", "nat", "status"]);
+        assert!(out.status.success(), "{}: {}", self.label, stderr(&out));
+        json(&out)["report"].clone()
+    }
+}
+
+/// What one pair got.
+struct PairResult {
+    pair: String,
+    connected: bool,
+    path: String,
+    remote: String,
+    elapsed: Duration,
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn private_nodes_punch_through_their_nats() {
+    if skip_without_root("private_nodes_punch_through_their_nats", "it builds network namespaces and NATs") {
+        return;
+    }
+    let mut lab = Lab::new().expect("lab");
+    let mut publics = Vec::new();
+    // Three public nodes: each needs two others as witnesses of its mapping before it knows it is public.
+    for label in ["rendezvous_a", "rendezvous_b", "rendezvous_c"] {
+        let host = lab.public_host(label).expect("public host");
+        lab.add_second_address(&host).expect("second address");
+        publics.push(LabNode::start(label, host));
+    }
+    for (i, node) in publics.iter().enumerate() {
+        for other in publics.iter().skip(i + 1) {
+            node.connect_address(other);
+        }
+    }
+    for node in &publics {
+        assert_eq!(node.probe()["reachability"], "REACHABILITY_PUBLIC", "{}", node.label);
+    }
+
+    let hosts = [
+        ("eim_1", lab.private_host("eim_1", EIM).expect("host")),
+        ("eim_2", lab.private_host("eim_2", EIM).expect("host")),
+        ("double", lab.double_nat_host("double", EIM, EIM).expect("host")),
+        ("edm_1", lab.private_host("edm_1", EDM).expect("host")),
+        ("edm_2", lab.private_host("edm_2", EDM).expect("host")),
+    ];
+    let privates: Vec<LabNode> = hosts.into_iter().map(|(label, host)| LabNode::start(label, host)).collect();
+    for node in &privates {
+        for public in &publics {
+            node.connect_address(public);
+        }
+    }
+    // Each learns its NAT, and its record then names the public peers as its rendezvous.
+    let reports: Vec<serde_json::Value> = std::thread::scope(|scope| {
+        let probes: Vec<_> = privates.iter().map(|node| scope.spawn(|| node.probe())).collect();
+        probes.into_iter().map(|p| p.join().expect("probe thread")).collect()
+    });
+    for (node, report) in privates.iter().zip(&reports) {
+        let expected = if node.label.starts_with("edm") {
+            "REACHABILITY_PRIVATE_HARD"
+        } else {
+            "REACHABILITY_PRIVATE_PUNCHABLE"
+        };
+        assert_eq!(report["reachability"], expected, "{}: {report:#}", node.label);
+    }
+    let by_label = |label: &str| privates.iter().find(|n| n.label == label).expect("node");
+
+    // A direct dial to a private node's public mapping is filtered by its NAT: the punch below is needed.
+    let (eim_1, eim_2) = (by_label("eim_1"), by_label("eim_2"));
+    let direct = eim_1.dir.rnctl(&["--timeout", "60", "connect", &eim_2.public_address()]);
+    assert!(
+        !direct.status.success(),
+        "eim_2's NAT let an unsolicited dial in: the lab is not what it claims"
+    );
+
+    let mut results = Vec::new();
+    let pairs = [("eim_1", "eim_2"), ("double", "eim_1"), ("eim_1", "edm_1"), ("edm_1", "edm_2")];
+    for (from, to) in pairs {
+        let (a, b) = (by_label(from), by_label(to));
+        let (connected, elapsed, error) = a.connect_id(b);
+        let (path, remote) = if connected {
+            let connection = a.connection_to(b);
+            (
+                connection["path"].as_str().unwrap_or("?").to_owned(),
+                connection["remoteAddress"].as_str().unwrap_or("?").to_owned(),
+            )
+        } else {
+            ("not connected".to_owned(), error.lines().last().unwrap_or("").to_owned())
+        };
+        results.push(PairResult { pair: format!("{from} × {to}"), connected, path, remote, elapsed });
+    }
+    // A private node dials a public one: direct, no punch.
+    let (connected, elapsed, _) = eim_2.connect_id(&publics[1]);
+    let connection = eim_2.connection_to(&publics[1]);
+    results.push(PairResult {
+        pair: "eim_2 × rendezvous_b (public)".into(),
+        connected,
+        path: connection["path"].as_str().unwrap_or("?").to_owned(),
+        remote: connection["remoteAddress"].as_str().unwrap_or("?").to_owned(),
+        elapsed,
+    });
+
+    println!("\n{:<32} {:<28} {:<24} time to connected", "pair", "path", "remote");
+    for r in &results {
+        println!("{:<32} {:<28} {:<24} {:.0} ms", r.pair, r.path, r.remote, r.elapsed.as_secs_f64() * 1000.0);
+    }
+
+    let result = |pair: &str| results.iter().find(|r| r.pair.starts_with(pair)).expect("pair");
+    for (pair, target) in [("eim_1 × eim_2", eim_2), ("double × eim_1", eim_1)] {
+        let r = result(pair);
+        if !r.connected || r.path != "CONNECTION_PATH_PUNCHED" {
+            for node in &privates {
+                for line in node.node.stderr().lines().filter(|l| l.contains("punch")) {
+                    eprintln!("{} log: {line}", node.label);
+                }
+            }
+        }
+        assert!(r.connected, "{pair}: {}", r.remote);
+        assert_eq!(r.path, "CONNECTION_PATH_PUNCHED", "{pair}");
+        assert_eq!(
+            r.remote,
+            target.public_address(),
+            "{pair}: connected to the NAT mapping, not via a relay"
+        );
+    }
+    // The target side knows it was punched too, and both count the success by NAT pair.
+    assert_eq!(eim_2.connection_to(eim_1)["path"], "CONNECTION_PATH_PUNCHED");
+    for node in [eim_1, eim_2] {
+        let punches = node.nat_status()["punches"].clone();
+        let eim_pair = punches
+            .as_array()
+            .and_then(|list| {
+                list.iter().find(|p| {
+                    p["ourNat"] == "NAT_TYPE_ENDPOINT_INDEPENDENT"
+                        && p["theirNat"] == "NAT_TYPE_ENDPOINT_INDEPENDENT"
+                })
+            })
+            .cloned()
+            .unwrap_or_else(|| panic!("{}: no EIM × EIM punch stats in {punches:#}", node.label));
+        assert!(eim_pair["successes"].as_str().unwrap_or("0") != "0", "{}: {eim_pair:#}", node.label);
+    }
+    // Endpoint-dependent mapping: the port the peer's packets would need is one nobody has seen, so the punch
+    // fails (port prediction and the birthday strategy are not implemented) and says so.
+    for pair in ["eim_1 × edm_1", "edm_1 × edm_2"] {
+        assert!(!result(pair).connected, "{pair} connected: the lab's EDM NAT is not what it claims");
+    }
+    let edm_stats = by_label("edm_1").nat_status()["punches"].clone();
+    assert!(
+        edm_stats
+            .as_array()
+            .is_some_and(|list| list.iter().any(|p| p["successes"].as_str().unwrap_or("0") == "0"
+                && p["lastOutcome"].as_str().unwrap_or("").contains("no connection"))),
+        "edm_1 records its failed punches: {edm_stats:#}"
+    );
+}
