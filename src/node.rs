@@ -361,6 +361,24 @@ fn node_metrics(store: &Store, exchange: &Exchange, dht: &Dht) -> Arc<Registry> 
         }),
     );
     let ex = exchange.clone();
+    registry.register(
+        "rn_relay_circuits_total",
+        "Relay circuits asked of this node by peers, by result.",
+        MetricKind::Counter,
+        Box::new(move |w| {
+            let (carried, refused, _) = ex.relay_totals();
+            w.sample(&[("result", "carried")], carried);
+            w.sample(&[("result", "refused")], refused);
+        }),
+    );
+    let ex = exchange.clone();
+    registry.register_value(
+        "rn_relay_bytes_total",
+        "Bytes this node relayed for others (both directions).",
+        MetricKind::Counter,
+        move || ex.relay_totals().2,
+    );
+    let ex = exchange.clone();
     registry.register_value(
         "rn_connected_peers",
         "Peers with an open QUIC connection.",

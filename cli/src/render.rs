@@ -250,6 +250,9 @@ fn connection_text(connection: &control::PeerConnection, now: i64) -> String {
         _ => "path unknown",
     };
     let mut text = format!("{direction} {}, {path}", connection.remote_address);
+    if !connection.relay.is_empty() {
+        text.push_str(&format!(" by {}", connection.relay));
+    }
     if let Some(since) = &connection.since {
         text.push_str(&format!(", since {}", format_age(since.seconds, now)));
     }
@@ -453,6 +456,13 @@ pub fn nat_report(report: &control::NatReport, now: i64) -> String {
             ]);
         }
         out.push_str(&table.render());
+    }
+    out.push_str("\nrelays holding a reservation for us:\n");
+    if report.relays.is_empty() {
+        out.push_str("  none\n");
+    }
+    for relay in &report.relays {
+        out.push_str(&format!("  {relay}\n"));
     }
     out.push_str("\nhole punching:\n");
     if report.punches.is_empty() {

@@ -177,6 +177,7 @@ fn nat_report(
         observed,
         dial_backs,
         punches,
+        relays: ctx.exchange.relays_reserved().iter().map(ToString::to_string).collect(),
         last_probe: knowledge.last_probe_ms.map(convert::timestamp),
         ..Default::default()
     };

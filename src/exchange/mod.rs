@@ -11,6 +11,7 @@ pub mod dial_back;
 pub mod dialer;
 pub mod punch;
 pub mod record;
+pub mod relay;
 pub mod session;
 pub mod table;
 
@@ -27,6 +28,7 @@ use self::session::{CloseCode, EnvelopeReader, RequestHandler, SessionHandle, wr
 use self::table::{Admission, Direction, SessionTable};
 use crate::api::names::NodeId;
 use crate::nat::observed::{Observation, ObservedAddresses};
+use crate::quic::paths::is_relayed;
 use crate::quic::{Inbound, Outbound, QuicEndpoint};
 use crate::store::{AddressSource, PeerQuery, QualitySample, Store, UpsertOutcome};
 use crate::wire::{self, VerifiedRecord, VerifyPolicy, pb};
@@ -45,6 +47,7 @@ pub struct ExchangeOptions {
     /// Records asked for per topic in a peer exchange.
     pub peer_exchange_records: u32,
     pub dialer: dialer::DialerOptions,
+    pub relay: relay::RelayOptions,
 }
 
 impl Default for ExchangeOptions {
@@ -56,6 +59,7 @@ impl Default for ExchangeOptions {
             min_observed_confirmations: 2,
             peer_exchange_records: 16,
             dialer: dialer::DialerOptions::default(),
+            relay: relay::RelayOptions::default(),
         }
     }
 }
@@ -94,6 +98,8 @@ pub enum ExchangeError {
     DialBack,
     #[error("hole punch failed: {0}")]
     Punch(String),
+    #[error("relay failed: {0}")]
+    Relay(String),
 }
 
 impl ExchangeError {
@@ -114,6 +120,7 @@ impl ExchangeError {
             Self::Stopping => "stopping",
             Self::DialBack => "dial-back",
             Self::Punch(_) => "punch",
+            Self::Relay(_) => "relay",
         }
     }
 }
@@ -145,6 +152,8 @@ pub enum ConnectionPath {
     Direct,
     /// Both sides dialed each other at once after an introduction by a rendezvous (hole punching).
     Punched,
+    /// Through a relay circuit: end-to-end QUIC between the two peers, carried by a third node.
+    Relayed,
 }
 
 /// What `GetPeer` shows about a live connection.
@@ -152,6 +161,8 @@ pub enum ConnectionPath {
 pub struct SessionInfo {
     pub direction: Direction,
     pub path: ConnectionPath,
+    /// The relay carrying a relayed connection; `remote` is then the relay's address.
+    pub relay: Option<NodeId>,
     pub remote: SocketAddr,
     pub since_ms: i64,
     pub rtt: Duration,
@@ -180,6 +191,7 @@ struct Inner {
     mappings: std::sync::Mutex<MappingLog>,
     contacted: std::sync::Mutex<ContactLog>,
     punch: punch::PunchState,
+    relay: relay::RelayState,
 }
 
 /// Every remote endpoint our socket sent to recently, and whether it answered: a "fresh" dial-back source must
@@ -236,6 +248,10 @@ struct MappingLog {
     samples: Vec<MappingSample>,
 }
 
+/// How long a punch has before a relay circuit is tried beside it: punches through endpoint-independent NATs
+/// finish within a few round trips, and one that needs longer is unlikely to succeed at all.
+const RELAY_AFTER: Duration = Duration::from_secs(2);
+
 /// Destinations remembered; the oldest sample goes first.
 const MAX_MAPPING_SAMPLES: usize = 64;
 
@@ -262,6 +278,7 @@ impl Exchange {
         shutdown: CancellationToken,
     ) -> Self {
         let local = endpoint.node_id();
+        let relay_state = relay::RelayState::new(options.relay.clone());
         let exchange = Arc::new_cyclic(|weak: &std::sync::Weak<Inner>| {
             let dialer = Dialer::start(options.dialer.clone(), weak.clone(), shutdown.clone());
             Inner {
@@ -281,9 +298,11 @@ impl Exchange {
                 mappings: std::sync::Mutex::new(MappingLog::default()),
                 contacted: std::sync::Mutex::new(ContactLog::default()),
                 punch: punch::PunchState::default(),
+                relay: relay_state,
             }
         });
         tokio::spawn(accept_loop(exchange.clone()));
+        tokio::spawn(relay::upgrade_relayed(Arc::downgrade(&exchange), exchange.shutdown.clone()));
         Self { inner: exchange }
     }
 
@@ -391,6 +410,26 @@ impl Exchange {
         }
     }
 
+    /// Asks `relay` (a directly connected peer) to relay circuits to us; true once it accepted.
+    pub async fn reserve_relay(&self, relay: NodeId) -> Result<bool, ExchangeError> {
+        self.inner.reserve_relay(relay).await
+    }
+
+    /// Relays we hold a reservation with.
+    pub fn relays_reserved(&self) -> Vec<NodeId> {
+        self.inner.relay.reserved_at()
+    }
+
+    /// Circuits carried for others, refused, and bytes relayed, since start.
+    pub fn relay_totals(&self) -> (u64, u64, u64) {
+        let relay = &self.inner.relay;
+        (
+            relay.circuits_carried.load(Ordering::Relaxed),
+            relay.circuits_refused.load(Ordering::Relaxed),
+            relay.bytes_relayed.load(Ordering::Relaxed),
+        )
+    }
+
     /// Punch attempts and outcomes by (our NAT type, their NAT type).
     pub fn punch_stats(&self) -> std::collections::BTreeMap<punch::NatPair, punch::PunchStat> {
         self.inner.punch.stats()
@@ -405,12 +444,21 @@ impl Exchange {
     }
 
     pub fn session_info(&self, peer: &NodeId) -> Option<SessionInfo> {
-        self.inner.sessions.get(peer).map(|s| SessionInfo {
-            direction: s.direction(),
-            path: s.path(),
-            remote: s.connection().remote_address(),
-            since_ms: s.since_ms(),
-            rtt: s.connection().rtt(),
+        self.inner.sessions.get(peer).map(|s| {
+            let mut remote = s.connection().remote_address();
+            // A circuit's synthetic address means nothing outside this process: show the relay's.
+            let relay = self.inner.relay.relay_of(&remote);
+            if let Some(relay_session) = relay.and_then(|r| self.inner.sessions.get(&r)) {
+                remote = relay_session.connection().remote_address();
+            }
+            SessionInfo {
+                direction: s.direction(),
+                path: s.path(),
+                relay,
+                remote,
+                since_ms: s.since_ms(),
+                rtt: s.connection().rtt(),
+            }
         })
     }
 
@@ -427,6 +475,13 @@ impl Exchange {
 
     pub fn connected(&self) -> Vec<NodeId> {
         self.inner.sessions.all().into_iter().map(|(id, _)| id).collect()
+    }
+
+    /// Peers with a live connection that does not go through a relay: only these tell us anything about
+    /// our NAT, and only these can introduce or relay for us.
+    pub fn directly_connected(&self) -> Vec<NodeId> {
+        let sessions = self.inner.sessions.all();
+        sessions.into_iter().filter(|(_, s)| s.path() != ConnectionPath::Relayed).map(|(id, _)| id).collect()
     }
 
     /// Endpoints our socket sent to since `since_ms`, with whether each answered.
@@ -475,6 +530,9 @@ impl Inner {
 
     /// Notes that our socket sent to `endpoint` (and whether it answered).
     fn contacted(&self, endpoint: SocketAddr, answered: bool) {
+        if is_relayed(&endpoint) {
+            return;
+        }
         self.contacted.lock().unwrap_or_else(std::sync::PoisonError::into_inner).sent(endpoint, answered);
     }
 
@@ -554,7 +612,8 @@ impl Inner {
             protocol_version: wire::PROTOCOL_VERSION,
             supported_versions: vec![wire::PROTOCOL_VERSION],
             record: Some((*self.publisher.current()).clone()),
-            observed_address: observed.to_string(),
+            // Through a relay we see a synthetic address, which tells the peer nothing about its NAT.
+            observed_address: if is_relayed(&observed) { String::new() } else { observed.to_string() },
         };
         pb::Envelope { request_id: 0, kind: Some(pb::envelope::Kind::Hello(hello)) }
     }
@@ -615,6 +674,8 @@ impl Inner {
         rtt: Option<Duration>,
     ) -> Result<(), ExchangeError> {
         let now = now_ms();
+        // A relay circuit's synthetic address means nothing outside this process: never stored.
+        let contact = contact.filter(|(address, _)| !is_relayed(address));
         let upsert = upsert_from_record(verified, contact.map(|(a, s)| (a.to_string(), s)), now);
         match self.store.upsert_peer(upsert).await? {
             UpsertOutcome::Stale { stored_seq } => {
@@ -631,6 +692,10 @@ impl Inner {
 
     fn note_observed(&self, reporter: NodeId, connection: &quinn::Connection, observed: Option<SocketAddr>) {
         let Some(address) = observed else { return };
+        if is_relayed(&connection.remote_address()) {
+            // Packets through a relay never crossed our NAT from that peer: no evidence about it.
+            return;
+        }
         if let Ok(local) = self.endpoint.local_addr() {
             // The socket may be bound to a wildcard; the path's own local IP is what the NAT saw.
             let local = connection.local_ip().map_or(local, |ip| SocketAddr::new(ip, local.port()));
@@ -661,13 +726,21 @@ impl Inner {
     ) {
         let id = self.next_session.fetch_add(1, Ordering::Relaxed);
         let weak = Arc::downgrade(self);
-        let path = if self.punch.is_active(&peer) { ConnectionPath::Punched } else { ConnectionPath::Direct };
+        let path = if is_relayed(&connection.remote_address()) {
+            ConnectionPath::Relayed
+        } else if self.punch.is_active(&peer) {
+            ConnectionPath::Punched
+        } else {
+            ConnectionPath::Direct
+        };
         let session = SessionHandle::start(
             session::SessionParts { id, peer, direction, path, connection, send, reader, since_ms: now_ms() },
             Arc::new(Handler(weak.clone())),
             move |session, _| {
-                if let Some(inner) = weak.upgrade() {
-                    inner.sessions.remove(&session.peer(), session.id());
+                if let Some(inner) = weak.upgrade()
+                    && inner.sessions.remove(&session.peer(), session.id()).is_some()
+                {
+                    inner.relay.session_ended(&session.peer());
                 }
             },
         );
@@ -677,6 +750,7 @@ impl Inner {
                     old.close(CloseCode::Duplicate, "replaced by a newer connection");
                 }
                 self.counters.exchanges_ok.fetch_add(1, Ordering::Relaxed);
+                tokio::spawn(self.clone().serve_streams(session.clone()));
                 let inner = self.clone();
                 tokio::spawn(async move { inner.exchange_peers(session).await });
             }
@@ -745,9 +819,11 @@ impl Inner {
             if inner.sessions.get(&peer).is_some() {
                 return;
             }
-            match inner.punch_to(peer).await {
-                Ok(_) => tracing::info!(%peer, "connected by hole punching"),
-                Err(e) => tracing::info!(%peer, error = %e, "hole punch failed"),
+            match inner.punch_or_relay(peer).await {
+                Ok(session) => {
+                    tracing::info!(%peer, path = ?session.path(), "connected to a peer behind a NAT")
+                }
+                Err(e) => tracing::info!(%peer, error = %e, "could not reach a peer behind a NAT"),
             }
         });
     }
@@ -773,13 +849,39 @@ impl Inner {
             }
         }
         // No stored address let us in: the peer may be behind a NAT that a punch gets through.
-        match self.punch_to(peer).await {
-            Ok(session) => Ok(session),
-            Err(e @ ExchangeError::Punch(_)) if !addresses.is_empty() => {
-                Err(ExchangeError::Punch(format!("no stored address of {peer} answered, and {e}")))
-            }
-            Err(e) => Err(e),
+        self.punch_or_relay(peer).await.map_err(|e| match addresses.is_empty() {
+            true => e,
+            false => ExchangeError::Relay(format!("no stored address of {peer} answered; {e}")),
+        })
+    }
+
+    /// Reaches a peer behind a NAT: a punch, and a relay circuit if the punch is not done soon.
+    async fn punch_or_relay(self: &Arc<Self>, peer: NodeId) -> Result<SessionHandle, ExchangeError> {
+        // The punch runs in its own task: if it is slow, a relay circuit serves meanwhile, and a punch that
+        // succeeds later replaces the relayed session (the session table prefers direct paths).
+        let inner = self.clone();
+        let mut punch = tokio::spawn(async move { inner.punch_to(peer).await });
+        let mut punch_error = None;
+        match tokio::time::timeout(RELAY_AFTER, &mut punch).await {
+            Ok(Ok(Ok(session))) => return Ok(session),
+            Ok(Ok(Err(e))) => punch_error = Some(e),
+            Ok(Err(e)) => punch_error = Some(ExchangeError::Punch(e.to_string())),
+            Err(_still_punching) => {}
         }
+        // Last resort: a relay that holds the peer's reservation.
+        let relay_error = match self.relay_to(peer).await {
+            Ok(session) => return Ok(session),
+            Err(e) => e,
+        };
+        let punch_error = match punch_error {
+            Some(e) => e,
+            None => match punch.await {
+                Ok(Ok(session)) => return Ok(session),
+                Ok(Err(e)) => e,
+                Err(e) => ExchangeError::Punch(e.to_string()),
+            },
+        };
+        Err(ExchangeError::Relay(format!("{punch_error}; {relay_error}")))
     }
 
     /// Records a failed contact with a known peer.
@@ -804,6 +906,13 @@ impl RequestHandler for Handler {
             Kind::DialBackRequest(request) => {
                 let session = inner.sessions.get(&peer)?;
                 let target = session.connection().remote_address();
+                if is_relayed(&target) {
+                    return Some(Kind::DialBackResponse(pb::DialBackResponse {
+                        attempted: false,
+                        from_address: String::new(),
+                        detail: "we are connected through a relay: a dial-back would measure nothing".into(),
+                    }));
+                }
                 let local = session.connection().local_ip();
                 let kind = request.kind();
                 let key = inner.publisher.signing_key().clone();
@@ -811,6 +920,7 @@ impl RequestHandler for Handler {
                 Some(Kind::DialBackResponse(response))
             }
             Kind::PunchRequest(request) => Some(inner.forward_punch(peer, request).await),
+            Kind::RelayReservationRequest(_) => Some(inner.answer_reservation(peer)),
             Kind::PunchIntroduction(introduction) => {
                 Some(inner.accept_introduction(peer, introduction).await)
             }

@@ -37,6 +37,9 @@ use crate::wire::{self, VerifiedPunchOffer, pb};
 /// How long both sides keep dialing each other before a punch counts as failed: several of quinn's
 /// Initial retransmissions.
 pub const PUNCH_WINDOW: Duration = Duration::from_secs(8);
+/// How long after a punch a session with its peer still counts as punched (the other side's connection of
+/// the same punch may complete a little later).
+const PUNCH_AFTERGLOW: Duration = Duration::from_secs(10);
 /// Punches (either role) running at once; more are refused as busy.
 const MAX_CONCURRENT_PUNCHES: usize = 8;
 /// Candidate addresses dialed per punch.
@@ -73,8 +76,8 @@ pub type NatPair = (i32, i32);
 /// The exchange's hole-punching state.
 pub(super) struct PunchState {
     running: Arc<tokio::sync::Semaphore>,
-    /// Peers with a punch in progress, with how many punches target each.
-    active: std::sync::Mutex<HashMap<NodeId, usize>>,
+    /// Peers with a punch in progress (how many punches target each) or that ended recently (when).
+    active: std::sync::Mutex<HashMap<NodeId, (usize, Instant)>>,
     /// (sender, nonce, when) of offers accepted, oldest first.
     seen: std::sync::Mutex<VecDeque<(NodeId, u64, i64)>>,
     /// Per requester: start of its current window and introductions forwarded in it.
@@ -107,9 +110,12 @@ fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl PunchState {
-    /// Whether a punch with `peer` is running (a session admitted now was punched).
+    /// Whether a punch with `peer` is running or just ended: a session admitted now was punched. Both sides
+    /// often connect, and the one the session table keeps may complete after the punch that caused it ended.
     pub(super) fn is_active(&self, peer: &NodeId) -> bool {
-        lock(&self.active).contains_key(peer)
+        lock(&self.active)
+            .get(peer)
+            .is_some_and(|(running, ended)| *running > 0 || ended.elapsed() < PUNCH_AFTERGLOW)
     }
 
     pub(super) fn stats(&self) -> BTreeMap<NatPair, PunchStat> {
@@ -196,19 +202,19 @@ struct ActivePunch<'a> {
 
 impl<'a> ActivePunch<'a> {
     fn new(state: &'a PunchState, peer: NodeId) -> Self {
-        *lock(&state.active).entry(peer).or_insert(0) += 1;
+        let mut active = lock(&state.active);
+        // Forget punches long over; running ones stay (their count is bounded by the punch semaphore).
+        active.retain(|_, (running, ended)| *running > 0 || ended.elapsed() < PUNCH_AFTERGLOW);
+        active.entry(peer).or_insert((0, Instant::now())).0 += 1;
         Self { state, peer }
     }
 }
 
 impl Drop for ActivePunch<'_> {
     fn drop(&mut self) {
-        let mut active = lock(&self.state.active);
-        if let Some(count) = active.get_mut(&self.peer) {
-            *count -= 1;
-            if *count == 0 {
-                active.remove(&self.peer);
-            }
+        if let Some((running, ended)) = lock(&self.state.active).get_mut(&self.peer) {
+            *running = running.saturating_sub(1);
+            *ended = Instant::now();
         }
     }
 }
@@ -241,6 +247,11 @@ fn dial_order(observed: Option<SocketAddr>, offered: &[SocketAddr], ours: Socket
 }
 
 impl Inner {
+    /// The live session with `peer`, unless it goes through a relay.
+    pub(super) fn direct_session(&self, peer: &NodeId) -> Option<SessionHandle> {
+        self.sessions.get(peer).filter(|s| s.path() != super::ConnectionPath::Relayed)
+    }
+
     /// The addresses we offer: every address our record states except rendezvous ones.
     fn own_candidates(&self) -> Vec<SocketAddr> {
         let current = self.publisher.current();
@@ -270,14 +281,20 @@ impl Inner {
 
     /// Sessions to ask for an introduction to `peer`: the rendezvous its record names (dialed if needed),
     /// then other connected peers, public ones first.
-    async fn rendezvous_for(self: &Arc<Self>, peer: NodeId) -> Vec<SessionHandle> {
+    pub(super) async fn rendezvous_for(self: &Arc<Self>, peer: NodeId) -> Vec<SessionHandle> {
         let mut chosen: Vec<SessionHandle> = Vec::new();
         let named: Vec<SocketAddr> = self
             .stored_record_body(peer)
             .await
             .map(|body| super::record::rendezvous_addresses(&body))
             .unwrap_or_default();
-        let connected = self.sessions.all();
+        // A rendezvous must reach both sides directly: relayed sessions cannot introduce anyone.
+        let connected: Vec<(NodeId, SessionHandle)> = self
+            .sessions
+            .all()
+            .into_iter()
+            .filter(|(_, s)| s.path() != super::ConnectionPath::Relayed)
+            .collect();
         for address in named {
             let session = match connected.iter().find(|(_, s)| s.connection().remote_address() == address) {
                 Some((_, session)) => Some(session.clone()),
@@ -317,7 +334,8 @@ impl Inner {
     /// The initiator: gets a direct connection to `peer` by hole punching through a common rendezvous.
     #[tracing::instrument(name = "nat.punch", skip_all, fields(peer = %peer))]
     pub(super) async fn punch_to(self: &Arc<Self>, peer: NodeId) -> Result<SessionHandle, ExchangeError> {
-        if let Some(session) = self.sessions.get(&peer) {
+        // A relayed session is no reason not to punch: a punched one replaces it (the upgrade to direct).
+        if let Some(session) = self.direct_session(&peer) {
             return Ok(session);
         }
         let _permit = self.punch.running.clone().try_acquire_owned().map_err(|_| ExchangeError::Busy)?;
@@ -518,7 +536,7 @@ impl Inner {
         let deadline = tokio::time::Instant::now() + PUNCH_WINDOW;
         let mut last_error = None;
         loop {
-            if let Some(session) = self.sessions.get(&peer) {
+            if let Some(session) = self.direct_session(&peer) {
                 // Dials still running are abandoned: the session exists.
                 dials.abort_all();
                 return Ok((session, started.elapsed()));
@@ -538,7 +556,7 @@ impl Inner {
             }
         }
         dials.abort_all();
-        if let Some(session) = self.sessions.get(&peer) {
+        if let Some(session) = self.direct_session(&peer) {
             return Ok((session, started.elapsed()));
         }
         Err(ExchangeError::Punch(match last_error {

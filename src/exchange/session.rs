@@ -120,6 +120,10 @@ impl Arbitrable for SessionHandle {
     fn session_id(&self) -> u64 {
         self.inner.id
     }
+
+    fn is_relayed(&self) -> bool {
+        self.inner.path == super::ConnectionPath::Relayed
+    }
 }
 
 /// Everything a running session needs from the rest of the exchange to answer requests.
@@ -310,6 +314,8 @@ fn is_response(kind: &pb::envelope::Kind) -> bool {
             | Kind::PeerExchangeResponse(_)
             | Kind::DialBackResponse(_)
             | Kind::PunchResponse(_)
+            | Kind::RelayReservationResponse(_)
+            | Kind::CircuitResponse(_)
             | Kind::Error(_)
     )
 }

@@ -2,7 +2,8 @@
 //!
 //! When two nodes dial each other at the same moment each ends up with two connections. Both must keep the same
 //! one without talking about it, so the rule depends only on facts both sides know: keep the connection dialed
-//! by the node with the smaller node id. A session whose connection already closed is always replaced.
+//! by the node with the smaller node id; but a direct connection always wins over one through a relay. A session
+//! whose connection already closed is always replaced.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -23,6 +24,10 @@ pub trait Arbitrable {
     fn is_closed(&self) -> bool;
     /// Unique per session, to remove exactly the session that ended.
     fn session_id(&self) -> u64;
+    /// Whether the connection runs through a relay (any direct one is better).
+    fn is_relayed(&self) -> bool {
+        false
+    }
 }
 
 /// The outcome of offering a new session to the table.
@@ -58,6 +63,11 @@ impl<S: Arbitrable + Clone> SessionTable<S> {
 
     /// Whether `candidate` should replace the live `existing` session with `peer`.
     fn new_one_wins(&self, peer: NodeId, existing: &S, candidate: &S) -> bool {
+        if existing.is_relayed() != candidate.is_relayed() {
+            // A direct connection replaces a relayed one (the upgrade after a later punch), never the reverse;
+            // both sides see the same two paths, so they agree.
+            return existing.is_relayed();
+        }
         if existing.direction() == candidate.direction() {
             // A redial in the same direction means the peer (or we) believe the old one is dead.
             return true;
@@ -112,6 +122,7 @@ mod tests {
         direction: Direction,
         closed: bool,
         id: u64,
+        relayed: bool,
     }
 
     impl Arbitrable for Fake {
@@ -124,10 +135,28 @@ mod tests {
         fn session_id(&self) -> u64 {
             self.id
         }
+        fn is_relayed(&self) -> bool {
+            self.relayed
+        }
     }
 
     fn fake(direction: Direction, id: u64) -> Fake {
-        Fake { direction, closed: false, id }
+        Fake { direction, closed: false, id, relayed: false }
+    }
+
+    #[test]
+    fn a_direct_connection_replaces_a_relayed_one_and_never_the_reverse() {
+        let table = SessionTable::new(NodeId([1; 32]));
+        let peer = NodeId([2; 32]);
+        table.admit(peer, Fake { relayed: true, ..fake(Direction::Outbound, 1) });
+        // Inbound from the larger id would lose against our outbound, but it is direct.
+        assert!(matches!(
+            table.admit(peer, fake(Direction::Inbound, 2)),
+            Admission::Admitted { replaced: Some(_) }
+        ));
+        let relayed_again = Fake { relayed: true, ..fake(Direction::Outbound, 3) };
+        assert!(matches!(table.admit(peer, relayed_again), Admission::Rejected));
+        assert_eq!(table.get(&peer).map(|s| s.id), Some(2));
     }
 
     #[test]

@@ -153,7 +153,7 @@ impl NatProber {
     async fn pick_helpers(&self) -> Vec<NodeId> {
         let mut public = Vec::new();
         let mut others = Vec::new();
-        for peer in self.inner.exchange.connected() {
+        for peer in self.inner.exchange.directly_connected() {
             let is_public = matches!(
                 self.inner.store.get_peer(peer).await,
                 Ok(Some(detail)) if detail.summary.node_type == NodeType::Public
@@ -181,7 +181,7 @@ impl NatProber {
             })
             .collect();
         let sessions: Vec<(NodeId, SocketAddr)> = exchange
-            .connected()
+            .directly_connected()
             .into_iter()
             .filter_map(|id| exchange.session_info(&id).map(|s| (id, s.remote)))
             .collect();
@@ -228,7 +228,8 @@ impl NatProber {
     }
 
     /// While we are not reachable directly, names in our record the public peers we hold a session with, so
-    /// that others know whom to ask for an introduction (hole punching); names none once we are reachable.
+    /// that others know whom to ask for an introduction (hole punching) or a relay circuit, and reserves a
+    /// relay slot with each; names none once we are reachable.
     async fn maintain_rendezvous(&self) {
         let private = self.lock().verdict.as_ref().is_some_and(|v| {
             matches!(
@@ -239,12 +240,18 @@ impl NatProber {
         let mut rendezvous = Vec::new();
         if private {
             let exchange = &self.inner.exchange;
-            for peer in exchange.connected() {
+            for peer in exchange.directly_connected() {
                 let public = matches!(
                     self.inner.store.get_peer(peer).await,
                     Ok(Some(detail)) if detail.summary.node_type == NodeType::Public
                 );
                 if let (true, Some(session)) = (public, exchange.session_info(&peer)) {
+                    // A punch may not get through the NATs on both sides: the rendezvous also relays.
+                    match exchange.reserve_relay(peer).await {
+                        Ok(true) => {}
+                        Ok(false) => tracing::debug!(%peer, "public peer does not relay for us"),
+                        Err(e) => tracing::debug!(%peer, error = %e, "relay reservation failed"),
+                    }
                     rendezvous.push(session.remote);
                 }
             }

@@ -8,6 +8,7 @@
 //! sent only trustworthy, once [`Inbound::authenticated`] returns.
 
 mod error;
+pub mod paths;
 mod tls;
 
 #[cfg(test)]
@@ -147,6 +148,8 @@ struct Inner {
     server_base: quinn::ServerConfig,
     transport: Arc<quinn::TransportConfig>,
     limits: QuicLimits,
+    /// Relay circuits the socket routes packets over (see [`paths`]).
+    relay_paths: Arc<paths::RelayPaths>,
     closed: AtomicBool,
     /// Makes "count the connections, then accept" one step, so that concurrent `accept` callers cannot both
     /// take the last free slot.
@@ -230,11 +233,15 @@ impl QuicEndpoint {
 
         let bind_error = |e| QuicError::Bind { addr, source: Arc::new(e) };
         let socket = std::net::UdpSocket::bind(addr).map_err(bind_error)?;
-        let endpoint = quinn::Endpoint::new(
+        let runtime = Arc::new(quinn::TokioRuntime);
+        let udp = quinn::Runtime::wrap_udp_socket(&*runtime, socket).map_err(bind_error)?;
+        let relay_paths = Arc::new(paths::RelayPaths::default());
+        let socket = Arc::new(paths::PathSocket::new(udp, relay_paths.clone()));
+        let endpoint = quinn::Endpoint::new_with_abstract_socket(
             endpoint_config,
             Some(server_base.clone()),
             socket,
-            Arc::new(quinn::TokioRuntime),
+            runtime,
         )
         .map_err(bind_error)?;
 
@@ -245,6 +252,7 @@ impl QuicEndpoint {
                 server_base,
                 transport,
                 limits,
+                relay_paths,
                 closed: AtomicBool::new(false),
                 admission: Mutex::new(()),
             }),
@@ -254,6 +262,11 @@ impl QuicEndpoint {
     /// The bound address (with the actual port when bound to port 0).
     pub fn local_addr(&self) -> Result<SocketAddr, QuicError> {
         self.inner.endpoint.local_addr().map_err(|e| QuicError::Socket(Arc::new(e)))
+    }
+
+    /// The relay circuits of this endpoint's socket.
+    pub fn relay_paths(&self) -> &Arc<paths::RelayPaths> {
+        &self.inner.relay_paths
     }
 
     /// This node's id, as presented to peers.

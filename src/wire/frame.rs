@@ -293,8 +293,8 @@ mod tests {
         assert!(envelopes.is_empty());
         assert!(matches!(error, Some(FrameError::Malformed(m)) if m.contains("no kind")));
 
-        // Kind field number 15, unknown to this version: decodes with no kind.
-        let unknown_kind = [0, 0, 0, 4, 0x08, 0x01, 0x7a, 0x00];
+        // Kind field number 99, unknown to this version: decodes with no kind.
+        let unknown_kind = [0, 0, 0, 5, 0x08, 0x01, 0x9a, 0x06, 0x00];
         assert!(matches!(decode_pieces([unknown_kind.as_slice()]).1, Some(FrameError::Malformed(_))));
 
         // A Ping with request_id 0, hand-encoded since encode_frame refuses it.

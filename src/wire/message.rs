@@ -34,6 +34,11 @@ pub(super) fn kind_name(kind: &Kind) -> &'static str {
         Kind::PunchRequest(_) => "PunchRequest",
         Kind::PunchIntroduction(_) => "PunchIntroduction",
         Kind::PunchResponse(_) => "PunchResponse",
+        Kind::RelayReservationRequest(_) => "RelayReservationRequest",
+        Kind::RelayReservationResponse(_) => "RelayReservationResponse",
+        Kind::CircuitRequest(_) => "CircuitRequest",
+        Kind::CircuitIncoming(_) => "CircuitIncoming",
+        Kind::CircuitResponse(_) => "CircuitResponse",
     }
 }
 

@@ -1,0 +1,475 @@
+//! Relay circuits: the last resort when no punch gets through (the protocol is described in `proto/wire.proto`,
+//! "Relay circuits").
+//!
+//! Three roles, like punching:
+//! - a node that cannot be reached reserves a slot at its public peers ([`Inner::reserve_relay`]);
+//! - the **relay** copies bytes between two streams, one on each of its sessions, within its limits
+//!   ([`Inner::carry_circuit`]): it never parses what it carries, which is QUIC ciphertext;
+//! - each **end** ([`Inner::relay_to`] for the dialer, [`Inner::accept_circuit`] for the target) registers the
+//!   circuit with the endpoint socket (see [`crate::quic::paths`]) and runs an ordinary QUIC connection
+//!   over it, so the peer's identity is proven by TLS exactly as on a direct path.
+//!
+//! Relayed sessions are replaced by a direct one when a later punch succeeds (see the session table's rule).
+
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use prost::Message;
+use quinn::{RecvStream, SendStream};
+use tokio::sync::mpsc;
+
+use super::session::{SessionHandle, write_envelope};
+use super::{ExchangeError, Inner};
+use crate::api::names::NodeId;
+use crate::quic::paths::RelayPaths;
+use crate::store::AddressSource;
+use crate::wire::pb;
+
+/// What a node allows when it relays for others.
+#[derive(Debug, Clone)]
+pub struct RelayOptions {
+    /// Whether this node relays at all (only useful on publicly reachable nodes).
+    pub enabled: bool,
+    /// Peers that may hold a reservation at once.
+    pub max_reservations: usize,
+    /// Circuits carried at once.
+    pub max_circuits: usize,
+    /// Bytes per second each way per circuit.
+    pub max_bytes_per_second: u64,
+    /// Bytes per circuit, both ways together; the circuit is closed beyond.
+    pub max_bytes_per_circuit: u64,
+}
+
+impl Default for RelayOptions {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            max_reservations: 128,
+            max_circuits: 64,
+            max_bytes_per_second: 128 * 1024,
+            max_bytes_per_circuit: 32 * 1024 * 1024,
+        }
+    }
+}
+
+/// Largest first frame on a circuit stream (a request or response is a few dozen bytes).
+const MAX_CIRCUIT_FRAME: usize = 4 * 1024;
+/// Packets queued towards one circuit before QUIC's packets are dropped (as a full network queue would).
+const CIRCUIT_QUEUE: usize = 256;
+/// Circuits ending at this node at once.
+const MAX_INCOMING_CIRCUITS: usize = 32;
+/// Longest wait for the other side of a circuit setup.
+const CIRCUIT_SETUP_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The exchange's relay state, in both roles.
+pub(super) struct RelayState {
+    pub(super) options: RelayOptions,
+    /// Peers holding a reservation with us (we relay for them).
+    reservations: std::sync::Mutex<HashSet<NodeId>>,
+    /// Relays we hold a reservation with.
+    reserved_at: std::sync::Mutex<HashSet<NodeId>>,
+    circuits: Arc<tokio::sync::Semaphore>,
+    incoming: Arc<tokio::sync::Semaphore>,
+    /// The relay behind each live circuit's synthetic address (ours, as an end).
+    via: Arc<std::sync::Mutex<HashMap<SocketAddr, NodeId>>>,
+    pub(super) circuits_carried: AtomicU64,
+    pub(super) circuits_refused: AtomicU64,
+    pub(super) bytes_relayed: Arc<AtomicU64>,
+}
+
+impl RelayState {
+    pub(super) fn new(options: RelayOptions) -> Self {
+        Self {
+            circuits: Arc::new(tokio::sync::Semaphore::new(options.max_circuits)),
+            incoming: Arc::new(tokio::sync::Semaphore::new(MAX_INCOMING_CIRCUITS)),
+            options,
+            reservations: std::sync::Mutex::default(),
+            reserved_at: std::sync::Mutex::default(),
+            via: Arc::default(),
+            circuits_carried: AtomicU64::new(0),
+            circuits_refused: AtomicU64::new(0),
+            bytes_relayed: Arc::new(AtomicU64::new(0)),
+        }
+    }
+
+    /// Forgets a peer's reservation (its session ended).
+    pub(super) fn session_ended(&self, peer: &NodeId) {
+        lock(&self.reservations).remove(peer);
+        lock(&self.reserved_at).remove(peer);
+    }
+
+    /// Relays we hold a reservation with.
+    pub(super) fn reserved_at(&self) -> Vec<NodeId> {
+        lock(&self.reserved_at).iter().copied().collect()
+    }
+
+    /// The relay carrying the circuit at a synthetic `address`.
+    pub(super) fn relay_of(&self, address: &SocketAddr) -> Option<NodeId> {
+        lock(&self.via).get(address).copied()
+    }
+}
+
+fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // Single inserts and removes: consistent after a panic.
+    mutex.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Reads exactly one frame (4-byte length, then an Envelope) without reading past it: what follows on a circuit
+/// stream is relayed bytes, not frames.
+async fn read_first_frame(recv: &mut RecvStream) -> Result<pb::Envelope, ExchangeError> {
+    let read = async {
+        let mut length = [0u8; 4];
+        recv.read_exact(&mut length).await.map_err(|e| ExchangeError::Stream(e.to_string()))?;
+        let length = u32::from_be_bytes(length) as usize;
+        if length > MAX_CIRCUIT_FRAME {
+            return Err(ExchangeError::Protocol(format!(
+                "circuit setup frame of {length} bytes, more than {MAX_CIRCUIT_FRAME}"
+            )));
+        }
+        let mut body = vec![0u8; length];
+        recv.read_exact(&mut body).await.map_err(|e| ExchangeError::Stream(e.to_string()))?;
+        pb::Envelope::decode(body.as_slice())
+            .map_err(|e| ExchangeError::Protocol(format!("circuit setup frame: {e}")))
+    };
+    tokio::time::timeout(CIRCUIT_SETUP_TIMEOUT, read)
+        .await
+        .map_err(|_| ExchangeError::TimedOut("no circuit setup frame in time"))?
+}
+
+fn envelope(kind: pb::envelope::Kind) -> pb::Envelope {
+    pb::Envelope { request_id: 1, kind: Some(kind) }
+}
+
+fn circuit_response(accepted: bool, detail: impl Into<String>) -> pb::Envelope {
+    envelope(pb::envelope::Kind::CircuitResponse(pb::CircuitResponse { accepted, detail: detail.into() }))
+}
+
+async fn read_circuit_response(recv: &mut RecvStream) -> Result<(), ExchangeError> {
+    match read_first_frame(recv).await?.kind {
+        Some(pb::envelope::Kind::CircuitResponse(response)) if response.accepted => Ok(()),
+        Some(pb::envelope::Kind::CircuitResponse(response)) => Err(ExchangeError::Remote(response.detail)),
+        _ => Err(ExchangeError::Protocol("a circuit setup was answered with another message".into())),
+    }
+}
+
+/// Connects a circuit's streams to the endpoint socket: returns the synthetic address QUIC reaches the other
+/// end at. The circuit ends (and the address is forgotten) when either stream ends.
+fn attach_circuit(
+    paths: &Arc<RelayPaths>,
+    via: (&RelayState, NodeId),
+    mut send: SendStream,
+    mut recv: RecvStream,
+    permit: Option<tokio::sync::OwnedSemaphorePermit>,
+) -> SocketAddr {
+    let (outgoing, mut queue) = mpsc::channel::<Vec<u8>>(CIRCUIT_QUEUE);
+    let address = paths.register(outgoing);
+    let paths = paths.clone();
+    let (state, relay) = via;
+    lock(&state.via).insert(address, relay);
+    let via = state.via.clone();
+    tokio::spawn(async move {
+        // Counts the circuit against its limit for as long as it lives.
+        let _permit = permit;
+        let writing = async {
+            while let Some(packet) = queue.recv().await {
+                let Ok(length) = u16::try_from(packet.len()) else { continue };
+                if send.write_all(&length.to_be_bytes()).await.is_err()
+                    || send.write_all(&packet).await.is_err()
+                {
+                    return;
+                }
+            }
+        };
+        let reading = async {
+            let mut length = [0u8; 2];
+            loop {
+                if recv.read_exact(&mut length).await.is_err() {
+                    return;
+                }
+                let mut packet = vec![0u8; usize::from(u16::from_be_bytes(length))];
+                if recv.read_exact(&mut packet).await.is_err() {
+                    return;
+                }
+                paths.deliver(address, packet);
+            }
+        };
+        tokio::select! {
+            () = writing => {}
+            () = reading => {}
+        }
+        paths.unregister(&address);
+        lock(&via).remove(&address);
+        tracing::debug!(%address, "relay circuit ended");
+    });
+    address
+}
+
+/// Copies `from` into `to` within the circuit's limits: `rate` bytes per second, and the shared `budget`.
+async fn copy_limited(
+    mut from: RecvStream,
+    mut to: SendStream,
+    rate: u64,
+    budget: Arc<AtomicU64>,
+    total: Arc<AtomicU64>,
+) -> Result<(), String> {
+    let mut window_start = Instant::now();
+    let mut in_window = 0u64;
+    loop {
+        let chunk = match from.read_chunk(16 * 1024, true).await {
+            Ok(Some(chunk)) => chunk.bytes,
+            Ok(None) => {
+                let _ = to.finish();
+                return Ok(());
+            }
+            Err(e) => return Err(format!("read: {e}")),
+        };
+        let len = chunk.len() as u64;
+        if budget.fetch_sub(len.min(budget.load(Ordering::Relaxed)), Ordering::Relaxed) < len {
+            return Err("the circuit used up its byte budget".into());
+        }
+        total.fetch_add(len, Ordering::Relaxed);
+        in_window += len;
+        if in_window > rate {
+            // Over the rate: wait out the rest of the second (QUIC flow control pushes back on the sender).
+            let elapsed = window_start.elapsed();
+            if elapsed < Duration::from_secs(1) {
+                tokio::time::sleep(Duration::from_secs(1) - elapsed).await;
+            }
+            window_start = Instant::now();
+            in_window = 0;
+        }
+        to.write_chunk(chunk).await.map_err(|e| format!("write: {e}"))?;
+    }
+}
+
+impl Inner {
+    /// The target side of a reservation request (we may relay for `peer`).
+    pub(super) fn answer_reservation(&self, peer: NodeId) -> pb::envelope::Kind {
+        let options = &self.relay.options;
+        let refuse = |detail: &str| {
+            pb::envelope::Kind::RelayReservationResponse(pb::RelayReservationResponse {
+                accepted: false,
+                detail: detail.to_owned(),
+                ..Default::default()
+            })
+        };
+        if !options.enabled {
+            return refuse("this node does not relay (relay.enabled = false)");
+        }
+        if self.direct_session(&peer).is_none() {
+            return refuse("reservations are only taken over a direct connection");
+        }
+        {
+            let mut reservations = lock(&self.relay.reservations);
+            if !reservations.contains(&peer) && reservations.len() >= options.max_reservations {
+                return refuse("too many reservations");
+            }
+            reservations.insert(peer);
+        }
+        tracing::info!(%peer, "relay reservation taken");
+        pb::envelope::Kind::RelayReservationResponse(pb::RelayReservationResponse {
+            accepted: true,
+            detail: String::new(),
+            max_bytes_per_second: options.max_bytes_per_second,
+            max_bytes_per_circuit: options.max_bytes_per_circuit,
+        })
+    }
+
+    /// Asks `relay` (a directly connected peer) to keep a slot for circuits to us. True once it accepted.
+    pub(super) async fn reserve_relay(&self, relay: NodeId) -> Result<bool, ExchangeError> {
+        if lock(&self.relay.reserved_at).contains(&relay) {
+            return Ok(true);
+        }
+        let session = self.direct_session(&relay).ok_or(ExchangeError::Unreachable(relay))?;
+        let request = pb::envelope::Kind::RelayReservationRequest(pb::RelayReservationRequest {});
+        match session.request(request, self.options.request_timeout).await? {
+            (pb::envelope::Kind::RelayReservationResponse(response), _) if response.accepted => {
+                lock(&self.relay.reserved_at).insert(relay);
+                tracing::info!(%relay, "relay reservation held");
+                Ok(true)
+            }
+            (pb::envelope::Kind::RelayReservationResponse(response), _) => {
+                tracing::debug!(%relay, detail = %response.detail, "relay reservation refused");
+                Ok(false)
+            }
+            _ => Err(ExchangeError::Protocol("answered a reservation with another message".into())),
+        }
+    }
+
+    /// Serves the streams a peer opens on its connection besides the session stream: relay circuits.
+    pub(super) async fn serve_streams(self: Arc<Self>, session: SessionHandle) {
+        loop {
+            let (send, mut recv) = match session.connection().accept_bi().await {
+                Ok(streams) => streams,
+                Err(_) => return,
+            };
+            let inner = self.clone();
+            let peer = session.peer();
+            tokio::spawn(async move {
+                let result = match read_first_frame(&mut recv).await {
+                    Ok(pb::Envelope { kind: Some(pb::envelope::Kind::CircuitRequest(request)), .. }) => {
+                        inner.carry_circuit(peer, request, send, recv).await
+                    }
+                    Ok(pb::Envelope {
+                        kind: Some(pb::envelope::Kind::CircuitIncoming(incoming)), ..
+                    }) => inner.accept_circuit(peer, incoming, send, recv).await,
+                    Ok(_) => {
+                        Err(ExchangeError::Protocol("a stream opened with an unexpected message".into()))
+                    }
+                    Err(e) => Err(e),
+                };
+                if let Err(e) = result {
+                    tracing::debug!(%peer, error = %e, "circuit stream ended with an error");
+                }
+            });
+        }
+    }
+
+    /// The relay: `requester` wants a circuit to the target of `request`.
+    async fn carry_circuit(
+        &self,
+        requester: NodeId,
+        request: pb::CircuitRequest,
+        mut a_send: SendStream,
+        a_recv: RecvStream,
+    ) -> Result<(), ExchangeError> {
+        let refuse = |mut send: SendStream, detail: String| async move {
+            self.relay.circuits_refused.fetch_add(1, Ordering::Relaxed);
+            let _ = write_envelope(&mut send, &circuit_response(false, detail.clone())).await;
+            let _ = send.finish();
+            Err(ExchangeError::Remote(detail))
+        };
+        let Ok(target) = <[u8; 32]>::try_from(request.target.as_slice()).map(NodeId) else {
+            return refuse(a_send, "the target is not a node id".into()).await;
+        };
+        if !self.relay.options.enabled {
+            return refuse(a_send, "this node does not relay".into()).await;
+        }
+        let reserved = lock(&self.relay.reservations).contains(&target);
+        let Some(target_session) = self.direct_session(&target).filter(|_| reserved) else {
+            return refuse(a_send, format!("{target} holds no reservation here")).await;
+        };
+        let Ok(_permit) = self.relay.circuits.clone().try_acquire_owned() else {
+            return refuse(a_send, "too many circuits".into()).await;
+        };
+        let (mut b_send, mut b_recv) =
+            target_session.connection().open_bi().await.map_err(|e| ExchangeError::Stream(e.to_string()))?;
+        let incoming = pb::CircuitIncoming { from: requester.as_bytes().to_vec() };
+        write_envelope(&mut b_send, &envelope(pb::envelope::Kind::CircuitIncoming(incoming))).await?;
+        if let Err(e) = read_circuit_response(&mut b_recv).await {
+            return refuse(a_send, format!("{target} refused the circuit: {e}")).await;
+        }
+        write_envelope(&mut a_send, &circuit_response(true, "")).await?;
+        self.relay.circuits_carried.fetch_add(1, Ordering::Relaxed);
+        tracing::info!(from = %requester, to = %target, "relaying a circuit");
+        let options = &self.relay.options;
+        let budget = Arc::new(AtomicU64::new(options.max_bytes_per_circuit));
+        let total = self.relay.bytes_relayed.clone();
+        let rate = options.max_bytes_per_second;
+        // Whichever direction ends (or breaks a limit) ends the circuit; dropping the other direction's
+        // streams resets them.
+        let outcome = tokio::select! {
+            r = copy_limited(a_recv, b_send, rate, budget.clone(), total.clone()) => r,
+            r = copy_limited(b_recv, a_send, rate, budget, total) => r,
+        };
+        tracing::info!(from = %requester, to = %target, ?outcome, "relay circuit closed");
+        Ok(())
+    }
+
+    /// The target end: `relay` brings a circuit from another node.
+    async fn accept_circuit(
+        &self,
+        relay: NodeId,
+        incoming: pb::CircuitIncoming,
+        mut send: SendStream,
+        recv: RecvStream,
+    ) -> Result<(), ExchangeError> {
+        let from = <[u8; 32]>::try_from(incoming.from.as_slice()).map(NodeId).ok();
+        if !lock(&self.relay.reserved_at).contains(&relay) || from.is_none_or(|f| f == self.local) {
+            write_envelope(&mut send, &circuit_response(false, "no reservation with you, or a bad sender"))
+                .await?;
+            return Ok(());
+        }
+        let Ok(permit) = self.relay.incoming.clone().try_acquire_owned() else {
+            write_envelope(&mut send, &circuit_response(false, "too many circuits")).await?;
+            return Ok(());
+        };
+        write_envelope(&mut send, &circuit_response(true, "")).await?;
+        // The peer's QUIC handshake arrives over the circuit like any inbound connection, and TLS tells who it
+        // really is: `from` is only what the relay says.
+        let address =
+            attach_circuit(self.endpoint.relay_paths(), (&self.relay, relay), send, recv, Some(permit));
+        tracing::info!(%relay, from = ?from, %address, "accepted a relay circuit");
+        Ok(())
+    }
+
+    /// The dialing end: a QUIC connection to `peer` through a relay that holds its reservation.
+    #[tracing::instrument(name = "nat.relay", skip_all, fields(peer = %peer))]
+    pub(super) async fn relay_to(self: &Arc<Self>, peer: NodeId) -> Result<SessionHandle, ExchangeError> {
+        if let Some(session) = self.sessions.get(&peer) {
+            return Ok(session);
+        }
+        let mut last_error = String::from("no connected peer relays for it");
+        for via in self.rendezvous_for(peer).await {
+            let started = Instant::now();
+            let attempt = async {
+                let (mut send, mut recv) =
+                    via.connection().open_bi().await.map_err(|e| ExchangeError::Stream(e.to_string()))?;
+                let request = pb::CircuitRequest { target: peer.as_bytes().to_vec() };
+                write_envelope(&mut send, &envelope(pb::envelope::Kind::CircuitRequest(request))).await?;
+                read_circuit_response(&mut recv).await?;
+                let address =
+                    attach_circuit(self.endpoint.relay_paths(), (&self.relay, via.peer()), send, recv, None);
+                let outbound = self.endpoint.connect(address, Some(peer)).await?;
+                self.run_outbound(outbound, started, AddressSource::Record).await
+            };
+            match attempt.await {
+                Ok(_) => {
+                    if let Some(session) = self.sessions.get(&peer) {
+                        tracing::info!(relay = %via.peer(), "connected through a relay");
+                        return Ok(session);
+                    }
+                }
+                Err(e) => {
+                    tracing::debug!(relay = %via.peer(), error = %e, "no circuit through this relay");
+                    last_error = format!("relay {}: {e}", via.peer());
+                }
+            }
+        }
+        Err(ExchangeError::Relay(last_error))
+    }
+}
+
+/// How often relayed sessions are checked for an upgrade to a direct path.
+const UPGRADE_CHECK_INTERVAL: Duration = Duration::from_secs(30);
+
+/// Tries, now and then, to punch a direct path to each peer we reach through a relay; the session table
+/// swaps a punched session in for the relayed one. Each peer is tried at most once per
+/// [`super::punch::AUTO_PUNCH_INTERVAL`].
+pub(super) async fn upgrade_relayed(
+    inner: std::sync::Weak<Inner>,
+    shutdown: tokio_util::sync::CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = tokio::time::sleep(UPGRADE_CHECK_INTERVAL) => {}
+        }
+        let Some(inner) = inner.upgrade() else { return };
+        for (peer, session) in inner.sessions.all() {
+            if session.path() != super::ConnectionPath::Relayed || !inner.punch.auto_punch_due(peer) {
+                continue;
+            }
+            let inner = inner.clone();
+            tokio::spawn(async move {
+                match inner.punch_to(peer).await {
+                    Ok(_) => tracing::info!(%peer, "relayed session upgraded to a direct one"),
+                    Err(e) => tracing::debug!(%peer, error = %e, "still no direct path"),
+                }
+            });
+        }
+    }
+}

@@ -1,0 +1,227 @@
+//! The endpoint's socket: the node's one UDP socket, plus relayed paths that look like UDP to QUIC.
+//!
+//! A connection through a relay is an ordinary QUIC connection between the two peers, end to end (their own
+//! TLS, their own keys), whose packets travel inside a stream of each side's connection to the relay instead
+//! of in UDP datagrams. quinn sends and receives through [`PathSocket`]: packets for a relayed peer are
+//! addressed to a synthetic address that stands for the relay circuit, and [`PathSocket`] hands them to that
+//! circuit instead of the network; packets arriving over a circuit are received as if from that address.
+//!
+//! Synthetic addresses come from 240.0.0.0/4 (reserved by RFC 1112 §4, "class E"), which no host can have, so
+//! a synthetic address never shadows a real peer and a real datagram can never claim to come from one.
+
+use std::collections::{HashMap, VecDeque};
+use std::fmt;
+use std::io::{self, IoSliceMut};
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, Waker};
+
+use quinn::udp::{RecvMeta, Transmit};
+use quinn::{AsyncUdpSocket, UdpPoller};
+use tokio::sync::mpsc;
+
+/// Packets received over circuits and not yet read by QUIC; beyond this they are dropped, as a full socket
+/// buffer drops datagrams.
+const MAX_QUEUED_PACKETS: usize = 1024;
+
+/// Whether `address` stands for a relay circuit.
+pub fn is_relayed(address: &SocketAddr) -> bool {
+    matches!(address, SocketAddr::V4(v4) if v4.ip().octets()[0] >= 240 && !v4.ip().is_broadcast())
+}
+
+/// The relay circuits of one endpoint, shared by its socket and by whoever opens and accepts circuits.
+#[derive(Default)]
+pub struct RelayPaths {
+    next: AtomicU32,
+    circuits: Mutex<HashMap<SocketAddr, mpsc::Sender<Vec<u8>>>>,
+    received: Mutex<Received>,
+}
+
+#[derive(Default)]
+struct Received {
+    packets: VecDeque<(SocketAddr, Vec<u8>)>,
+    waker: Option<Waker>,
+}
+
+impl fmt::Debug for RelayPaths {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RelayPaths").field("circuits", &lock(&self.circuits).len()).finish()
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // Each critical section is a single insert, remove or queue operation: consistent after a panic.
+    mutex.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+impl RelayPaths {
+    /// Registers a circuit: packets QUIC sends to the returned address go into `outgoing`.
+    pub fn register(&self, outgoing: mpsc::Sender<Vec<u8>>) -> SocketAddr {
+        // 2^28 addresses × 65535 ports: a counter never wraps into a live circuit in practice, and the
+        // map check below makes sure of it.
+        let mut circuits = lock(&self.circuits);
+        loop {
+            let n = self.next.fetch_add(1, Ordering::Relaxed);
+            let ip = Ipv4Addr::from(0xF000_0000 | (n >> 16 & 0x0FFF_FFFF));
+            let port = (n & 0xFFFF) as u16;
+            let address = SocketAddr::V4(SocketAddrV4::new(ip, port.max(1)));
+            if let std::collections::hash_map::Entry::Vacant(slot) = circuits.entry(address) {
+                slot.insert(outgoing);
+                return address;
+            }
+        }
+    }
+
+    /// Forgets a circuit; packets to it are dropped from now on.
+    pub fn unregister(&self, address: &SocketAddr) {
+        lock(&self.circuits).remove(address);
+    }
+
+    /// A packet that arrived over the circuit `from`, to be read by QUIC.
+    pub fn deliver(&self, from: SocketAddr, packet: Vec<u8>) {
+        let mut received = lock(&self.received);
+        if received.packets.len() >= MAX_QUEUED_PACKETS {
+            return;
+        }
+        received.packets.push_back((from, packet));
+        if let Some(waker) = received.waker.take() {
+            waker.wake();
+        }
+    }
+
+    fn send(&self, transmit: &Transmit<'_>) {
+        let Some(circuit) = lock(&self.circuits).get(&transmit.destination).cloned() else { return };
+        let size = transmit.segment_size.unwrap_or(transmit.contents.len()).max(1);
+        for datagram in transmit.contents.chunks(size) {
+            // A full circuit drops the packet, like a full network queue; QUIC's loss recovery takes over.
+            let _ = circuit.try_send(datagram.to_vec());
+        }
+    }
+}
+
+/// The endpoint's socket: the real UDP socket, and the relay circuits.
+#[derive(Debug)]
+pub struct PathSocket {
+    udp: Arc<dyn AsyncUdpSocket>,
+    paths: Arc<RelayPaths>,
+}
+
+impl PathSocket {
+    pub fn new(udp: Arc<dyn AsyncUdpSocket>, paths: Arc<RelayPaths>) -> Self {
+        Self { udp, paths }
+    }
+}
+
+impl AsyncUdpSocket for PathSocket {
+    fn create_io_poller(self: Arc<Self>) -> Pin<Box<dyn UdpPoller>> {
+        // Circuits never block a sender (they drop instead), so writability is the UDP socket's.
+        self.udp.clone().create_io_poller()
+    }
+
+    fn try_send(&self, transmit: &Transmit<'_>) -> io::Result<()> {
+        if is_relayed(&transmit.destination) {
+            self.paths.send(transmit);
+            return Ok(());
+        }
+        self.udp.try_send(transmit)
+    }
+
+    fn poll_recv(
+        &self,
+        cx: &mut Context<'_>,
+        bufs: &mut [IoSliceMut<'_>],
+        meta: &mut [RecvMeta],
+    ) -> Poll<io::Result<usize>> {
+        {
+            let mut received = lock(&self.paths.received);
+            if let (Some((from, packet)), Some(buf), Some(slot)) =
+                (received.packets.pop_front(), bufs.first_mut(), meta.first_mut())
+            {
+                let len = packet.len().min(buf.len());
+                buf[..len].copy_from_slice(&packet[..len]);
+                *slot = RecvMeta { addr: from, len, stride: len, ecn: None, dst_ip: None };
+                return Poll::Ready(Ok(1));
+            }
+            // Registered before polling the UDP socket, so a packet delivered meanwhile wakes us.
+            received.waker = Some(cx.waker().clone());
+        }
+        match self.udp.poll_recv(cx, bufs, meta) {
+            // A datagram from the network claiming a synthetic source is forged: drop it (keep polling).
+            Poll::Ready(Ok(n)) => {
+                let mut kept = 0;
+                for i in 0..n {
+                    if !is_relayed(&meta[i].addr) {
+                        meta.swap(kept, i);
+                        bufs.swap(kept, i);
+                        kept += 1;
+                    }
+                }
+                if kept == 0 {
+                    cx.waker().wake_by_ref();
+                    return Poll::Pending;
+                }
+                Poll::Ready(Ok(kept))
+            }
+            other => other,
+        }
+    }
+
+    fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.udp.local_addr()
+    }
+
+    fn max_transmit_segments(&self) -> usize {
+        self.udp.max_transmit_segments()
+    }
+
+    fn max_receive_segments(&self) -> usize {
+        self.udp.max_receive_segments()
+    }
+
+    fn may_fragment(&self) -> bool {
+        self.udp.may_fragment()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn synthetic_addresses_are_class_e_and_unique() {
+        let paths = RelayPaths::default();
+        let (tx, _rx) = mpsc::channel(1);
+        let a = paths.register(tx.clone());
+        let b = paths.register(tx);
+        assert_ne!(a, b);
+        assert!(is_relayed(&a) && is_relayed(&b));
+        assert!(!is_relayed(&"203.0.113.7:30906".parse().unwrap()));
+        assert!(!is_relayed(&"255.255.255.255:1".parse().unwrap()));
+        assert!(!is_relayed(&"[2001:db8::1]:1".parse().unwrap()));
+    }
+
+    #[test]
+    fn packets_to_a_circuit_are_split_per_datagram_and_dropped_when_full_or_gone() {
+        let paths = RelayPaths::default();
+        let (tx, mut rx) = mpsc::channel(2);
+        let address = paths.register(tx);
+        let contents = [1u8, 2, 3, 4, 5];
+        let transmit = Transmit {
+            destination: address,
+            ecn: None,
+            contents: &contents,
+            segment_size: Some(2),
+            src_ip: None,
+        };
+        paths.send(&transmit);
+        assert_eq!(rx.try_recv().unwrap(), vec![1, 2]);
+        assert_eq!(rx.try_recv().unwrap(), vec![3, 4]);
+        // The third datagram did not fit in the circuit's queue of two: dropped, not blocking.
+        assert!(rx.try_recv().is_err());
+        paths.unregister(&address);
+        paths.send(&transmit);
+        assert!(rx.try_recv().is_err());
+    }
+}
