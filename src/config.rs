@@ -36,6 +36,8 @@ enum Kind {
     OptionalPath,
     DhtMode,
     LogFormat,
+    Bool,
+    Bytes,
 }
 
 impl Kind {
@@ -53,6 +55,8 @@ impl Kind {
             Kind::Secret => "a string of printable ASCII without spaces",
             Kind::DhtMode => "auto, server or client",
             Kind::LogFormat => "text or json",
+            Kind::Bool => "true or false",
+            Kind::Bytes => "a number of bytes of at least 1, optionally with a unit: 65536, 64KiB, 32MiB",
         }
     }
 }
@@ -208,6 +212,43 @@ const SETTINGS: &[Setting] = &[
         kind: Kind::Count,
         doc: "Hard bound on topics the node can join at once.",
     },
+    Setting {
+        key: "relay.enabled",
+        env: "RN_RELAY_ENABLED",
+        flag: None,
+        kind: Kind::Bool,
+        doc: "Relay circuits for peers that cannot be reached otherwise (they must reserve a slot first). Only \
+              peers behind NATs that hold a direct connection to this node can reserve, so it matters on \
+              publicly reachable nodes.",
+    },
+    Setting {
+        key: "relay.max_reservations",
+        env: "RN_RELAY_MAX_RESERVATIONS",
+        flag: None,
+        kind: Kind::Count,
+        doc: "Peers that may hold a relay reservation at once.",
+    },
+    Setting {
+        key: "relay.max_circuits",
+        env: "RN_RELAY_MAX_CIRCUITS",
+        flag: None,
+        kind: Kind::Count,
+        doc: "Relay circuits carried at once.",
+    },
+    Setting {
+        key: "relay.max_bytes_per_second",
+        env: "RN_RELAY_MAX_BYTES_PER_SECOND",
+        flag: None,
+        kind: Kind::Bytes,
+        doc: "Rate limit of each relay circuit, each way.",
+    },
+    Setting {
+        key: "relay.max_bytes_per_circuit",
+        env: "RN_RELAY_MAX_BYTES_PER_CIRCUIT",
+        flag: None,
+        kind: Kind::Bytes,
+        doc: "Bytes one relay circuit may carry in total (both ways); it is closed beyond.",
+    },
 ];
 
 /// The public Mainline routers (as listed by the `mainline` crate). Production default only: tests and the
@@ -232,6 +273,16 @@ pub struct Config {
     pub dht: DhtConfig,
     pub monitoring_listen: SocketAddr,
     pub store: StoreConfig,
+    pub relay: RelayConfig,
+}
+
+#[derive(Debug, Clone)]
+pub struct RelayConfig {
+    pub enabled: bool,
+    pub max_reservations: u64,
+    pub max_circuits: u64,
+    pub max_bytes_per_second: u64,
+    pub max_bytes_per_circuit: u64,
 }
 
 #[derive(Debug, Clone)]
@@ -681,6 +732,25 @@ impl Resolver<'_> {
             u64::to_string,
         )?;
 
+        let relay_enabled =
+            self.value("relay.enabled", parse_bool, || Ok((true, Source::Default)), bool::to_string)?;
+        let relay_max_reservations =
+            self.value("relay.max_reservations", parse_count, || Ok((128, Source::Default)), u64::to_string)?;
+        let relay_max_circuits =
+            self.value("relay.max_circuits", parse_count, || Ok((64, Source::Default)), u64::to_string)?;
+        let relay_max_bytes_per_second = self.value(
+            "relay.max_bytes_per_second",
+            parse_bytes,
+            || Ok((128 * KIB, Source::Default)),
+            show_bytes,
+        )?;
+        let relay_max_bytes_per_circuit = self.value(
+            "relay.max_bytes_per_circuit",
+            parse_bytes,
+            || Ok((32 * KIB * KIB, Source::Default)),
+            show_bytes,
+        )?;
+
         let token = match (inline_token, token_file) {
             (Some(_), Some(_)) => {
                 return Err(ConfigError::Invalid(
@@ -727,6 +797,13 @@ impl Resolver<'_> {
             },
             monitoring_listen,
             store: StoreConfig { retention, max_peers, max_joined_topics },
+            relay: RelayConfig {
+                enabled: relay_enabled,
+                max_reservations: relay_max_reservations,
+                max_circuits: relay_max_circuits,
+                max_bytes_per_second: relay_max_bytes_per_second,
+                max_bytes_per_circuit: relay_max_bytes_per_circuit,
+            },
         };
         Ok((config, self.shown))
     }
@@ -828,6 +905,44 @@ fn parse_dht_mode(raw: &Raw) -> Result<DhtMode, String> {
         "client" => Ok(DhtMode::Client),
         other => Err(format!("`{other}` is not a DHT mode")),
     }
+}
+
+fn parse_bool(raw: &Raw) -> Result<bool, String> {
+    match text(raw)? {
+        "true" => Ok(true),
+        "false" => Ok(false),
+        other => Err(format!("`{other}` is not true or false")),
+    }
+}
+
+const KIB: u64 = 1024;
+
+/// `65536`, `64KiB`, `32MiB` or `1GiB` (binary units only: "KB" would be ambiguous).
+fn parse_bytes(raw: &Raw) -> Result<u64, String> {
+    let s = text(raw)?;
+    let (number, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
+    let multiplier = match unit.trim() {
+        "" | "B" => 1,
+        "KiB" => KIB,
+        "MiB" => KIB * KIB,
+        "GiB" => KIB * KIB * KIB,
+        other => return Err(format!("`{other}` is not a unit (use B, KiB, MiB or GiB)")),
+    };
+    match number.parse::<u64>().ok().and_then(|n| n.checked_mul(multiplier)) {
+        Some(n) if n >= 1 => Ok(n),
+        _ => Err(format!("`{s}` is not a number of bytes of at least 1")),
+    }
+}
+
+/// The largest binary unit that divides `bytes` evenly, as `parse_bytes` reads it.
+fn show_bytes(bytes: &u64) -> String {
+    let text = match *bytes {
+        b if b >= KIB * KIB * KIB && b % (KIB * KIB * KIB) == 0 => format!("{}GiB", b / (KIB * KIB * KIB)),
+        b if b >= KIB * KIB && b % (KIB * KIB) == 0 => format!("{}MiB", b / (KIB * KIB)),
+        b if b >= KIB && b % KIB == 0 => format!("{}KiB", b / KIB),
+        b => b.to_string(),
+    };
+    quote(&text)
 }
 
 fn parse_count(raw: &Raw) -> Result<u64, String> {
@@ -1093,6 +1208,23 @@ mod tests {
         .expect("load")
         .config;
         assert_eq!(c.log_level, "debug");
+    }
+
+    #[test]
+    fn byte_sizes_read_binary_units_and_show_back_the_same() {
+        let raw = |s: &str| Raw::Text(s.to_owned());
+        assert_eq!(parse_bytes(&raw("65536")), Ok(65536));
+        assert_eq!(parse_bytes(&raw("64KiB")), Ok(64 * 1024));
+        assert_eq!(parse_bytes(&raw("32MiB")), Ok(32 * 1024 * 1024));
+        assert!(parse_bytes(&raw("0")).is_err());
+        assert!(parse_bytes(&raw("10KB")).unwrap_err().contains("not a unit"));
+        assert!(parse_bytes(&raw("99999999999GiB")).is_err(), "overflow is an error, not a wrap");
+        for bytes in [1, 1000, 128 * 1024, 32 * 1024 * 1024, 3 * 1024 * 1024 * 1024] {
+            let shown = show_bytes(&bytes);
+            assert_eq!(parse_bytes(&raw(shown.trim_matches('"'))), Ok(bytes), "{shown}");
+        }
+        assert_eq!(parse_bool(&raw("false")), Ok(false));
+        assert!(parse_bool(&raw("yes")).is_err());
     }
 
     #[test]

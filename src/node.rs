@@ -20,6 +20,7 @@ use crate::config::DhtMode;
 use crate::control::{ControlListeners, ControlServer, NodeContext, TransportError};
 use crate::dht::{self, Dht, DhtError, DhtOptions};
 use crate::exchange::record::RecordPublisher;
+use crate::exchange::relay::RelayOptions;
 use crate::exchange::{Exchange, ExchangeOptions};
 use crate::identity::{self, Identity, IdentityError};
 use crate::lifecycle::{self, ExclusiveLock, LockError};
@@ -233,8 +234,18 @@ async fn start_network(
     let publisher =
         RecordPublisher::start(identity.signing_key().clone(), store.clone(), quic_addr, topics.clone())
             .await?;
-    let exchange =
-        Exchange::start(endpoint, store.clone(), publisher, ExchangeOptions::default(), shutdown.clone());
+    let as_usize = |n: u64| usize::try_from(n).unwrap_or(usize::MAX);
+    let options = ExchangeOptions {
+        relay: RelayOptions {
+            enabled: config.relay.enabled,
+            max_reservations: as_usize(config.relay.max_reservations),
+            max_circuits: as_usize(config.relay.max_circuits),
+            max_bytes_per_second: config.relay.max_bytes_per_second,
+            max_bytes_per_circuit: config.relay.max_bytes_per_circuit,
+        },
+        ..ExchangeOptions::default()
+    };
+    let exchange = Exchange::start(endpoint, store.clone(), publisher, options, shutdown.clone());
 
     let (discoveries, mut found) = tokio::sync::mpsc::channel::<dht::Discovery>(256);
     let options = DhtOptions {

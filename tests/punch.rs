@@ -29,9 +29,14 @@ struct LabNode {
 
 impl LabNode {
     fn start(label: &'static str, host: Host) -> Self {
+        Self::start_with(label, host, &[])
+    }
+
+    fn start_with(label: &'static str, host: Host, env: &[(&str, &str)]) -> Self {
         let dir =
             NodeDir::new().with_quic_listen(&format!("0.0.0.0:{QUIC_PORT}")).with_dht_listen("0.0.0.0:0");
         let mut cmd = dir.start_command();
+        cmd.envs(env.iter().copied());
         cmd.env("RUST_LOG", "info,remote_network::exchange::punch=debug");
         let node = dir.spawn_ready(in_network_namespace(&cmd, &host.netns));
         let info = json(&dir.rnctl(&["-o", "json", "node", "info"]));
@@ -100,7 +105,10 @@ async fn every_pair_connects_directly_where_the_nats_allow_it() {
     for label in ["rendezvous_a", "rendezvous_b", "rendezvous_c"] {
         let host = lab.public_host(label).expect("public host");
         lab.add_second_address(&host).expect("second address");
-        publics.push(LabNode::start(label, host));
+        // One public node does not relay: nobody may end up relayed through it.
+        let env: &[(&str, &str)] =
+            if label == "rendezvous_c" { &[("RN_RELAY_ENABLED", "false")] } else { &[] };
+        publics.push(LabNode::start_with(label, host, env));
     }
     for (i, node) in publics.iter().enumerate() {
         for other in publics.iter().skip(i + 1) {
@@ -235,6 +243,11 @@ async fn every_pair_connects_directly_where_the_nats_allow_it() {
             "{pair}: relayed by {:?}, not one of the public nodes",
             r.relay
         );
+        assert_ne!(
+            relay_label(&r.relay),
+            "rendezvous_c",
+            "{pair}: relayed by the node with relay.enabled = false"
+        );
         let shown = by_label(pair.split(" × ").next().expect("pair")).connection_to(target);
         assert_eq!(shown["path"], "CONNECTION_PATH_RELAYED", "{pair}");
         // The target verified the initiator's identity through the circuit too.
@@ -243,9 +256,14 @@ async fn every_pair_connects_directly_where_the_nats_allow_it() {
     }
     let edm_1 = by_label("edm_1");
     let edm_status = edm_1.nat_status();
+    let relays: Vec<&str> = edm_status["relays"]
+        .as_array()
+        .map(|r| r.iter().filter_map(|v| v.as_str()).collect())
+        .unwrap_or_default();
+    assert_eq!(relays.len(), 2, "edm_1 holds a reservation at each public node that relays: {edm_status:#}");
     assert!(
-        edm_status["relays"].as_array().is_some_and(|r| !r.is_empty()),
-        "edm_1 holds relay reservations: {edm_status:#}"
+        !relays.contains(&publics[2].id.as_str()),
+        "rendezvous_c refused the reservation: {edm_status:#}"
     );
     // The punch kept trying beside the relay; once its window is over, its failure is on record.
     let failed_punch = |status: &serde_json::Value| {
