@@ -74,6 +74,20 @@ impl LabNode {
         json(&out)["peer"]["connection"].clone()
     }
 
+    /// The connection to `other`, or `{}` while `other` is not even stored.
+    fn connection_to_any(&self, other: &LabNode) -> serde_json::Value {
+        let out = self.dir.rnctl(&["-o", "json", "peers", "show", &other.id]);
+        if !out.status.success() {
+            return serde_json::json!({});
+        }
+        json(&out)["peer"]["connection"].clone()
+    }
+
+    fn join(&self, topic: &str) {
+        let out = self.dir.rnctl(&["topics", "join", topic]);
+        assert!(out.status.success(), "{}: {}", self.label, stderr(&out));
+    }
+
     fn nat_status(&self) -> serde_json::Value {
         let out = self.dir.rnctl(&["-o", "json", "nat", "status"]);
         assert!(out.status.success(), "{}: {}", self.label, stderr(&out));
@@ -91,21 +105,13 @@ struct PairResult {
     elapsed: Duration,
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn every_pair_connects_directly_where_the_nats_allow_it() {
-    if skip_without_root(
-        "every_pair_connects_directly_where_the_nats_allow_it",
-        "it builds network namespaces and NATs",
-    ) {
-        return;
-    }
-    let mut lab = Lab::new().expect("lab");
+/// Three public nodes that know each other and know they are public (each needs two others as witnesses of
+/// its mapping). The third does not relay (`relay.enabled = false`).
+fn start_publics(lab: &mut Lab) -> Vec<LabNode> {
     let mut publics = Vec::new();
-    // Three public nodes: each needs two others as witnesses of its mapping before it knows it is public.
     for label in ["rendezvous_a", "rendezvous_b", "rendezvous_c"] {
         let host = lab.public_host(label).expect("public host");
         lab.add_second_address(&host).expect("second address");
-        // One public node does not relay: nobody may end up relayed through it.
         let env: &[(&str, &str)] =
             if label == "rendezvous_c" { &[("RN_RELAY_ENABLED", "false")] } else { &[] };
         publics.push(LabNode::start_with(label, host, env));
@@ -118,21 +124,31 @@ async fn every_pair_connects_directly_where_the_nats_allow_it() {
     for node in &publics {
         assert_eq!(node.probe()["reachability"], "REACHABILITY_PUBLIC", "{}", node.label);
     }
+    publics
+}
 
-    let hosts = [
-        ("eim_1", lab.private_host("eim_1", EIM).expect("host")),
-        ("eim_2", lab.private_host("eim_2", EIM).expect("host")),
-        ("double", lab.double_nat_host("double", EIM, EIM).expect("host")),
-        ("edm_1", lab.private_host("edm_1", EDM).expect("host")),
-        ("edm_2", lab.private_host("edm_2", EDM).expect("host")),
-    ];
-    let privates: Vec<LabNode> = hosts.into_iter().map(|(label, host)| LabNode::start(label, host)).collect();
+/// Private nodes behind the given NATs (`None`: EIM behind a carrier EIM), each connected to every public
+/// node and done probing its NAT, so that its record names its rendezvous and it holds relay reservations.
+fn start_privates(
+    lab: &mut Lab,
+    publics: &[LabNode],
+    nats: &[(&'static str, Option<NatOptions>)],
+) -> Vec<LabNode> {
+    let privates: Vec<LabNode> = nats
+        .iter()
+        .map(|(label, nat)| {
+            let host = match nat {
+                Some(nat) => lab.private_host(label, *nat),
+                None => lab.double_nat_host(label, EIM, EIM),
+            };
+            LabNode::start(label, host.expect("host"))
+        })
+        .collect();
     for node in &privates {
-        for public in &publics {
+        for public in publics {
             node.connect_address(public);
         }
     }
-    // Each learns its NAT, and its record then names the public peers as its rendezvous.
     let reports: Vec<serde_json::Value> = std::thread::scope(|scope| {
         let probes: Vec<_> = privates.iter().map(|node| scope.spawn(|| node.probe())).collect();
         probes.into_iter().map(|p| p.join().expect("probe thread")).collect()
@@ -145,6 +161,77 @@ async fn every_pair_connects_directly_where_the_nats_allow_it() {
         };
         assert_eq!(report["reachability"], expected, "{}: {report:#}", node.label);
     }
+    privates
+}
+
+/// Nodes in a topic reach each other on their own: the private nodes only know the public ones, learn of each
+/// other by peer exchange, and get punched or relayed connections without anyone asking.
+#[tokio::test(flavor = "multi_thread")]
+async fn nodes_behind_nats_in_a_topic_connect_on_their_own() {
+    if skip_without_root(
+        "nodes_behind_nats_in_a_topic_connect_on_their_own",
+        "it builds network namespaces and NATs",
+    ) {
+        return;
+    }
+    let mut lab = Lab::new().expect("lab");
+    let publics = start_publics(&mut lab);
+    for node in &publics {
+        node.join("lab");
+    }
+    let privates = start_privates(
+        &mut lab,
+        &publics,
+        &[("eim_1", Some(EIM)), ("eim_2", Some(EIM)), ("edm_1", Some(EDM))],
+    );
+    for node in &privates {
+        node.join("lab");
+    }
+    let expected = [
+        ("eim_1", "eim_2", "CONNECTION_PATH_PUNCHED"),
+        ("eim_1", "edm_1", "CONNECTION_PATH_RELAYED"),
+        ("eim_2", "edm_1", "CONNECTION_PATH_RELAYED"),
+    ];
+    let by_label = |label: &str| privates.iter().find(|n| n.label == label).expect("node");
+    // Peer exchange rounds, punches and circuits take a few seconds each; this only bounds a hang.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    for (a, b, path) in expected {
+        let (a, b) = (by_label(a), by_label(b));
+        let mut connection = a.connection_to_any(b);
+        while connection["connected"] != true && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(500));
+            connection = a.connection_to_any(b);
+        }
+        assert_eq!(
+            connection["connected"], true,
+            "{} and {} never connected: {connection:#}",
+            a.label, b.label
+        );
+        assert_eq!(connection["path"], path, "{} × {}: {connection:#}", a.label, b.label);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn every_pair_connects_directly_where_the_nats_allow_it() {
+    if skip_without_root(
+        "every_pair_connects_directly_where_the_nats_allow_it",
+        "it builds network namespaces and NATs",
+    ) {
+        return;
+    }
+    let mut lab = Lab::new().expect("lab");
+    let publics = start_publics(&mut lab);
+    let privates = start_privates(
+        &mut lab,
+        &publics,
+        &[
+            ("eim_1", Some(EIM)),
+            ("eim_2", Some(EIM)),
+            ("double", None),
+            ("edm_1", Some(EDM)),
+            ("edm_2", Some(EDM)),
+        ],
+    );
     let by_label = |label: &str| privates.iter().find(|n| n.label == label).expect("node");
 
     // A direct dial to a private node's public mapping is filtered by its NAT: the punch below is needed.

@@ -302,6 +302,8 @@ impl Exchange {
             }
         });
         tokio::spawn(accept_loop(exchange.clone()));
+        tokio::spawn(peer_exchange_rounds(Arc::downgrade(&exchange), exchange.shutdown.clone()));
+        tokio::spawn(push_record_updates(Arc::downgrade(&exchange), exchange.publisher.subscribe()));
         tokio::spawn(relay::upgrade_relayed(Arc::downgrade(&exchange), exchange.shutdown.clone()));
         Self { inner: exchange }
     }
@@ -786,8 +788,10 @@ impl Inner {
                 if verified.node_id == self.local || self.sessions.get(&verified.node_id).is_some() {
                     continue;
                 }
-                candidates.extend(record::dialable_addresses(&verified));
-                self.punch_if_private(&verified);
+                // A node behind a NAT lets in only what it expects: a punch (or relay) instead of a dial.
+                if !self.reach_if_private(&verified) {
+                    candidates.extend(record::dialable_addresses(&verified));
+                }
                 // A stale record (lower seq than stored) is simply not newer: nothing to do.
                 let upsert = upsert_from_record(&verified, None, now_ms());
                 if let Ok(UpsertOutcome::Added | UpsertOutcome::Updated) =
@@ -800,25 +804,24 @@ impl Inner {
         }
     }
 
-    /// Starts a punch to a peer learnt by peer exchange whose record says it is behind a NAT: dialing its
-    /// addresses (which the dialer does anyway) will not get through its NAT's filter.
-    fn punch_if_private(self: &Arc<Self>, record: &VerifiedRecord) {
+    /// For a peer learnt by peer exchange whose record says it is behind a NAT, whose filter would drop a plain
+    /// dial: starts a punch (a relay if that fails), at most once per interval. Returns whether the record is
+    /// such a peer's.
+    fn reach_if_private(self: &Arc<Self>, record: &VerifiedRecord) -> bool {
         let private = record.body.node_type == pb::NodeType::Private as i32
             || record.body.nat.is_some_and(|n| {
                 n.reachability == pb::Reachability::PrivatePunchable as i32
                     || n.reachability == pb::Reachability::PrivateHard as i32
             });
-        if !private || !self.punch.auto_punch_due(record.node_id) {
-            return;
+        if !private {
+            return false;
+        }
+        if !self.punch.auto_punch_due(record.node_id) {
+            return true;
         }
         let inner = self.clone();
         let peer = record.node_id;
         tokio::spawn(async move {
-            // Give the dialer's direct attempt a head start: a direct path is better when there is one.
-            tokio::time::sleep(Duration::from_secs(1)).await;
-            if inner.sessions.get(&peer).is_some() {
-                return;
-            }
             match inner.punch_or_relay(peer).await {
                 Ok(session) => {
                     tracing::info!(%peer, path = ?session.path(), "connected to a peer behind a NAT")
@@ -826,6 +829,7 @@ impl Inner {
                 Err(e) => tracing::info!(%peer, error = %e, "could not reach a peer behind a NAT"),
             }
         });
+        true
     }
 
     /// Dials a known peer on its stored addresses, best first, pinning its node id.
@@ -921,6 +925,7 @@ impl RequestHandler for Handler {
             }
             Kind::PunchRequest(request) => Some(inner.forward_punch(peer, request).await),
             Kind::RelayReservationRequest(_) => Some(inner.answer_reservation(peer)),
+            Kind::RecordUpdate(update) => Some(inner.accept_record_update(peer, update).await),
             Kind::PunchIntroduction(introduction) => {
                 Some(inner.accept_introduction(peer, introduction).await)
             }
@@ -938,6 +943,32 @@ impl RequestHandler for Handler {
 }
 
 impl Inner {
+    /// A connected peer's new record: verified as its own, stored unless it is a replay.
+    async fn accept_record_update(&self, peer: NodeId, update: pb::RecordUpdate) -> pb::envelope::Kind {
+        let refuse = |message: String| {
+            pb::envelope::Kind::Error(pb::ErrorResponse { code: pb::ErrorCode::Malformed as u32, message })
+        };
+        let Some(signed) = update.record else { return refuse("RecordUpdate without a record".into()) };
+        let verified = match wire::verify_record(&signed, Some(peer), &self.policy()) {
+            Ok(verified) => verified,
+            Err(e) => {
+                if matches!(e, wire::RecordError::NodeIdMismatch { .. }) {
+                    self.counters.impersonations_rejected.fetch_add(1, Ordering::Relaxed);
+                }
+                return refuse(format!("record refused: {e}"));
+            }
+        };
+        match self.store_verified(&verified, None, None).await {
+            Ok(()) => pb::envelope::Kind::RecordUpdateAck(pb::RecordUpdateAck {}),
+            Err(e) => {
+                if matches!(e, ExchangeError::Replay { .. }) {
+                    self.counters.replays_rejected.fetch_add(1, Ordering::Relaxed);
+                }
+                refuse(format!("record refused: {e}"))
+            }
+        }
+    }
+
     /// Up to `max` stored records of peers in `topic`, most recently seen first, as received (signed).
     async fn peer_exchange(&self, topic: &str, max: u32) -> pb::PeerExchangeResponse {
         if crate::api::names::validate_topic(topic).is_err() || max == 0 {
@@ -954,6 +985,58 @@ impl Inner {
             }
         }
         pb::PeerExchangeResponse { records }
+    }
+}
+
+/// How often connected peers are asked again for records of the topics we share: peers join and leave, and
+/// records change (a NAT verdict tells us a peer needs a punch or a relay).
+const PEER_EXCHANGE_INTERVAL: Duration = Duration::from_secs(60);
+/// Sessions asked per round.
+const PEER_EXCHANGE_SESSIONS_PER_ROUND: usize = 8;
+/// How often the round checks whether our topics changed (a new topic is worth asking about at once).
+const PEER_EXCHANGE_CHECK: Duration = Duration::from_secs(2);
+
+/// Peer exchange beyond the first one of each session: every [`PEER_EXCHANGE_INTERVAL`], and soon after we
+/// join a topic.
+async fn peer_exchange_rounds(inner: std::sync::Weak<Inner>, shutdown: CancellationToken) {
+    let mut asked_for = Vec::new();
+    let mut last_round = Instant::now();
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = tokio::time::sleep(PEER_EXCHANGE_CHECK) => {}
+        }
+        let Some(inner) = inner.upgrade() else { return };
+        let topics = inner.publisher.topics();
+        if topics == asked_for && last_round.elapsed() < PEER_EXCHANGE_INTERVAL {
+            continue;
+        }
+        asked_for = topics;
+        last_round = Instant::now();
+        for (_, session) in inner.sessions.all().into_iter().take(PEER_EXCHANGE_SESSIONS_PER_ROUND) {
+            let inner = inner.clone();
+            tokio::spawn(async move { inner.exchange_peers(session).await });
+        }
+    }
+}
+
+/// Tells every connected peer when our record changes (see `RecordUpdate` in wire.proto).
+async fn push_record_updates(
+    inner: std::sync::Weak<Inner>,
+    mut records: tokio::sync::watch::Receiver<Arc<pb::SignedRecord>>,
+) {
+    while records.changed().await.is_ok() {
+        let record = (**records.borrow_and_update()).clone();
+        let Some(inner) = inner.upgrade() else { return };
+        for (peer, session) in inner.sessions.all() {
+            let update = pb::envelope::Kind::RecordUpdate(pb::RecordUpdate { record: Some(record.clone()) });
+            let timeout = inner.options.request_timeout;
+            tokio::spawn(async move {
+                if let Err(e) = session.request(update, timeout).await {
+                    tracing::debug!(%peer, error = %e, "peer did not take our record update");
+                }
+            });
+        }
     }
 }
 

@@ -85,6 +85,11 @@ impl RecordPublisher {
         &self.inner.key
     }
 
+    /// A receiver that sees every new record (peers are told when it changes).
+    pub fn subscribe(&self) -> watch::Receiver<Arc<pb::SignedRecord>> {
+        self.inner.current.subscribe()
+    }
+
     /// The record to send now.
     pub fn current(&self) -> Arc<pb::SignedRecord> {
         self.inner.current.borrow().clone()

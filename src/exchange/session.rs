@@ -316,6 +316,7 @@ fn is_response(kind: &pb::envelope::Kind) -> bool {
             | Kind::PunchResponse(_)
             | Kind::RelayReservationResponse(_)
             | Kind::CircuitResponse(_)
+            | Kind::RecordUpdateAck(_)
             | Kind::Error(_)
     )
 }

@@ -39,6 +39,8 @@ pub(super) fn kind_name(kind: &Kind) -> &'static str {
         Kind::CircuitRequest(_) => "CircuitRequest",
         Kind::CircuitIncoming(_) => "CircuitIncoming",
         Kind::CircuitResponse(_) => "CircuitResponse",
+        Kind::RecordUpdate(_) => "RecordUpdate",
+        Kind::RecordUpdateAck(_) => "RecordUpdateAck",
     }
 }
 
@@ -65,9 +67,8 @@ pub(super) fn check_envelope(envelope: &pb::Envelope) -> Result<(), String> {
     }
     match kind {
         Kind::Hello(pb::Hello { record: None, .. })
-        | Kind::GetRecordResponse(pb::GetRecordResponse { record: None }) => {
-            Err(format!("{name} must carry a record"))
-        }
+        | Kind::GetRecordResponse(pb::GetRecordResponse { record: None })
+        | Kind::RecordUpdate(pb::RecordUpdate { record: None }) => Err(format!("{name} must carry a record")),
         Kind::PunchRequest(pb::PunchRequest { offer: None })
         | Kind::PunchIntroduction(pb::PunchIntroduction { offer: None, .. })
         | Kind::PunchResponse(pb::PunchResponse { offer: None, .. }) => {
