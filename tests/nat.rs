@@ -81,6 +81,8 @@ async fn each_node_classifies_the_nat_the_lab_built() {
         let report = node.probe();
         assert_eq!(report["natType"], "NAT_TYPE_NONE", "{}: {report:#}", node.label);
         assert_eq!(report["reachability"], "REACHABILITY_PUBLIC", "{}: {report:#}", node.label);
+        // The hairpin probe (a second socket dialing our external address) reaches us: no NAT in the way.
+        assert_eq!(report["hairpin"], "HAIRPIN_SUPPORT_SUPPORTED", "{}: {report:#}", node.label);
     }
 
     let privates = [
@@ -143,6 +145,8 @@ async fn each_node_classifies_the_nat_the_lab_built() {
         report.clone()
     };
     let eim = expect("eim", "NAT_TYPE_ENDPOINT_INDEPENDENT", "REACHABILITY_PRIVATE_PUNCHABLE");
+    // The NAT drops our hairpin probe; a lost probe proves nothing (see prober), so no verdict is claimed.
+    assert_eq!(eim["hairpin"], "HAIRPIN_SUPPORT_UNKNOWN", "{eim:#}");
     assert_eq!(eim["filtering"], "FILTERING_BEHAVIOR_ADDRESS_AND_PORT_DEPENDENT", "{eim:#}");
     assert_eq!(eim["portPreservation"], true, "MASQUERADE keeps the port: {eim:#}");
     let edm = expect("edm", "NAT_TYPE_ENDPOINT_DEPENDENT", "REACHABILITY_PRIVATE_HARD");

@@ -248,6 +248,10 @@ struct MappingLog {
     samples: Vec<MappingSample>,
 }
 
+/// How long a hairpin probe waits for its connection to come back: a loop through our own NAT takes
+/// microseconds, so this only allows for a lost packet and its retransmission.
+const HAIRPIN_TIMEOUT: Duration = Duration::from_secs(3);
+
 /// How long a punch has before a relay circuit is tried beside it: punches through endpoint-independent NATs
 /// finish within a few round trips, and one that needs longer is unlikely to succeed at all.
 const RELAY_AFTER: Duration = Duration::from_secs(2);
@@ -355,6 +359,38 @@ impl Exchange {
         let verified = wire::verify_record(&signed, Some(peer), &self.inner.policy())?;
         self.inner.store_verified(&verified, None, None).await?;
         Ok((verified, rtt))
+    }
+
+    /// Dials our own external address from a second socket of this host: true when the connection reaches
+    /// our endpoint (the NAT hairpins, RFC 4787 §6: a node behind the same NAT can reach us at our public
+    /// address), false when nothing came back in time. A second socket, because that is the case that matters
+    /// (a neighbour), and because Linux drops a packet hairpinned back to the very socket that sent it.
+    pub async fn probe_hairpin(&self, external: SocketAddr) -> bool {
+        let limits = crate::quic::QuicLimits {
+            max_connections: 1,
+            handshake_timeout: HAIRPIN_TIMEOUT,
+            ..crate::quic::QuicLimits::default()
+        };
+        let bind = SocketAddr::new(
+            if external.is_ipv4() {
+                std::net::IpAddr::from([0u8; 4])
+            } else {
+                std::net::IpAddr::from([0u16; 8])
+            },
+            0,
+        );
+        let Ok(prober) = QuicEndpoint::bind(bind, self.inner.publisher.signing_key(), limits) else {
+            return false;
+        };
+        let arrived = match prober.connect(external, Some(self.inner.local)).await {
+            Ok(outbound) => {
+                CloseCode::SelfConnection.close(&outbound.connection, "hairpin probe");
+                true
+            }
+            Err(_) => false,
+        };
+        tokio::spawn(async move { prober.close().await });
+        arrived
     }
 
     /// Asks `helper` (a connected peer) to dial us back from a fresh 4-tuple and reports whether it arrived.
@@ -1058,6 +1094,10 @@ async fn accept_loop(inner: Arc<Inner>) {
                             tracing::info!(peer = %verified.node_id, %remote, seq = verified.seq, "inbound peer verified")
                         }
                         Err(ExchangeError::DialBack) => tracing::debug!(%remote, "dial-back received"),
+                        // Our own hairpin probe coming back, or a peer that gave out our address as its own.
+                        Err(ExchangeError::SelfConnection) => {
+                            tracing::debug!(%remote, "connection from ourselves")
+                        }
                         Err(e) => {
                             inner.counters.exchanges_failed.fetch_add(1, Ordering::Relaxed);
                             tracing::debug!(%remote, error = %e, "inbound exchange failed");

@@ -100,7 +100,20 @@ impl NatProber {
                 }
             }
         }
-        let verdict = classify::classify(&self.observations(&outcomes));
+        let mut observations = self.observations(&outcomes);
+        let mut verdict = classify::classify(&observations);
+        // Hairpinning can only be tested once we know the address to send to: our stable external one. Only
+        // an arrival is evidence: a NAT may hairpin between neighbours yet drop a loop back to the sending
+        // host itself (Linux does: the packet would leave with its own address as destination and source),
+        // so a probe that did not come back leaves the verdict unknown rather than "not supported".
+        if let (Some(external), true) = (verdict.external_address, announces_external_port(&verdict)) {
+            let arrived = self.inner.exchange.probe_hairpin(external).await;
+            tracing::debug!(%external, arrived, "hairpin probe");
+            if arrived {
+                observations.hairpin.push(classify::HairpinProbe { target: external, arrived });
+                verdict = classify::classify(&observations);
+            }
+        }
         let now = now_ms();
         {
             let mut knowledge = self.lock();

@@ -603,3 +603,17 @@ fn only_well_formed_ed25519_keys_make_node_ids() {
     assert_eq!(tls::node_id_from_spki(&ED25519_SPKI_PREFIX), None);
     assert_eq!(tls::node_id_from_spki(b"not a key"), None);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_node_can_dial_itself_as_a_hairpin_probe_does() {
+    let key = new_key();
+    let (endpoint, addr) = bind(&key, QuicLimits::default());
+    let acceptor = endpoint.clone();
+    let accepting = tokio::spawn(async move {
+        let mut inbound = accept_one(&acceptor).await.expect("inbound");
+        inbound.authenticated().await
+    });
+    let outbound = within("self dial", endpoint.connect(addr, Some(id_of(&key)))).await.expect("self dial");
+    assert_eq!(outbound.node_id, id_of(&key));
+    assert_eq!(within("accept", accepting).await.expect("task").expect("authenticated"), id_of(&key));
+}
