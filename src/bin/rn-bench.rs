@@ -31,6 +31,32 @@ use tokio::net::UdpSocket;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
 
+const USAGE: &str =
+    "usage: rn-bench [--quick] [--json FILE] [--only contact|handshake|memory|store|discovery]";
+
+/// One part of the benchmark; `--only` runs just that one while iterating on it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Section {
+    Contact,
+    Handshake,
+    Memory,
+    Store,
+    Discovery,
+}
+
+impl Section {
+    fn parse(name: &str) -> anyhow::Result<Self> {
+        Ok(match name {
+            "contact" => Self::Contact,
+            "handshake" => Self::Handshake,
+            "memory" => Self::Memory,
+            "store" => Self::Store,
+            "discovery" => Self::Discovery,
+            other => bail!("unknown section {other:?}; {USAGE}"),
+        })
+    }
+}
+
 /// Sizes of one run.
 struct Sizes {
     contact_trials: usize,
@@ -88,21 +114,26 @@ struct Figure {
 fn main() -> anyhow::Result<()> {
     let mut quick = false;
     let mut json: Option<PathBuf> = None;
+    let mut only: Option<Section> = None;
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         match arg.as_str() {
             "--quick" => quick = true,
             "--json" => json = Some(args.next().context("--json needs a file name")?.into()),
+            "--only" => {
+                let name = args.next().context("--only needs a section name")?;
+                only = Some(Section::parse(&name)?);
+            }
             "-h" | "--help" => {
-                println!("usage: rn-bench [--quick] [--json FILE]");
+                println!("{USAGE}");
                 return Ok(());
             }
-            other => bail!("unknown argument {other:?}; usage: rn-bench [--quick] [--json FILE]"),
+            other => bail!("unknown argument {other:?}; {USAGE}"),
         }
     }
     raise_fd_limit();
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
-    let figures = runtime.block_on(run(Sizes::new(quick)))?;
+    let figures = runtime.block_on(run(Sizes::new(quick), only))?;
     runtime.shutdown_timeout(Duration::from_secs(2));
 
     println!();
@@ -129,57 +160,73 @@ fn json_number(value: f64) -> String {
     if value.is_finite() { format!("{value:.4}") } else { "-1".to_owned() }
 }
 
-async fn run(sizes: Sizes) -> anyhow::Result<Vec<Figure>> {
+async fn run(sizes: Sizes, only: Option<Section>) -> anyhow::Result<Vec<Figure>> {
     let work = std::env::temp_dir().join(format!("rn-bench-{}", std::process::id()));
     std::fs::create_dir_all(&work)?;
-    let result = run_in(&sizes, &work).await;
+    let result = run_in(&sizes, &work, only).await;
     let _ = std::fs::remove_dir_all(&work);
     result
 }
 
-async fn run_in(sizes: &Sizes, work: &Path) -> anyhow::Result<Vec<Figure>> {
+async fn run_in(sizes: &Sizes, work: &Path, only: Option<Section>) -> anyhow::Result<Vec<Figure>> {
+    let runs = |section| only.is_none_or(|only| only == section);
     let mut figures = Vec::new();
 
-    println!("== 1. first contact through a {:?}-each-way UDP delay", sizes.contact_delay);
-    let (dialer, listener) = first_contact(sizes, work).await.context("first contact")?;
-    figures.push(Figure {
-        key: "first_contact_rtt_dialer",
-        value: dialer,
-        goal: "<= 1.1",
-        met: Some(dialer <= 1.1),
-    });
-    figures.push(Figure { key: "first_contact_rtt_listener", value: listener, goal: "-", met: None });
+    if runs(Section::Contact) {
+        println!("== 1. first contact through a {:?}-each-way UDP delay", sizes.contact_delay);
+        let (dialer, listener) = first_contact(sizes, work).await.context("first contact")?;
+        figures.push(Figure {
+            key: "first_contact_rtt_dialer",
+            value: dialer,
+            goal: "<= 1.1",
+            met: Some(dialer <= 1.1),
+        });
+        figures.push(Figure { key: "first_contact_rtt_listener", value: listener, goal: "-", met: None });
+    }
 
-    println!("== 2. handshake throughput: exchange vs bare QUIC handshake");
-    let ratio = handshake_ratio(sizes, work).await.context("handshake throughput")?;
-    figures.push(Figure { key: "handshake_ratio", value: ratio, goal: ">= 0.85", met: Some(ratio >= 0.85) });
+    if runs(Section::Handshake) {
+        println!("== 2. handshake throughput: exchange vs bare QUIC handshake");
+        let ratio = handshake_ratio(sizes, work).await.context("handshake throughput")?;
+        figures.push(Figure {
+            key: "handshake_ratio",
+            value: ratio,
+            goal: ">= 0.85",
+            met: Some(ratio >= 0.85),
+        });
+    }
 
     let daemon = daemon_binary()?;
 
-    println!("== 3. memory per idle connected peer");
-    let kib = memory_per_peer(sizes, work, &daemon).await.context("memory")?;
-    figures.push(Figure { key: "kib_per_peer", value: kib, goal: "<= 16", met: Some(kib <= 16.0) });
+    if runs(Section::Memory) {
+        println!("== 3. memory per idle connected peer");
+        let kib = memory_per_peer(sizes, work, &daemon).await.context("memory")?;
+        figures.push(Figure { key: "kib_per_peer", value: kib, goal: "<= 16", met: Some(kib <= 16.0) });
+    }
 
-    println!("== 4. store");
-    let (upsert_ratio, upserts_per_s, db) = store_upserts(sizes, work).await.context("store upserts")?;
-    figures.push(Figure {
-        key: "store_upsert_ratio",
-        value: upsert_ratio,
-        goal: ">= 0.7",
-        met: Some(upsert_ratio >= 0.7),
-    });
-    figures.push(Figure {
-        key: "store_upserts_per_s",
-        value: upserts_per_s,
-        goal: ">= 100000",
-        met: Some(upserts_per_s >= 100_000.0),
-    });
-    let list = list_page_ratio(sizes, work, &daemon, &db).await.context("ListPeers page")?;
-    figures.push(Figure { key: "list_page_ratio", value: list, goal: "<= 2", met: Some(list <= 2.0) });
+    if runs(Section::Store) {
+        println!("== 4. store");
+        let (upsert_ratio, upserts_per_s, db) = store_upserts(sizes, work).await.context("store upserts")?;
+        figures.push(Figure {
+            key: "store_upsert_ratio",
+            value: upsert_ratio,
+            goal: ">= 0.7",
+            met: Some(upsert_ratio >= 0.7),
+        });
+        figures.push(Figure {
+            key: "store_upserts_per_s",
+            value: upserts_per_s,
+            goal: ">= 100000",
+            met: Some(upserts_per_s >= 100_000.0),
+        });
+        let list = list_page_ratio(sizes, work, &daemon, &db).await.context("ListPeers page")?;
+        figures.push(Figure { key: "list_page_ratio", value: list, goal: "<= 2", met: Some(list <= 2.0) });
+    }
 
-    println!("== 5. discovery on a local Mainline network");
-    let join = join_to_first_peer(sizes, work, &daemon).await.context("discovery")?;
-    figures.push(Figure { key: "join_to_first_peer_ms", value: join, goal: "-", met: None });
+    if runs(Section::Discovery) {
+        println!("== 5. discovery on a local Mainline network");
+        let join = join_to_first_peer(sizes, work, &daemon).await.context("discovery")?;
+        figures.push(Figure { key: "join_to_first_peer_ms", value: join, goal: "-", met: None });
+    }
     Ok(figures)
 }
 
@@ -585,6 +632,8 @@ struct Daemon {
     channel: Channel,
     quic: SocketAddr,
     dht: String,
+    /// The monitoring endpoint (`/metrics`, `/debug/pprof/heap`).
+    monitoring: String,
 }
 
 impl Drop for Daemon {
@@ -611,11 +660,13 @@ async fn start_daemon(binary: &Path, dir: &Path, bootstrap: Option<&str>) -> any
     command.env("RN_LOG_LEVEL", "warn").env_remove("RUST_LOG");
     let mut child = command.spawn().context("cannot start the daemon")?;
     let channel = remote_network::loopback::wait_ready(&mut child, &paths, Duration::from_secs(30)).await?;
-    let mut daemon = Daemon { child, channel, quic: loopback(), dht: String::new() };
+    let mut daemon =
+        Daemon { child, channel, quic: loopback(), dht: String::new(), monitoring: String::new() };
     let info = node_info(&daemon).await?;
     let listen = info.listen.unwrap_or_default();
     daemon.quic = listen.quic.parse().context("the daemon's QUIC address")?;
     daemon.dht = listen.dht;
+    daemon.monitoring = listen.monitoring;
     Ok(daemon)
 }
 
@@ -624,82 +675,238 @@ async fn node_info(daemon: &Daemon) -> anyhow::Result<remote_network::api::contr
     info.into_inner().node.context("GetNodeInfo without a node")
 }
 
-fn rss_kib(pid: u32) -> anyhow::Result<f64> {
+/// Threads of a process: each costs a stack and jemalloc thread cache, which count in RSS.
+fn threads(pid: u32) -> anyhow::Result<u32> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    let line = status.lines().find(|l| l.starts_with("VmRSS:")).context("no VmRSS")?;
-    let kib: f64 = line.split_whitespace().nth(1).context("VmRSS value")?.parse()?;
+    let line = status.lines().find(|l| l.starts_with("Threads:")).context("no Threads")?;
+    Ok(line.split_whitespace().nth(1).context("Threads value")?.parse()?)
+}
+
+/// One field of `/proc/<pid>/status` in KiB (`VmRSS`, `RssAnon`, `RssFile`).
+fn status_kib(pid: u32, field: &str) -> anyhow::Result<f64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let line = status
+        .lines()
+        .find(|l| l.strip_prefix(field).is_some_and(|rest| rest.starts_with(':')))
+        .with_context(|| format!("no {field}"))?;
+    let kib: f64 = line.split_whitespace().nth(1).with_context(|| format!("{field} value"))?.parse()?;
     Ok(kib)
 }
 
-/// Median of a few RSS readings a little apart (the daemon's background work makes single readings jumpy).
-async fn settled_rss(pid: u32) -> anyhow::Result<f64> {
-    tokio::time::sleep(Duration::from_secs(2)).await;
+fn rss_kib(pid: u32) -> anyhow::Result<f64> {
+    status_kib(pid, "VmRSS")
+}
+
+/// One plain HTTP/1.0 GET on the daemon's monitoring endpoint (loopback, no TLS): the body.
+async fn http_get(address: &str, path: &str) -> anyhow::Result<Vec<u8>> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(address).await?;
+    stream.write_all(format!("GET {path} HTTP/1.0\r\nHost: {address}\r\n\r\n").as_bytes()).await?;
+    let mut reply = Vec::new();
+    stream.read_to_end(&mut reply).await?;
+    let split = reply.windows(4).position(|w| w == b"\r\n\r\n").context("no end of HTTP headers")?;
+    let head = String::from_utf8_lossy(&reply[..split]);
+    anyhow::ensure!(
+        head.starts_with("HTTP/1.1 200") || head.starts_with("HTTP/1.0 200"),
+        "GET {path}: {head}"
+    );
+    Ok(reply[split + 4..].to_vec())
+}
+
+/// jemalloc's view of the daemon's heap (from `/metrics`), in KiB.
+#[derive(Debug, Clone, Copy, Default)]
+struct Heap {
+    /// Bytes the program holds (`stats.allocated`).
+    allocated: f64,
+    /// Pages holding them (`stats.active`): allocated plus fragmentation inside pages.
+    active: f64,
+    /// Resident pages jemalloc maps, dirty (freed but not yet returned) ones included.
+    resident: f64,
+    metadata: f64,
+}
+
+async fn heap_kib(daemon: &Daemon) -> anyhow::Result<Heap> {
+    let body = http_get(&daemon.monitoring, "/metrics").await?;
+    let text = String::from_utf8_lossy(&body);
+    let value = |name: &str| -> anyhow::Result<f64> {
+        let line = text
+            .lines()
+            .find(|l| l.split_whitespace().next() == Some(name))
+            .with_context(|| format!("/metrics has no {name}"))?;
+        let bytes: f64 = line.split_whitespace().nth(1).context("metric value")?.parse()?;
+        Ok(bytes / 1024.0)
+    };
+    Ok(Heap {
+        allocated: value("jemalloc_allocated_bytes")?,
+        active: value("jemalloc_active_bytes")?,
+        resident: value("jemalloc_resident_bytes")?,
+        metadata: value("jemalloc_metadata_bytes")?,
+    })
+}
+
+/// RSS and heap, once they have settled.
+#[derive(Debug, Clone, Copy)]
+struct Memory {
+    rss: f64,
+    heap: Heap,
+    threads: u32,
+    /// Resident pages of files (the binary's code, mostly): paged in once, when code first runs.
+    file: f64,
+}
+
+/// Median of a few RSS readings a little apart (the daemon's background work makes single readings jumpy),
+/// after waiting long enough for jemalloc to return the pages freed by the handshakes just done: its dirty
+/// pages decay over `dirty_decay_ms` (10 s by default), and until then they count in RSS although nothing
+/// uses them.
+async fn settled(daemon: &Daemon) -> anyhow::Result<Memory> {
+    const DIRTY_DECAY: Duration = Duration::from_secs(12);
+    let pid = daemon.child.id();
+    tokio::time::sleep(DIRTY_DECAY).await;
     let mut readings = Vec::new();
     for _ in 0..5 {
         readings.push(rss_kib(pid)?);
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    Ok(median(&mut readings))
+    Ok(Memory {
+        rss: median(&mut readings),
+        heap: heap_kib(daemon).await?,
+        threads: threads(pid)?,
+        file: status_kib(pid, "RssFile")?,
+    })
+}
+
+/// Saves the daemon's heap profile (gzipped pprof) as `<dir>/heap-<peers>.pb.gz` when `RN_BENCH_HEAP_DIR` is
+/// set: `monitoring/heap-profiles diff` between two of them shows where the bytes of the added peers went.
+async fn save_heap_profile(daemon: &Daemon, peers: usize) -> anyhow::Result<()> {
+    let Some(dir) = std::env::var_os("RN_BENCH_HEAP_DIR") else { return Ok(()) };
+    let profile = http_get(&daemon.monitoring, "/debug/pprof/heap").await?;
+    let path = Path::new(&dir).join(format!("heap-{peers}.pb.gz"));
+    std::fs::create_dir_all(&dir)?;
+    std::fs::write(&path, profile).with_context(|| format!("cannot write {}", path.display()))?;
+    println!("  heap profile: {}", path.display());
+    Ok(())
 }
 
 // ---------------------------------------------------------------------------------------------------------
 // 3. Memory
 
+/// Connects `clients[from..to]` to the daemon, `concurrency` at a time, and returns their connections.
+async fn connect_clients(
+    clients: &Arc<Vec<Client>>,
+    (from, to): (usize, usize),
+    concurrency: usize,
+    daemon: &Daemon,
+) -> anyhow::Result<Vec<Held>> {
+    let quic = daemon.quic;
+    let next = Arc::new(AtomicUsize::new(from));
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..concurrency {
+        let (clients, next) = (clients.clone(), next.clone());
+        tasks.spawn(async move {
+            let mut held = Vec::new();
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= to {
+                    return Ok::<_, anyhow::Error>(held);
+                }
+                held.push(client_exchange(&clients[i], quic).await?);
+            }
+        });
+    }
+    let mut kept = Vec::new();
+    while let Some(result) = tasks.join_next().await {
+        kept.extend(result??);
+    }
+    Ok(kept)
+}
+
+/// Waits until the daemon reports `wanted` connected peers (or, with `at_most`, no more than that).
+async fn wait_connected(daemon: &Daemon, wanted: usize, at_most: bool) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let connected = node_info(daemon).await?.connected_peers as usize;
+        if (at_most && connected <= wanted) || (!at_most && connected >= wanted) {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("the daemon holds {connected} sessions, waiting for {wanted}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// RSS of a real daemon with 0, then `idle_peers[0]`, then `idle_peers[1]` idle connected peers (lightweight
 /// clients in this process that do the real exchange and keep their connection). KiB per peer from 0 to the
-/// largest count (fixed costs of the first connections included).
+/// largest count. jemalloc's allocated bytes are shown alongside: RSS minus heap is code, stacks, SQLite's
+/// cache and pages the allocator keeps.
+///
+/// The 0-peer reading is taken after a warm-up round of connections that come and go: the first connections
+/// of a process page in the QUIC and TLS code (file-backed RSS), make jemalloc set up arenas and thread caches
+/// for the threads that serve them (its metadata), and grow tables that stay grown. Those costs are paid once,
+/// whatever the number of peers, and would otherwise be charged to the measured peers (about 30 KiB each when
+/// only 100 are measured).
 async fn memory_per_peer(sizes: &Sizes, work: &Path, binary: &Path) -> anyhow::Result<f64> {
     let daemon = start_daemon(binary, &work.join("memory"), None).await?;
-    let pid = daemon.child.id();
-    let base = settled_rss(pid).await?;
-    println!("  0 peers: {base:.0} KiB");
+    let warm_up = 2 * sizes.concurrency;
     let total = sizes.idle_peers[1];
-    let clients = Arc::new((0..total).map(|_| new_client()).collect::<anyhow::Result<Vec<_>>>()?);
+    let clients = Arc::new((0..warm_up + total).map(|_| new_client()).collect::<anyhow::Result<Vec<_>>>()?);
+    let cold = settled(&daemon).await?;
+    let passing = connect_clients(&clients, (0, warm_up), sizes.concurrency, &daemon).await?;
+    wait_connected(&daemon, warm_up, false).await?;
+    for held in &passing {
+        held.connection.close(0u32.into(), b"warm-up done");
+    }
+    drop(passing);
+    wait_connected(&daemon, 0, true).await?;
+    let base = settled(&daemon).await?;
+    let show = |count: usize, m: &Memory| {
+        let per = |now: f64, then: f64| if count == 0 { 0.0 } else { (now - then) / count as f64 };
+        println!(
+            "  {count} peers: RSS {:.0} KiB ({:.2}/peer), jemalloc allocated {:.0} KiB ({:.2}/peer), \
+             active {:.0}, resident {:.0}, metadata {:.0}; {} threads, file-backed RSS {:.0} KiB",
+            m.rss,
+            per(m.rss, base.rss),
+            m.heap.allocated,
+            per(m.heap.allocated, base.heap.allocated),
+            m.heap.active,
+            m.heap.resident,
+            m.heap.metadata,
+            m.threads,
+            m.file,
+        );
+    };
+    println!(
+        "  before warm-up: RSS {:.0} KiB, jemalloc allocated {:.0} KiB, metadata {:.0}, file-backed RSS {:.0} KiB",
+        cold.rss, cold.heap.allocated, cold.heap.metadata, cold.file
+    );
+    show(0, &base);
+    save_heap_profile(&daemon, 0).await?;
     let mut kept = Vec::new();
     let mut readings = vec![(0usize, base)];
     let mut done = 0;
     for &count in &sizes.idle_peers {
-        let quic = daemon.quic;
-        let next = Arc::new(AtomicUsize::new(done));
-        let mut tasks = tokio::task::JoinSet::new();
-        for _ in 0..sizes.concurrency {
-            let (clients, next) = (clients.clone(), next.clone());
-            tasks.spawn(async move {
-                let mut held = Vec::new();
-                loop {
-                    let i = next.fetch_add(1, Ordering::Relaxed);
-                    if i >= count {
-                        return Ok::<_, anyhow::Error>(held);
-                    }
-                    held.push(client_exchange(&clients[i], quic).await?);
-                }
-            });
-        }
-        while let Some(result) = tasks.join_next().await {
-            kept.extend(result??);
-        }
+        kept.extend(
+            connect_clients(&clients, (warm_up + done, warm_up + count), sizes.concurrency, &daemon).await?,
+        );
         done = count;
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            let connected = node_info(&daemon).await?.connected_peers as usize;
-            if connected >= count {
-                break;
-            }
-            if Instant::now() > deadline {
-                bail!("the daemon holds {connected} of {count} sessions");
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        let rss = settled_rss(pid).await?;
-        println!("  {count} peers: {rss:.0} KiB ({:.2} KiB/peer from 0)", (rss - base) / count as f64);
-        readings.push((count, rss));
+        wait_connected(&daemon, count, false).await?;
+        let memory = settled(&daemon).await?;
+        show(count, &memory);
+        save_heap_profile(&daemon, count).await?;
+        readings.push((count, memory));
     }
     let (small, large) = (readings[1], readings[2]);
+    let marginal = |f: fn(&Memory) -> f64| (f(&large.1) - f(&small.1)) / (large.0 - small.0) as f64;
     println!(
-        "  marginal from {} to {} peers: {:.2} KiB/peer",
+        "  marginal from {} to {} peers: RSS {:.2} KiB/peer, jemalloc allocated {:.2} KiB/peer",
         small.0,
         large.0,
-        (large.1 - small.1) / (large.0 - small.0) as f64
+        marginal(|m| m.rss),
+        marginal(|m| m.heap.allocated),
+    );
+    println!(
+        "  from the cold start (the previous definition of the figure): RSS {:.2} KiB/peer",
+        (large.1.rss - cold.rss) / large.0 as f64
     );
     for held in &kept {
         held.connection.close(0u32.into(), b"done");
@@ -709,7 +916,7 @@ async fn memory_per_peer(sizes: &Sizes, work: &Path, binary: &Path) -> anyhow::R
     for client in clients.iter() {
         client.endpoint.close().await;
     }
-    Ok((large.1 - base) / large.0 as f64)
+    Ok((large.1.rss - base.rss) / large.0 as f64)
 }
 
 // ---------------------------------------------------------------------------------------------------------

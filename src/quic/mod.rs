@@ -51,13 +51,20 @@ const INCOMING_BUFFER: u64 = 64 * 1024;
 /// Bytes buffered for all not-yet-accepted connection attempts together.
 const INCOMING_BUFFER_TOTAL: u64 = 8 * 1024 * 1024;
 
+/// Default flow-control window of a stream and of a connection: a quarter of the largest frame
+/// ([`crate::wire::MAX_FRAME_BYTES`]), ample for the few-KiB messages the protocol exchanges.
+const STREAM_WINDOW: u32 = 64 * 1024;
+/// Default bytes buffered for sending on one connection: one largest frame and its prefix, so that writing
+/// one never waits for acknowledgements of the one before.
+const SEND_WINDOW: u64 = 256 * 1024 + 1024;
+
 /// Resource limits of the transport. Windows are sized for metadata exchange, not bulk data.
 #[derive(Debug, Clone)]
 pub struct QuicLimits {
     /// Live connections (inbound and outbound together) beyond which inbound connections are refused, before
     /// any handshake work is done for them.
     pub max_connections: usize,
-    /// Concurrent bidirectional streams the peer may open on one connection.
+    /// Concurrent bidirectional streams the peer may open on one connection; each costs state from the start.
     pub max_bi_streams: u32,
     /// Bytes the peer may send on one stream ahead of our reading.
     pub stream_receive_window: u32,
@@ -78,10 +85,14 @@ impl Default for QuicLimits {
     fn default() -> Self {
         Self {
             max_connections: 1024,
-            max_bi_streams: 8,
-            stream_receive_window: 256 * 1024,
-            receive_window: 1024 * 1024,
-            send_window: 1024 * 1024,
+            // The protocol runs exactly one stream per connection, and quinn keeps state for every stream the
+            // peer may open, allocated when the connection starts.
+            max_bi_streams: 1,
+            // These bound what one peer can make us buffer (times `max_connections`), not what an idle
+            // connection holds. A frame larger than a window still passes: reading it hands out more credit.
+            stream_receive_window: STREAM_WINDOW,
+            receive_window: STREAM_WINDOW,
+            send_window: SEND_WINDOW,
             idle_timeout: Duration::from_secs(30),
             keep_alive: Duration::from_secs(10),
             handshake_timeout: Duration::from_secs(10),
@@ -98,7 +109,7 @@ impl QuicLimits {
         if self.stream_receive_window == 0 || self.receive_window == 0 || self.send_window == 0 {
             return invalid(
                 "stream_receive_window, receive_window and send_window must be more than zero \
-                 (defaults 256 KiB, 1 MiB and 1 MiB)",
+                 (defaults 64 KiB, 64 KiB and 257 KiB)",
             );
         }
         if self.idle_timeout.is_zero() {
@@ -129,7 +140,11 @@ impl QuicLimits {
             .max_idle_timeout(Some(idle))
             .keep_alive_interval((!self.keep_alive.is_zero()).then_some(self.keep_alive))
             // Datagrams are not used; not advertising them keeps peers from filling a buffer nobody reads.
-            .datagram_receive_buffer_size(None);
+            .datagram_receive_buffer_size(None)
+            // Path MTU discovery only pays off for bulk transfers. Each connection keeps a send buffer as large
+            // as the largest datagram it ever sent, so staying at the 1200 bytes every QUIC path carries keeps
+            // it small, and saves the periodic probes.
+            .mtu_discovery_config(None);
         Ok(transport)
     }
 }

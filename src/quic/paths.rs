@@ -1,4 +1,5 @@
-//! The endpoint's socket: the node's one UDP socket, plus relayed paths that look like UDP to QUIC.
+//! The endpoint's socket: the node's one UDP socket (sending one datagram per call), plus relayed paths that
+//! look like UDP to QUIC.
 //!
 //! A connection through a relay is an ordinary QUIC connection between the two peers, end to end (their own
 //! TLS, their own keys), whose packets travel inside a stream of each side's connection to the relay instead
@@ -172,8 +173,12 @@ impl AsyncUdpSocket for PathSocket {
         self.udp.local_addr()
     }
 
+    /// One datagram per send call, never a GSO batch: quinn gives every connection a send buffer sized for the
+    /// largest batch the socket takes at once and never shrinks it (up to ten datagrams, 12–15 KiB per
+    /// connection for its whole life), while batching only pays off for bulk transfers, which this transport
+    /// does not carry. Receiving is unchanged (GRO buffers are per endpoint, not per connection).
     fn max_transmit_segments(&self) -> usize {
-        self.udp.max_transmit_segments()
+        1
     }
 
     fn max_receive_segments(&self) -> usize {

@@ -283,6 +283,42 @@ async fn handshake_both_ways_identifies_both_nodes() {
     }
 }
 
+/// The default windows are smaller than the largest frame on purpose (they bound what a peer can make us buffer);
+/// a largest frame must still cross, both ways, on the protocol's one stream opened by the listener.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_largest_frame_crosses_both_ways_with_default_limits() {
+    let frame_bytes = crate::wire::MAX_FRAME_BYTES + 4;
+    let frame: Vec<u8> = (0..frame_bytes).map(|i| (i % 251) as u8).collect();
+    let (a_key, b_key) = (new_key(), new_key());
+    let (listener, listener_addr) = bind(&a_key, QuicLimits::default());
+    let (dialer, _) = bind(&b_key, QuicLimits::default());
+
+    let listener_side = {
+        let frame = frame.clone();
+        tokio::spawn(async move {
+            let mut inbound = accept_one(&listener).await.expect("inbound connection");
+            inbound.authenticated().await.expect("dialer authenticated");
+            let (mut send, mut recv) = inbound.connection.open_bi().await.expect("open stream");
+            within("send a largest frame", send.write_all(&frame)).await.expect("write");
+            let mut echo = vec![0u8; frame.len()];
+            within("read the echo", recv.read_exact(&mut echo)).await.expect("echo");
+            assert!(echo == frame, "the echo differs from the frame sent");
+            send.finish().expect("finish");
+            let _ = within("dialer closing", inbound.connection.closed()).await;
+        })
+    };
+    let outbound = within("connect", dialer.connect(listener_addr, None)).await.expect("outbound");
+    let (mut send, mut recv) =
+        within("accept_bi", outbound.connection.accept_bi()).await.expect("the listener's stream");
+    let mut received = vec![0u8; frame_bytes];
+    within("read a largest frame", recv.read_exact(&mut received)).await.expect("frame");
+    within("echo it", send.write_all(&received)).await.expect("echo");
+    send.finish().expect("finish");
+    assert_eq!(within("listener done", recv.read_to_end(0)).await.expect("end of stream"), b"");
+    outbound.connection.close(VarInt::from_u32(0), b"done");
+    listener_side.await.expect("listener task");
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn expected_peer_mismatch_fails_with_wrong_peer() {
     let (a_key, b_key, other) = (new_key(), new_key(), new_key());
