@@ -961,6 +961,7 @@ impl RequestHandler for Handler {
             }
             Kind::PunchRequest(request) => Some(inner.forward_punch(peer, request).await),
             Kind::RelayReservationRequest(_) => Some(inner.answer_reservation(peer)),
+            Kind::CircuitRequest(request) => Some(inner.carry_circuit(peer, request).await),
             Kind::RecordUpdate(update) => Some(inner.accept_record_update(peer, update).await),
             Kind::PunchIntroduction(introduction) => {
                 Some(inner.accept_introduction(peer, introduction).await)

@@ -219,7 +219,7 @@ impl Drop for ActivePunch<'_> {
     }
 }
 
-fn random_nonce() -> u64 {
+pub(super) fn random_nonce() -> u64 {
     let mut bytes = [0u8; 8];
     // A weak nonce only weakens replay protection of a message that is also time-bound and useless to replay
     // to anyone but its target; the time is a fine fallback.

@@ -3,8 +3,9 @@
 //!
 //! Three roles, like punching:
 //! - a node that cannot be reached reserves a slot at its public peers ([`Inner::reserve_relay`]);
-//! - the **relay** copies bytes between two streams, one on each of its sessions, within its limits
-//!   ([`Inner::carry_circuit`]): it never parses what it carries, which is QUIC ciphertext;
+//! - the **relay** opens a stream on each of its two sessions (the only side that opens circuit streams, so
+//!   nodes allow extra streams only on connections to relays they use) and copies bytes between them within
+//!   its limits ([`Inner::carry_circuit`]): it never parses what it carries, which is QUIC ciphertext;
 //! - each **end** ([`Inner::relay_to`] for the dialer, [`Inner::accept_circuit`] for the target) registers the
 //!   circuit with the endpoint socket (see [`crate::quic::paths`]) and runs an ordinary QUIC connection
 //!   over it, so the peer's identity is proven by TLS exactly as on a direct path.
@@ -19,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use prost::Message;
 use quinn::{RecvStream, SendStream};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 
 use super::session::{SessionHandle, write_envelope};
 use super::{ExchangeError, Inner};
@@ -61,8 +62,15 @@ const MAX_CIRCUIT_FRAME: usize = 4 * 1024;
 const CIRCUIT_QUEUE: usize = 256;
 /// Circuits ending at this node at once.
 const MAX_INCOMING_CIRCUITS: usize = 32;
+/// Circuit streams a relay may have open on one connection to us at once (besides the session stream).
+const CIRCUIT_STREAMS: u32 = 16;
+/// Circuits being set up by this node at once.
+const MAX_PENDING_CIRCUITS: usize = 64;
 /// Longest wait for the other side of a circuit setup.
 const CIRCUIT_SETUP_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Hands the relay's end of a requested circuit to the task that asked for it.
+type CircuitWaiter = oneshot::Sender<(SendStream, RecvStream)>;
 
 /// The exchange's relay state, in both roles.
 pub(super) struct RelayState {
@@ -73,6 +81,8 @@ pub(super) struct RelayState {
     reserved_at: std::sync::Mutex<HashSet<NodeId>>,
     circuits: Arc<tokio::sync::Semaphore>,
     incoming: Arc<tokio::sync::Semaphore>,
+    /// Circuits we asked for, waiting for the relay to open our end: by (relay, circuit number).
+    pending: std::sync::Mutex<HashMap<(NodeId, u64), CircuitWaiter>>,
     /// The relay behind each live circuit's synthetic address (ours, as an end).
     via: Arc<std::sync::Mutex<HashMap<SocketAddr, NodeId>>>,
     pub(super) circuits_carried: AtomicU64,
@@ -89,6 +99,7 @@ impl RelayState {
             reservations: std::sync::Mutex::default(),
             reserved_at: std::sync::Mutex::default(),
             via: Arc::default(),
+            pending: std::sync::Mutex::default(),
             circuits_carried: AtomicU64::new(0),
             circuits_refused: AtomicU64::new(0),
             bytes_relayed: Arc::new(AtomicU64::new(0)),
@@ -287,6 +298,8 @@ impl Inner {
         let request = pb::envelope::Kind::RelayReservationRequest(pb::RelayReservationRequest {});
         match session.request(request, self.options.request_timeout).await? {
             (pb::envelope::Kind::RelayReservationResponse(response), _) if response.accepted => {
+                // Circuits to us arrive as streams the relay opens.
+                allow_circuit_streams(session.connection());
                 lock(&self.relay.reserved_at).insert(relay);
                 tracing::info!(%relay, "relay reservation held");
                 Ok(true)
@@ -299,7 +312,8 @@ impl Inner {
         }
     }
 
-    /// Serves the streams a peer opens on its connection besides the session stream: relay circuits.
+    /// Serves the streams a relay opens on our connection to it: circuits to us (we reserved) and the ends of
+    /// circuits we asked for.
     pub(super) async fn serve_streams(self: Arc<Self>, session: SessionHandle) {
         loop {
             let (send, mut recv) = match session.connection().accept_bi().await {
@@ -307,76 +321,101 @@ impl Inner {
                 Err(_) => return,
             };
             let inner = self.clone();
-            let peer = session.peer();
+            let relay = session.peer();
             tokio::spawn(async move {
                 let result = match read_first_frame(&mut recv).await {
-                    Ok(pb::Envelope { kind: Some(pb::envelope::Kind::CircuitRequest(request)), .. }) => {
-                        inner.carry_circuit(peer, request, send, recv).await
-                    }
                     Ok(pb::Envelope {
                         kind: Some(pb::envelope::Kind::CircuitIncoming(incoming)), ..
-                    }) => inner.accept_circuit(peer, incoming, send, recv).await,
+                    }) => {
+                        let waiter = lock(&inner.relay.pending).remove(&(relay, incoming.circuit));
+                        match waiter {
+                            // The relay's end of a circuit we asked for.
+                            Some(waiter) => {
+                                let _ = waiter.send((send, recv));
+                                Ok(())
+                            }
+                            None => inner.accept_circuit(relay, incoming, send, recv).await,
+                        }
+                    }
                     Ok(_) => {
                         Err(ExchangeError::Protocol("a stream opened with an unexpected message".into()))
                     }
                     Err(e) => Err(e),
                 };
                 if let Err(e) = result {
-                    tracing::debug!(%peer, error = %e, "circuit stream ended with an error");
+                    tracing::debug!(%relay, error = %e, "circuit stream ended with an error");
                 }
             });
         }
     }
 
-    /// The relay: `requester` wants a circuit to the target of `request`.
-    async fn carry_circuit(
+    /// The relay: `requester` asks (on its session) for a circuit to the target of `request`. Opens a stream
+    /// to the target, then one to the requester, and copies between them.
+    pub(super) async fn carry_circuit(
         &self,
         requester: NodeId,
         request: pb::CircuitRequest,
-        mut a_send: SendStream,
-        a_recv: RecvStream,
-    ) -> Result<(), ExchangeError> {
-        let refuse = |mut send: SendStream, detail: String| async move {
+    ) -> pb::envelope::Kind {
+        let refuse = |detail: String| {
             self.relay.circuits_refused.fetch_add(1, Ordering::Relaxed);
-            let _ = write_envelope(&mut send, &circuit_response(false, detail.clone())).await;
-            let _ = send.finish();
-            Err(ExchangeError::Remote(detail))
+            pb::envelope::Kind::CircuitResponse(pb::CircuitResponse { accepted: false, detail })
         };
         let Ok(target) = <[u8; 32]>::try_from(request.target.as_slice()).map(NodeId) else {
-            return refuse(a_send, "the target is not a node id".into()).await;
+            return refuse("the target is not a node id".into());
         };
         if !self.relay.options.enabled {
-            return refuse(a_send, "this node does not relay".into()).await;
+            return refuse("this node does not relay (relay.enabled = false)".into());
         }
         let reserved = lock(&self.relay.reservations).contains(&target);
-        let Some(target_session) = self.direct_session(&target).filter(|_| reserved) else {
-            return refuse(a_send, format!("{target} holds no reservation here")).await;
+        let (Some(target_session), Some(requester_session)) =
+            (self.direct_session(&target).filter(|_| reserved), self.direct_session(&requester))
+        else {
+            return refuse(format!("{target} holds no reservation here"));
         };
-        let Ok(_permit) = self.relay.circuits.clone().try_acquire_owned() else {
-            return refuse(a_send, "too many circuits".into()).await;
+        let Ok(permit) = self.relay.circuits.clone().try_acquire_owned() else {
+            return refuse("too many circuits".into());
         };
-        let (mut b_send, mut b_recv) =
-            target_session.connection().open_bi().await.map_err(|e| ExchangeError::Stream(e.to_string()))?;
-        let incoming = pb::CircuitIncoming { from: requester.as_bytes().to_vec() };
-        write_envelope(&mut b_send, &envelope(pb::envelope::Kind::CircuitIncoming(incoming))).await?;
+        let circuit = request.circuit;
+        let open = |session: SessionHandle, from: NodeId| async move {
+            // Each side allowed the stream before it could be needed (reservation, request); a peer that
+            // did not would leave this waiting for stream credit, hence the timeout.
+            let (mut send, recv) =
+                tokio::time::timeout(CIRCUIT_SETUP_TIMEOUT, session.connection().open_bi())
+                    .await
+                    .map_err(|_| ExchangeError::TimedOut("no stream credit for a circuit"))?
+                    .map_err(|e| ExchangeError::Stream(e.to_string()))?;
+            let incoming = pb::CircuitIncoming { from: from.as_bytes().to_vec(), circuit };
+            write_envelope(&mut send, &envelope(pb::envelope::Kind::CircuitIncoming(incoming))).await?;
+            Ok::<_, ExchangeError>((send, recv))
+        };
+        let (b_send, mut b_recv) = match open(target_session, requester).await {
+            Ok(streams) => streams,
+            Err(e) => return refuse(format!("{target} could not be reached: {e}")),
+        };
         if let Err(e) = read_circuit_response(&mut b_recv).await {
-            return refuse(a_send, format!("{target} refused the circuit: {e}")).await;
+            return refuse(format!("{target} refused the circuit: {e}"));
         }
-        write_envelope(&mut a_send, &circuit_response(true, "")).await?;
+        let (a_send, a_recv) = match open(requester_session, target).await {
+            Ok(streams) => streams,
+            Err(e) => return refuse(format!("the circuit back to you failed: {e}")),
+        };
         self.relay.circuits_carried.fetch_add(1, Ordering::Relaxed);
         tracing::info!(from = %requester, to = %target, "relaying a circuit");
         let options = &self.relay.options;
         let budget = Arc::new(AtomicU64::new(options.max_bytes_per_circuit));
         let total = self.relay.bytes_relayed.clone();
         let rate = options.max_bytes_per_second;
-        // Whichever direction ends (or breaks a limit) ends the circuit; dropping the other direction's
-        // streams resets them.
-        let outcome = tokio::select! {
-            r = copy_limited(a_recv, b_send, rate, budget.clone(), total.clone()) => r,
-            r = copy_limited(b_recv, a_send, rate, budget, total) => r,
-        };
-        tracing::info!(from = %requester, to = %target, ?outcome, "relay circuit closed");
-        Ok(())
+        tokio::spawn(async move {
+            let _permit = permit;
+            // Whichever direction ends (or breaks a limit) ends the circuit; dropping the other direction's
+            // streams resets them.
+            let outcome = tokio::select! {
+                r = copy_limited(a_recv, b_send, rate, budget.clone(), total.clone()) => r,
+                r = copy_limited(b_recv, a_send, rate, budget, total) => r,
+            };
+            tracing::info!(from = %requester, to = %target, ?outcome, "relay circuit closed");
+        });
+        pb::envelope::Kind::CircuitResponse(pb::CircuitResponse { accepted: true, detail: String::new() })
     }
 
     /// The target end: `relay` brings a circuit from another node.
@@ -415,18 +454,46 @@ impl Inner {
         let mut last_error = String::from("no connected peer relays for it");
         for via in self.rendezvous_for(peer).await {
             let started = Instant::now();
+            let circuit = super::punch::random_nonce();
+            let key = (via.peer(), circuit);
+            let (waiter, arrival) = oneshot::channel();
+            {
+                let mut pending = lock(&self.relay.pending);
+                if pending.len() >= MAX_PENDING_CIRCUITS {
+                    return Err(ExchangeError::Busy);
+                }
+                pending.insert(key, waiter);
+            }
             let attempt = async {
-                let (mut send, mut recv) =
-                    via.connection().open_bi().await.map_err(|e| ExchangeError::Stream(e.to_string()))?;
-                let request = pb::CircuitRequest { target: peer.as_bytes().to_vec() };
-                write_envelope(&mut send, &envelope(pb::envelope::Kind::CircuitRequest(request))).await?;
-                read_circuit_response(&mut recv).await?;
+                // The relay opens our end of the circuit: allow it the stream.
+                allow_circuit_streams(via.connection());
+                let request = pb::CircuitRequest { target: peer.as_bytes().to_vec(), circuit };
+                let answer = via
+                    .request(pb::envelope::Kind::CircuitRequest(request), self.options.request_timeout * 2)
+                    .await?;
+                match answer {
+                    (pb::envelope::Kind::CircuitResponse(r), _) if r.accepted => {}
+                    (pb::envelope::Kind::CircuitResponse(r), _) => {
+                        return Err(ExchangeError::Remote(r.detail));
+                    }
+                    _ => {
+                        return Err(ExchangeError::Protocol(
+                            "answered a circuit request with another message".into(),
+                        ));
+                    }
+                }
+                let (send, recv) = tokio::time::timeout(CIRCUIT_SETUP_TIMEOUT, arrival)
+                    .await
+                    .map_err(|_| ExchangeError::TimedOut("the relay accepted but opened no circuit stream"))?
+                    .map_err(|_| ExchangeError::SessionClosed)?;
                 let address =
                     attach_circuit(self.endpoint.relay_paths(), (&self.relay, via.peer()), send, recv, None);
                 let outbound = self.endpoint.connect(address, Some(peer)).await?;
                 self.run_outbound(outbound, started, AddressSource::Record).await
             };
-            match attempt.await {
+            let result = attempt.await;
+            lock(&self.relay.pending).remove(&key);
+            match result {
                 Ok(_) => {
                     if let Some(session) = self.sessions.get(&peer) {
                         tracing::info!(relay = %via.peer(), "connected through a relay");
@@ -441,6 +508,11 @@ impl Inner {
         }
         Err(ExchangeError::Relay(last_error))
     }
+}
+
+/// Lets a relay open circuit streams on our connection to it (the session stream plus this many circuits).
+fn allow_circuit_streams(connection: &quinn::Connection) {
+    connection.set_max_concurrent_bi_streams(quinn::VarInt::from_u32(1 + CIRCUIT_STREAMS));
 }
 
 /// How often relayed sessions are checked for an upgrade to a direct path.
