@@ -6,6 +6,7 @@
 
 mod common;
 
+use std::net::IpAddr;
 use std::time::Instant;
 
 use common::lab::{Host, Lab, Nat, NatOptions};
@@ -162,4 +163,46 @@ async fn each_node_classifies_the_nat_the_lab_built() {
     assert!(text.contains("endpoint-independent") && text.contains("address-and-port-dependent"), "{text}");
     let public_ip = eim_node.host.public_addr.expect("eim has a NAT").to_string();
     assert!(text.contains(&format!("{public_ip}:{QUIC_PORT}")), "the observed public address: {text}");
+}
+
+/// A node that gets a new interface address re-signs its record, and its peers hold the new record without
+/// asking (the record is pushed), so they can reach it at the new address.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_new_interface_address_reaches_connected_peers() {
+    if skip_without_root("a_new_interface_address_reaches_connected_peers", "it builds network namespaces") {
+        return;
+    }
+    let mut lab = Lab::new().expect("lab");
+    let public = LabNode::start("public", lab.public_host("public").expect("host"));
+    let private = LabNode::start("private", lab.private_host("private", EIM).expect("host"));
+    private.connect(&public);
+    let private_id = json(&private.dir.rnctl(&["-o", "json", "node", "info"]))["node"]["nodeId"]
+        .as_str()
+        .expect("node id")
+        .to_owned();
+    let IpAddr::V4(first) = private.host.addr else { panic!("the lab is IPv4") };
+    let octets = first.octets();
+    let added = format!("{}.{}.{}.{}", octets[0], octets[1], octets[2], 200);
+    let out = lab
+        .command(&private.host, "ip")
+        .args(["addr", "add", &format!("{added}/24"), "dev", "eth0"])
+        .output();
+    assert!(out.is_ok_and(|o| o.status.success()), "could not add {added} in the lab");
+
+    let wanted = format!("{added}:{QUIC_PORT}");
+    let stored_addresses = || {
+        let out = public.dir.rnctl(&["-o", "json", "peers", "show", &private_id]);
+        json(&out)["peer"]["addresses"].as_array().cloned().unwrap_or_default()
+    };
+    // The prober looks at the interfaces every few seconds; this only bounds a hang.
+    let deadline = Instant::now() + std::time::Duration::from_secs(60);
+    let mut addresses = stored_addresses();
+    while !addresses.iter().any(|a| a["address"] == wanted.as_str()) && Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(500));
+        addresses = stored_addresses();
+    }
+    assert!(
+        addresses.iter().any(|a| a["address"] == wanted.as_str()),
+        "the public peer never learnt {wanted}: {addresses:#?}"
+    );
 }

@@ -528,6 +528,16 @@ impl Exchange {
         log.endpoints.iter().filter(|(_, c)| c.last_sent_ms >= since_ms).map(|(a, c)| (*a, *c)).collect()
     }
 
+    /// Forgets what peers told us about our NAT (mapping samples, observed addresses, endpoints contacted):
+    /// after a change of network it describes a NAT we are no longer behind.
+    pub fn forget_network_evidence(&self) {
+        *self.inner.mappings.lock().unwrap_or_else(std::sync::PoisonError::into_inner) =
+            MappingLog::default();
+        *self.inner.observed() = ObservedAddresses::default();
+        *self.inner.contacted.lock().unwrap_or_else(std::sync::PoisonError::into_inner) =
+            ContactLog::default();
+    }
+
     /// The latest mapping sample per destination, oldest first.
     pub fn mapping_samples(&self) -> Vec<MappingSample> {
         self.inner.mappings.lock().unwrap_or_else(std::sync::PoisonError::into_inner).samples.clone()

@@ -41,6 +41,8 @@ pub struct RecordPublisher {
 
 struct PublisherInner {
     key: SigningKey,
+    /// The QUIC socket's bound address, from which the interface addresses are derived.
+    quic: SocketAddr,
     node_id: NodeId,
     store: Store,
     facts: Mutex<Facts>,
@@ -71,6 +73,7 @@ impl RecordPublisher {
         Ok(Self {
             inner: Arc::new(PublisherInner {
                 key,
+                quic,
                 node_id,
                 store,
                 facts: Mutex::new(facts),
@@ -124,6 +127,24 @@ impl RecordPublisher {
         if let Err(e) = self.publish(&facts).await {
             tracing::warn!(error = %e, "could not re-sign the record with a new observed address");
         }
+    }
+
+    /// Reads the interface addresses again and re-signs the record if they changed (a laptop that moved to
+    /// another network, a new address from DHCP). Returns whether they changed.
+    pub async fn refresh_interfaces(&self) -> bool {
+        let interfaces = interface_addresses(self.inner.quic);
+        let mut facts = self.inner.facts.lock().await;
+        if facts.interfaces == interfaces {
+            return false;
+        }
+        tracing::info!(before = ?facts.interfaces, now = ?interfaces, "interface addresses changed");
+        facts.interfaces = interfaces;
+        // Public addresses peers confirmed belong to the network we were on.
+        facts.observed.clear();
+        if let Err(e) = self.publish(&facts).await {
+            tracing::warn!(error = %e, "could not re-sign the record with new interface addresses");
+        }
+        true
     }
 
     /// Re-signs the record if the rendezvous peers (addresses of peers that keep a session with us and can

@@ -137,6 +137,12 @@ impl NatProber {
                 _ = shutdown.cancelled() => return,
                 _ = tokio::time::sleep(WAKE_INTERVAL) => {}
             }
+            // A new network (other interface addresses) invalidates what we measured of the old one's NAT.
+            if self.inner.exchange.publisher().refresh_interfaces().await {
+                self.inner.exchange.forget_network_evidence();
+                self.lock().last_probe_ms = None;
+                last_samples = 0;
+            }
             let samples = self.inner.exchange.mapping_samples().len();
             // Read under the lock, then release it: `undecided` below takes the same lock.
             let last_probe_ms = self.lock().last_probe_ms;
