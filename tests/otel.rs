@@ -167,6 +167,19 @@ async fn exports_over(protocol: &str, endpoint: String) -> Collector {
 
     let joined = dir.rnctl(&["topics", "join", "t"]);
     assert!(joined.status.success(), "rnctl topics join: {}", common::stderr(&joined));
+    let node_id = common::json(&dir.rnctl(&["-o", "json", "node", "info"]))["node"]["nodeId"]
+        .as_str()
+        .expect("node id")
+        .to_owned();
+
+    // A peer to exchange with: the dial, the exchange and the store writes it causes are traced too.
+    let peer_dir = NodeDir::new();
+    let _peer = peer_dir.start();
+    let peer_info = common::json(&peer_dir.rnctl(&["-o", "json", "node", "info"]));
+    let peer_id = peer_info["node"]["nodeId"].as_str().expect("peer id").to_owned();
+    let peer_quic = peer_info["node"]["listen"]["quic"].as_str().expect("peer QUIC address").to_owned();
+    let connected = dir.rnctl(&["connect", &peer_quic]);
+    assert!(connected.status.success(), "rnctl connect: {}", common::stderr(&connected));
 
     let mut request = tonic::Request::new(GetNodeInfoRequest {});
     let traceparent = format!("00-{TRACE_ID}-{PARENT_SPAN_ID}-01");
@@ -199,6 +212,15 @@ async fn exports_over(protocol: &str, endpoint: String) -> Collector {
             && s.trace_id != TRACE_ID),
         "rnctl's JoinTopic call (no traceparent) must be a trace of its own: {spans:#?}"
     );
+    // The pipeline below the control API: the exchange with the peer (its id as attribute) and the store's
+    // write batches, all stamped with this node's id.
+    let exchange = spans
+        .iter()
+        .find(|s| s.name == "exchange.outbound")
+        .unwrap_or_else(|| panic!("no exchange.outbound span: {spans:#?}"));
+    assert!(exchange.attributes.iter().any(|a| a == &format!("peer: Str({peer_id})")), "{exchange:#?}");
+    assert!(exchange.attributes.iter().any(|a| a == &format!("node.id: Str({node_id})")), "{exchange:#?}");
+    assert!(spans.iter().any(|s| s.name == "store.write_batch"), "no store.write_batch span: {spans:#?}");
     let stack = ["h2", "hyper", "tonic", "tower"];
     for span in &spans {
         let target = span.attributes.iter().find_map(|a| a.strip_prefix("target: Str(")).unwrap_or_default();
