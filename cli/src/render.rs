@@ -473,6 +473,7 @@ pub fn nat_report(report: &control::NatReport, now: i64) -> String {
             ("THEIRS", Align::Left),
             ("ATTEMPTS", Align::Right),
             ("SUCCEEDED", Align::Right),
+            ("CONNECTED IN", Align::Right),
             ("LAST", Align::Left),
         ]);
         for punch in &report.punches {
@@ -481,6 +482,7 @@ pub fn nat_report(report: &control::NatReport, now: i64) -> String {
                 nat_type_text(punch.their_nat),
                 punch.attempts.to_string(),
                 punch.successes.to_string(),
+                punch.last_time_to_connected.as_ref().map(format_rtt).unwrap_or_else(|| "-".to_owned()),
                 punch.last_outcome.clone(),
             ]);
         }
