@@ -38,6 +38,7 @@ use r2d2_sqlite::SqliteConnectionManager;
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 
 use crate::api::names::{NameError, NodeId};
+use crate::telemetry::metrics::HistogramSnapshot;
 
 use writer::{Command, Reply, Writer, WriterConfig, WriterStatus};
 
@@ -286,6 +287,17 @@ impl Store {
     /// of writes that returned before.
     pub fn subscribe(&self) -> broadcast::Receiver<PeerEvent> {
         self.shared.events.subscribe()
+    }
+
+    /// Commands per committed write batch, since the store opened (exported as a metrics histogram).
+    pub fn write_batch_sizes(&self) -> HistogramSnapshot {
+        self.shared.status.batch_size.snapshot()
+    }
+
+    /// Seconds from BEGIN to the end of COMMIT per committed write batch, since the store opened (exported as
+    /// a metrics histogram): a write waits at least its batch's time, plus the time it spent queued.
+    pub fn write_batch_seconds(&self) -> HistogramSnapshot {
+        self.shared.status.batch_seconds.snapshot()
     }
 
     pub fn health(&self) -> StoreHealth {
