@@ -17,6 +17,7 @@
 //! - **Retention.** Peers not seen for `retention`, and the least recently seen beyond `max_peers`, are pruned
 //!   by the writer at start and every `prune_interval`; each peer keeps at most 32 addresses.
 
+mod checkpoint;
 mod codec;
 mod read;
 mod schema;
@@ -91,6 +92,8 @@ pub enum StoreError {
     WriteFailed(String),
     #[error("cannot start the peer store writer thread: {0}; the system may be out of threads or memory")]
     WriterThread(#[source] std::io::Error),
+    #[error("cannot start the peer store checkpoint thread: {0}; the system may be out of threads or memory")]
+    CheckpointThread(#[source] std::io::Error),
     #[error("a peer store read task failed: {0}; this is a bug, please report it with the log")]
     Join(#[from] tokio::task::JoinError),
 }
@@ -165,8 +168,10 @@ impl Store {
         let (events, _) = broadcast::channel(EVENT_CAPACITY);
         let (stopped_sender, writer_stopped) = watch::channel(false);
         let status = Arc::new(WriterStatus::new());
+        let checkpointer = checkpoint::Checkpointer::start(&options.path, Arc::clone(&status))?;
         let writer = Writer {
             conn,
+            checkpointer,
             commands: command_receiver,
             config: WriterConfig {
                 retention_ms: i64::try_from(options.retention.as_millis()).unwrap_or(i64::MAX),

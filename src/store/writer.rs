@@ -17,6 +17,7 @@ use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use crate::api::names::{NodeId, validate_topic};
 
 use super::StoreError;
+use super::checkpoint::Checkpointer;
 use super::codec::{
     self, MAX_ERROR_BYTES, duration_from_micros, duration_to_micros, encode_attributes, node_id_from_blob,
     truncate_on_char_boundary, u64_from_stored, u64_to_stored,
@@ -133,6 +134,8 @@ impl WriterStatus {
 /// Everything the writer thread owns.
 pub(crate) struct Writer {
     pub conn: Connection,
+    /// Checkpoints the WAL beside the writer; stopped before the write connection closes.
+    pub checkpointer: Checkpointer,
     pub commands: mpsc::Receiver<Command>,
     pub config: WriterConfig,
     pub events: broadcast::Sender<PeerEvent>,
@@ -153,10 +156,10 @@ impl Drop for StoppedSignal {
 impl Writer {
     /// The thread's body: runs until every sender is gone and the queue is empty, then closes the connection.
     pub(crate) fn run(self) {
-        let Writer { mut conn, mut commands, config, events, status, stopped } = self;
+        let Writer { mut conn, checkpointer, mut commands, config, events, status, stopped } = self;
         let _stopped = StoppedSignal(stopped);
         let max_batch = config.max_batch.max(1);
-        let mut context = BatchContext { events: &events, status: &status };
+        let mut context = BatchContext { events: &events, status: &status, checkpointer: &checkpointer };
 
         // Prune once at start: a node that was down for a long time should not serve stale peers until the
         // first periodic prune.
@@ -174,6 +177,7 @@ impl Writer {
             }
             context.run_batch(&mut conn, batch);
         }
+        checkpointer.stop();
 
         // Closing explicitly checkpoints the WAL into the database file; a failure only leaves the WAL for the
         // next open to replay, so it is logged, not fatal.
@@ -293,6 +297,7 @@ impl Command {
 struct BatchContext<'a> {
     events: &'a broadcast::Sender<PeerEvent>,
     status: &'a WriterStatus,
+    checkpointer: &'a Checkpointer,
 }
 
 impl BatchContext<'_> {
@@ -327,6 +332,7 @@ impl BatchContext<'_> {
                 self.status.write_batches.fetch_add(1, Ordering::Relaxed);
                 self.status.batch_size.observe(batch_size as f64);
                 self.status.batch_seconds.observe_duration(started.elapsed());
+                self.checkpointer.nudge();
                 self.status.set_health(match environment_failure {
                     Some(reason) => StoreHealth::Degraded(reason),
                     None => StoreHealth::Ok,
