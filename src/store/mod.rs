@@ -11,7 +11,8 @@
 //!   the writer, so they are not queued behind writes.
 //! - **WAL.** The journal mode is write-ahead logging, set once at open: readers see the last committed state
 //!   and are not blocked by the writer (nor block it). `synchronous=NORMAL` makes a commit durable against a
-//!   process crash without an fsync per commit.
+//!   process crash without an fsync per commit. Checkpoints (copying the WAL back into the database file) run
+//!   on a thread of their own (`store-checkpoint`), not inside the writer's commits; see `checkpoint.rs`.
 //! - **Migrations** are an ordered list keyed on `PRAGMA user_version` (see `schema.rs`); a database from a
 //!   newer build is refused rather than misread.
 //! - **Retention.** Peers not seen for `retention`, and the least recently seen beyond `max_peers`, are pruned

@@ -2,10 +2,12 @@
 //!
 //! It waits for a command, drains whatever else is already queued (up to `max_batch`) and applies the lot in
 //! one IMMEDIATE transaction, so a burst of small writes costs one commit (one WAL fsync at most) instead of
-//! one each. Each command runs inside its own SAVEPOINT: a command that fails for its own reasons (e.g. too
-//! many topics) is rolled back alone and the rest of the batch still commits. Callers are answered only after
-//! COMMIT returned, right after the batch's [`PeerEvent`]s were broadcast, so whoever reacts to an event or an
-//! answer can already read the change through the pool, and a write that returned has had its events sent.
+//! one each. A command that fails for its own reasons (e.g. too many topics) is rolled back alone and the rest
+//! of the batch still commits: the batch first runs without savepoints (they are costly in SQLite), and only
+//! if a command fails is it rolled back and replayed with a SAVEPOINT per command. Callers are answered only
+//! after COMMIT returned, right after the batch's [`PeerEvent`]s were broadcast, so whoever reacts to an event
+//! or an answer can already read the change through the pool, and a write that returned has had its events
+//! sent.
 
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
