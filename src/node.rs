@@ -441,6 +441,12 @@ fn node_metrics(store: &Store, exchange: &Exchange, dht: &Dht) -> Arc<Registry> 
         |s| s.firewalled,
     );
 
+    register_store_metrics(&registry, store);
+    registry
+}
+
+/// The store's families: statistics read at scrape time, and the writer's batch histograms.
+fn register_store_metrics(registry: &Registry, store: &Store) {
     let st = store.clone();
     let stats = registry.snapshot("store stats", move || {
         let st = st.clone();
@@ -485,5 +491,72 @@ fn node_metrics(store: &Store, exchange: &Exchange, dht: &Dht) -> Arc<Registry> 
         MetricKind::Gauge,
         move || st.health() == StoreHealth::Ok,
     );
-    registry
+    // The writer fills these histograms itself (a few atomic adds per batch); a scrape only copies them.
+    let st = store.clone();
+    registry.register(
+        "rn_store_write_batch_size",
+        "Writes per committed write transaction (batch).",
+        MetricKind::Histogram,
+        Box::new(move |w| w.histogram(&[], &st.write_batch_sizes())),
+    );
+    let st = store.clone();
+    registry.register(
+        "rn_store_write_batch_seconds",
+        "Time from BEGIN to the end of COMMIT of each committed write batch; writes wait at least this long.",
+        MetricKind::Histogram,
+        Box::new(move |w| w.histogram(&[], &st.write_batch_seconds())),
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::names::NodeId;
+    use crate::store::PeerUpsert;
+
+    /// The value of the unlabelled sample `name` in a rendered scrape.
+    fn sample(text: &str, name: &str) -> f64 {
+        text.lines()
+            .find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+            .unwrap_or_else(|| panic!("no sample {name} in:\n{text}"))
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn store_write_batches_are_exported_as_histograms() {
+        let dir = tempfile::TempDir::new().expect("test: temporary directory");
+        let store =
+            Store::open(StoreOptions::new(dir.path().join("peers.db"))).expect("test: open the store");
+        let registry = Registry::new();
+        register_store_metrics(&registry, &store);
+        let before = registry.scrape().await;
+
+        let now = crate::clock::now_ms();
+        let upsert = |i: u8| {
+            store.upsert_peer(PeerUpsert {
+                node_id: NodeId([i; 32]),
+                seq: 1,
+                record: vec![i],
+                seen_at_ms: now,
+                ..PeerUpsert::default()
+            })
+        };
+        let (a, b, c) = tokio::join!(upsert(1), upsert(2), upsert(3));
+        for result in [a, b, c] {
+            result.expect("test: upsert");
+        }
+        let text = registry.scrape().await;
+
+        for family in ["rn_store_write_batch_size", "rn_store_write_batch_seconds"] {
+            assert!(text.contains(&format!("# TYPE {family} histogram")), "{text}");
+            let count = |text: &str| sample(text, &format!("{family}_count"));
+            // At least one batch more than before the writes (the store's first prune is a batch too).
+            assert!(count(&text) > count(&before), "{family}: {text}");
+            assert!(sample(&text, &format!("{family}_sum")) > 0.0, "{family}: {text}");
+        }
+        // Three writes committed in one or more batches: the sizes add up to at least three.
+        let sizes =
+            sample(&text, "rn_store_write_batch_size_sum") - sample(&before, "rn_store_write_batch_size_sum");
+        assert!(sizes >= 3.0, "{text}");
+        store.close().await.expect("test: close");
+    }
 }

@@ -71,7 +71,7 @@ impl PeerService for Peers {
         }
         let page = self.0.store.list_peers(query.clone()).await.map_err(store_status)?;
         Ok(Response::new(ListPeersResponse {
-            peers: page.peers.iter().map(convert::peer_summary).collect(),
+            peers: page.peers.into_iter().map(convert::into_peer_summary).collect(),
             next_page_token: page.next.map(|cursor| page_token::encode(&cursor, &query)).unwrap_or_default(),
             total: page.total,
         }))

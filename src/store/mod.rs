@@ -11,12 +11,14 @@
 //!   the writer, so they are not queued behind writes.
 //! - **WAL.** The journal mode is write-ahead logging, set once at open: readers see the last committed state
 //!   and are not blocked by the writer (nor block it). `synchronous=NORMAL` makes a commit durable against a
-//!   process crash without an fsync per commit.
+//!   process crash without an fsync per commit. Checkpoints (copying the WAL back into the database file) run
+//!   on a thread of their own (`store-checkpoint`), not inside the writer's commits; see `checkpoint.rs`.
 //! - **Migrations** are an ordered list keyed on `PRAGMA user_version` (see `schema.rs`); a database from a
 //!   newer build is refused rather than misread.
 //! - **Retention.** Peers not seen for `retention`, and the least recently seen beyond `max_peers`, are pruned
 //!   by the writer at start and every `prune_interval`; each peer keeps at most 32 addresses.
 
+mod checkpoint;
 mod codec;
 mod read;
 mod schema;
@@ -38,6 +40,7 @@ use r2d2_sqlite::SqliteConnectionManager;
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 
 use crate::api::names::{NameError, NodeId};
+use crate::telemetry::metrics::HistogramSnapshot;
 
 use writer::{Command, Reply, Writer, WriterConfig, WriterStatus};
 
@@ -90,6 +93,8 @@ pub enum StoreError {
     WriteFailed(String),
     #[error("cannot start the peer store writer thread: {0}; the system may be out of threads or memory")]
     WriterThread(#[source] std::io::Error),
+    #[error("cannot start the peer store checkpoint thread: {0}; the system may be out of threads or memory")]
+    CheckpointThread(#[source] std::io::Error),
     #[error("a peer store read task failed: {0}; this is a bug, please report it with the log")]
     Join(#[from] tokio::task::JoinError),
 }
@@ -164,8 +169,10 @@ impl Store {
         let (events, _) = broadcast::channel(EVENT_CAPACITY);
         let (stopped_sender, writer_stopped) = watch::channel(false);
         let status = Arc::new(WriterStatus::new());
+        let checkpointer = checkpoint::Checkpointer::start(&options.path, Arc::clone(&status))?;
         let writer = Writer {
             conn,
+            checkpointer,
             commands: command_receiver,
             config: WriterConfig {
                 retention_ms: i64::try_from(options.retention.as_millis()).unwrap_or(i64::MAX),
@@ -286,6 +293,17 @@ impl Store {
     /// of writes that returned before.
     pub fn subscribe(&self) -> broadcast::Receiver<PeerEvent> {
         self.shared.events.subscribe()
+    }
+
+    /// Commands per committed write batch, since the store opened (exported as a metrics histogram).
+    pub fn write_batch_sizes(&self) -> HistogramSnapshot {
+        self.shared.status.batch_size.snapshot()
+    }
+
+    /// Seconds from BEGIN to the end of COMMIT per committed write batch, since the store opened (exported as
+    /// a metrics histogram): a write waits at least its batch's time, plus the time it spent queued.
+    pub fn write_batch_seconds(&self) -> HistogramSnapshot {
+        self.shared.status.batch_seconds.snapshot()
     }
 
     pub fn health(&self) -> StoreHealth {

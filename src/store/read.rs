@@ -126,12 +126,14 @@ pub(crate) fn list_peers(conn: &mut Connection, query: &PeerQuery) -> Result<Pee
             "{key_column} <= ?{key_param} AND ({key_column} < ?{key_param} OR p.node_id > ?{id_param})"
         ));
     }
+    // The limit is written into the SQL rather than bound: SQLite re-prepares a statement each time a
+    // parameter of its LIMIT is bound again, which cost a parse and plan per page. Page sizes repeat, so the
+    // variants stay few in the statement cache.
     let limit = query.limit.clamp(1, MAX_PAGE) as usize;
-    page_values.push(Value::Integer(limit as i64 + 1));
     let page_sql = format!(
-        "SELECT {SUMMARY_COLUMNS} FROM peers p{} ORDER BY {order_sql} LIMIT ?{}",
+        "SELECT {SUMMARY_COLUMNS} FROM peers p{} ORDER BY {order_sql} LIMIT {}",
         where_clause(&page_conditions),
-        page_values.len()
+        limit + 1
     );
 
     let tx = conn.transaction()?;

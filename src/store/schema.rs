@@ -20,6 +20,16 @@ pub(crate) const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 /// variants (order × filters × cursor), so none is re-prepared on every call (rusqlite's default keeps 16).
 const STATEMENT_CACHE_CAPACITY: usize = 64;
 
+/// Page cache of the write connection, in KiB (SQLite's default is 2 MiB). A batch of upserts dirties pages
+/// all over the peers table and its indexes; with the default cache a big batch spilled dirty pages into the WAL
+/// before its COMMIT and re-read hot index pages between batches. Pages are only allocated as they are used.
+const WRITER_CACHE_KIB: i64 = 32 * 1024;
+
+/// WAL pages at which the writer checkpoints inside its COMMIT. Checkpoints normally run on the checkpoint
+/// thread (see `checkpoint.rs`); this backstop, above SQLite's default of 1000, only fires if that thread falls
+/// behind, and keeps the WAL bounded (about 32 MiB with 4 KiB pages) whatever happens.
+pub(crate) const WAL_BACKSTOP_PAGES: i64 = 8192;
+
 /// The schema versions, in order. See the module doc for the rules.
 const MIGRATIONS: &[&str] = &[
     // v1: peers and what is known about them, joined topics, the node's own state.
@@ -143,8 +153,21 @@ pub(crate) fn open_write_connection(path: &Path) -> Result<Connection, StoreErro
     // NORMAL is durable against process crashes in WAL mode; only a power loss can drop the last commits.
     conn.pragma_update(None, "synchronous", "NORMAL").map_err(open_error)?;
     conn.pragma_update(None, "foreign_keys", "ON").map_err(open_error)?;
+    conn.pragma_update(None, "cache_size", -WRITER_CACHE_KIB).map_err(open_error)?;
+    conn.pragma_update(None, "wal_autocheckpoint", WAL_BACKSTOP_PAGES).map_err(open_error)?;
 
     migrate(&mut conn, path)?;
+    Ok(conn)
+}
+
+/// Opens the checkpoint thread's connection to a database the write connection already set up. It reads and
+/// writes no rows: checkpointing only copies pages from the WAL into the database file.
+pub(crate) fn open_checkpoint_connection(path: &Path) -> Result<Connection, StoreError> {
+    let open_error = |source| StoreError::Open { path: path.to_path_buf(), source };
+    let conn = Connection::open_with_flags(path, read_flags()).map_err(open_error)?;
+    conn.busy_timeout(BUSY_TIMEOUT).map_err(open_error)?;
+    // Closing a connection may checkpoint too; that is this connection's job only when asked.
+    conn.pragma_update(None, "wal_autocheckpoint", 0).map_err(open_error)?;
     Ok(conn)
 }
 

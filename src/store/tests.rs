@@ -794,3 +794,80 @@ async fn record_seq_increases_across_reopen_and_respects_the_floor() {
     assert_eq!(store.next_record_seq(10).await.expect("seq"), 1001);
     store.close().await.expect("close");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_added_event_shows_what_a_read_shows() {
+    let dir = TempDir::new().unwrap();
+    let store = open(&dir);
+    let mut events = store.subscribe();
+    let mut upsert = peer(node(1), 7, now_ms());
+    // Duplicates and a topic breaking the rules: the event must show what is stored, not what was sent.
+    upsert.topics = topics(&["b", "a", "b", "bad\u{1}topic"]);
+    upsert.node_type = NodeType::Public;
+    upsert.nat_type = NatType::EndpointDependent;
+    assert_eq!(store.upsert_peer(upsert).await.unwrap(), UpsertOutcome::Added);
+
+    let PeerEvent::Added(announced) = events.recv().await.unwrap() else { panic!("expected Added") };
+    let page = store.list_peers(PeerQuery { limit: 10, ..PeerQuery::default() }).await.unwrap();
+    assert_eq!(page.peers, vec![announced]);
+    assert_eq!(page.peers[0].topics, topics(&["a", "b"]));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_replayed_batch_answers_and_announces_each_write_once() {
+    let dir = TempDir::new().unwrap();
+    let mut options = options(&dir);
+    options.max_joined_topics = 1;
+    let store = Store::open(options).unwrap();
+    let mut events = store.subscribe();
+    let now = now_ms();
+    // Usually one batch: the failing join makes the writer roll back and replay it with savepoints.
+    let (first, a, b, second) = tokio::join!(
+        store.upsert_peer(peer(node(1), 1, now)),
+        store.join_topic("a".into(), now),
+        store.join_topic("b".into(), now),
+        store.upsert_peer(peer(node(2), 1, now)),
+    );
+    assert_eq!(first.unwrap(), UpsertOutcome::Added);
+    assert_eq!(second.unwrap(), UpsertOutcome::Added);
+    assert_eq!([a.is_ok(), b.is_ok()].iter().filter(|ok| **ok).count(), 1, "{a:?} {b:?}");
+
+    let mut added = BTreeSet::new();
+    for _ in 0..2 {
+        match events.recv().await.unwrap() {
+            PeerEvent::Added(summary) => assert!(added.insert(summary.node_id), "announced twice"),
+            other => panic!("expected Added, got {other:?}"),
+        }
+    }
+    assert_eq!(events.try_recv(), Err(TryRecvError::Empty));
+    assert_eq!(store.stats().await.unwrap().peers, 2);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_wal_is_checkpointed_beside_the_writer() {
+    let dir = TempDir::new().unwrap();
+    let store = open(&dir);
+    let file_size = || std::fs::metadata(store.path()).map_or(0, |metadata| metadata.len());
+    let before = file_size();
+    let now = now_ms();
+    let mut writes = tokio::task::JoinSet::new();
+    for i in 0..1500u32 {
+        let store = store.clone();
+        let mut bytes = [0u8; 32];
+        bytes[..4].copy_from_slice(&i.to_be_bytes());
+        let mut upsert = peer(NodeId(bytes), 1, now);
+        upsert.record = vec![1; 200];
+        writes.spawn(async move { store.upsert_peer(upsert).await });
+    }
+    while let Some(result) = writes.join_next().await {
+        result.unwrap().unwrap();
+    }
+    // Without a checkpoint every page stays in the WAL (the writer's own backstop is far above this), so the
+    // database file grows only once the checkpoint thread copied them.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while file_size() < before + 200 * 1024 {
+        assert!(std::time::Instant::now() < deadline, "no checkpoint: {} bytes", file_size());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    store.close().await.unwrap();
+}

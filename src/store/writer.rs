@@ -2,14 +2,16 @@
 //!
 //! It waits for a command, drains whatever else is already queued (up to `max_batch`) and applies the lot in
 //! one IMMEDIATE transaction, so a burst of small writes costs one commit (one WAL fsync at most) instead of
-//! one each. Each command runs inside its own SAVEPOINT: a command that fails for its own reasons (e.g. too
-//! many topics) is rolled back alone and the rest of the batch still commits. Callers are answered only after
-//! COMMIT returned, right after the batch's [`PeerEvent`]s were broadcast, so whoever reacts to an event or an
-//! answer can already read the change through the pool, and a write that returned has had its events sent.
+//! one each. A command that fails for its own reasons (e.g. too many topics) is rolled back alone and the rest
+//! of the batch still commits: the batch first runs without savepoints (they are costly in SQLite), and only
+//! if a command fails is it rolled back and replayed with a SAVEPOINT per command. Callers are answered only
+//! after COMMIT returned, right after the batch's [`PeerEvent`]s were broadcast, so whoever reacts to an event
+//! or an answer can already read the change through the pool, and a write that returned has had its events
+//! sent.
 
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
@@ -17,12 +19,17 @@ use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use crate::api::names::{NodeId, validate_topic};
 
 use super::StoreError;
+use super::checkpoint::Checkpointer;
 use super::codec::{
     self, MAX_ERROR_BYTES, duration_from_micros, duration_to_micros, encode_attributes, node_id_from_blob,
     truncate_on_char_boundary, u64_from_stored, u64_to_stored,
 };
 use super::read;
-use super::types::{JoinedTopic, PeerEvent, PeerUpsert, QualitySample, StoreHealth, UpsertOutcome};
+use super::types::{
+    JoinedTopic, NatType, NodeType, PeerEvent, PeerSummary, PeerUpsert, QualitySample, StoreHealth,
+    UpsertOutcome,
+};
+use crate::telemetry::metrics::{Histogram, exponential_buckets};
 
 /// Most addresses kept per peer. Addresses are only ever merged in, and peers (or whoever relays them) choose
 /// what they announce, so without a bound one lying peer could grow `peer_addresses` forever.
@@ -79,12 +86,17 @@ pub(crate) struct WriterConfig {
     pub max_batch: usize,
 }
 
-/// What the writer reports to the handles: health and the counters shown in stats.
+/// What the writer reports to the handles: health, the counters shown in stats and the histograms exported
+/// as metrics. Everything but health is atomics, so the writer pays a few uncontended atomic adds per batch.
 #[derive(Debug)]
 pub(crate) struct WriterStatus {
     health: Mutex<StoreHealth>,
     pub writes_committed: AtomicU64,
     pub write_batches: AtomicU64,
+    /// Commands per committed batch.
+    pub batch_size: Histogram,
+    /// Seconds from BEGIN to the end of COMMIT of each committed batch: how long its callers waited at least.
+    pub batch_seconds: Histogram,
 }
 
 impl WriterStatus {
@@ -93,6 +105,10 @@ impl WriterStatus {
             health: Mutex::new(StoreHealth::Ok),
             writes_committed: AtomicU64::new(0),
             write_batches: AtomicU64::new(0),
+            // 1 to 4096: covers every `max_batch` up to the queue's capacity.
+            batch_size: Histogram::new(&exponential_buckets(1.0, 2.0, 13)),
+            // 50 µs to about 3.3 s: an in-cache batch takes well under a millisecond, a slow disk seconds.
+            batch_seconds: Histogram::new(&exponential_buckets(0.000_05, 2.0, 17)),
         }
     }
 
@@ -120,6 +136,8 @@ impl WriterStatus {
 /// Everything the writer thread owns.
 pub(crate) struct Writer {
     pub conn: Connection,
+    /// Checkpoints the WAL beside the writer; stopped before the write connection closes.
+    pub checkpointer: Checkpointer,
     pub commands: mpsc::Receiver<Command>,
     pub config: WriterConfig,
     pub events: broadcast::Sender<PeerEvent>,
@@ -140,26 +158,28 @@ impl Drop for StoppedSignal {
 impl Writer {
     /// The thread's body: runs until every sender is gone and the queue is empty, then closes the connection.
     pub(crate) fn run(self) {
-        let Writer { mut conn, mut commands, config, events, status, stopped } = self;
+        let Writer { mut conn, checkpointer, mut commands, config, events, status, stopped } = self;
         let _stopped = StoppedSignal(stopped);
         let max_batch = config.max_batch.max(1);
-        let mut context = BatchContext { config: &config, events: &events, status: &status };
+        let mut context = BatchContext { events: &events, status: &status, checkpointer: &checkpointer };
 
         // Prune once at start: a node that was down for a long time should not serve stale peers until the
         // first periodic prune.
-        context.run_batch(&mut conn, vec![Command::Prune { now_ms: now_ms(), reply: None }]);
+        let prune = Command::Prune { now_ms: now_ms(), reply: None };
+        context.run_batch(&mut conn, vec![prune.into_job(&config)]);
 
         while let Some(first) = commands.blocking_recv() {
-            let mut batch = Vec::with_capacity(16);
-            batch.push(first);
+            let mut batch = Vec::with_capacity(64);
+            batch.push(first.into_job(&config));
             while batch.len() < max_batch {
                 match commands.try_recv() {
-                    Ok(command) => batch.push(command),
+                    Ok(command) => batch.push(command.into_job(&config)),
                     Err(_) => break,
                 }
             }
             context.run_batch(&mut conn, batch);
         }
+        checkpointer.stop();
 
         // Closing explicitly checkpoints the WAL into the database file; a failure only leaves the WAL for the
         // next open to replay, so it is logged, not fatal.
@@ -172,105 +192,103 @@ impl Writer {
 
 pub(crate) use crate::clock::now_ms;
 
-/// A command that was applied (or refused) inside the transaction and waits for the COMMIT's outcome.
-struct Settled {
-    /// Whether the command's own changes were applied (and so are committed with the batch).
-    applied: bool,
-    /// Set when the command failed because of the database or disk rather than its own input.
-    environment_failure: Option<String>,
-    events: Vec<PeerEvent>,
-    answer: Answer,
+/// A queued command taken apart for its batch: the change to make, which can be run again if the batch is
+/// replayed, and the caller to answer once the COMMIT's outcome is known.
+trait Job {
+    /// Applies the command on `conn` and keeps its value for [`Job::answer`]. Returns the command's events,
+    /// built only if `wants_events`.
+    fn apply(&mut self, conn: &Connection, wants_events: bool) -> Result<Vec<PeerEvent>, StoreError>;
+    /// Records that the command failed (its changes were rolled back); the failure is its answer.
+    fn fail(&mut self, error: StoreError);
+    /// Whether the command's own changes are in the transaction.
+    fn applied(&self) -> bool;
+    /// Sends the caller its answer given the COMMIT's outcome (`Err(reason)` when the commit failed or the
+    /// transaction never started).
+    fn answer(self: Box<Self>, commit: Result<(), &str>);
 }
 
-/// Sends a caller its answer given the COMMIT's outcome (`Err(reason)` when the commit failed).
-type Answer = Box<dyn FnOnce(Result<(), &str>)>;
-
-struct BatchContext<'a> {
-    config: &'a WriterConfig,
-    events: &'a broadcast::Sender<PeerEvent>,
-    status: &'a WriterStatus,
+/// The one [`Job`] implementation: `apply` is the command's change as a closure over its input.
+struct Pending<T, A> {
+    apply: A,
+    reply: Option<Reply<T>>,
+    /// The command's result in the current attempt at the transaction; `None` until it ran.
+    outcome: Option<Result<T, StoreError>>,
 }
 
-impl BatchContext<'_> {
-    fn run_batch(&mut self, conn: &mut Connection, batch: Vec<Command>) {
-        // One span per transaction: how big batches get and how long commits take is what an operator tuning
-        // the store (or hunting a slow disk) wants to see in traces.
-        let _span = tracing::info_span!("store.write_batch", commands = batch.len()).entered();
-        let mut tx = match conn.transaction_with_behavior(TransactionBehavior::Immediate) {
-            Ok(tx) => tx,
-            Err(error) => {
-                let reason = describe_write_failure(&error);
-                self.status.set_health(StoreHealth::Degraded(reason.clone()));
-                for command in batch {
-                    command.fail(&reason);
-                }
-                return;
-            }
-        };
+fn job<T, A>(reply: Option<Reply<T>>, apply: A) -> Box<dyn Job>
+where
+    T: 'static,
+    A: FnMut(&Connection, bool) -> Result<(T, Vec<PeerEvent>), StoreError> + 'static,
+{
+    Box::new(Pending { apply, reply, outcome: None })
+}
 
-        let mut settled: Vec<Settled> =
-            batch.into_iter().map(|command| self.execute(&mut tx, command)).collect();
-
-        match tx.commit() {
-            Ok(()) => {
-                let applied = settled.iter().filter(|s| s.applied).count() as u64;
-                self.status.writes_committed.fetch_add(applied, Ordering::Relaxed);
-                self.status.write_batches.fetch_add(1, Ordering::Relaxed);
-                let environment_failure = settled.iter().find_map(|s| s.environment_failure.clone());
-                self.status.set_health(match environment_failure {
-                    Some(reason) => StoreHealth::Degraded(reason),
-                    None => StoreHealth::Ok,
-                });
-                // Events go out before the answers, so that once a write returned, its events are already
-                // queued to every subscriber and a subscriber that joins later never sees them. (Sending to a
-                // broadcast channel never blocks, so answers are not delayed.)
-                for done in &mut settled {
-                    for event in std::mem::take(&mut done.events) {
-                        // No subscriber is not an error: events are a convenience for whoever listens.
-                        let _ = self.events.send(event);
-                    }
-                }
-                for done in settled {
-                    (done.answer)(Ok(()));
-                }
-            }
-            Err(error) => {
-                // The whole batch was rolled back: every caller learns why.
-                let reason = describe_write_failure(&error);
-                self.status.set_health(StoreHealth::Degraded(reason.clone()));
-                for done in settled {
-                    (done.answer)(Err(&reason));
-                }
-            }
-        }
+impl<T, A> Job for Pending<T, A>
+where
+    A: FnMut(&Connection, bool) -> Result<(T, Vec<PeerEvent>), StoreError>,
+{
+    fn apply(&mut self, conn: &Connection, wants_events: bool) -> Result<Vec<PeerEvent>, StoreError> {
+        let (value, events) = (self.apply)(conn, wants_events)?;
+        self.outcome = Some(Ok(value));
+        Ok(events)
     }
 
-    fn execute(&mut self, tx: &mut rusqlite::Transaction<'_>, command: Command) -> Settled {
-        let config = self.config;
-        match command {
+    fn fail(&mut self, error: StoreError) {
+        self.outcome = Some(Err(error));
+    }
+
+    fn applied(&self) -> bool {
+        matches!(self.outcome, Some(Ok(_)))
+    }
+
+    fn answer(self: Box<Self>, commit: Result<(), &str>) {
+        let Some(reply) = self.reply else { return };
+        let answer = match (self.outcome, commit) {
+            // The command's own failure is what its caller needs to know, whatever happened to the batch.
+            (Some(Err(error)), _) => Err(error),
+            (_, Err(reason)) => Err(StoreError::WriteFailed(reason.to_owned())),
+            (Some(Ok(value)), Ok(())) => Ok(value),
+            (None, Ok(())) => Err(StoreError::WriteFailed(
+                "the write was not applied although its batch committed; this is a bug, please report it"
+                    .to_owned(),
+            )),
+        };
+        // The caller may have stopped waiting; the write stands regardless.
+        let _ = reply.send(answer);
+    }
+}
+
+impl Command {
+    /// The command as a [`Job`] of its batch, with the bounds it needs from `config`.
+    fn into_job(self, config: &WriterConfig) -> Box<dyn Job> {
+        match self {
             Command::Upsert { upsert, reply } => {
-                in_savepoint(tx, Some(reply), |conn| apply_upsert(conn, &upsert))
+                job(Some(reply), move |conn, wants_events| apply_upsert(conn, &upsert, wants_events))
             }
             Command::RecordQuality { node_id, sample, reply } => {
-                in_savepoint(tx, Some(reply), |conn| apply_quality(conn, &node_id, &sample))
+                job(Some(reply), move |conn, wants_events| {
+                    apply_quality(conn, &node_id, &sample, wants_events)
+                })
             }
             Command::Forget { node_id, reply } => {
-                in_savepoint(tx, Some(reply), |conn| apply_forget(conn, &node_id))
+                job(Some(reply), move |conn, _| apply_forget(conn, &node_id))
             }
-            Command::JoinTopic { topic, now_ms, reply } => in_savepoint(tx, Some(reply), |conn| {
-                apply_join_topic(conn, &topic, now_ms, config.max_joined_topics)
-            }),
+            Command::JoinTopic { topic, now_ms, reply } => {
+                let max = config.max_joined_topics;
+                job(Some(reply), move |conn, _| apply_join_topic(conn, &topic, now_ms, max))
+            }
             Command::LeaveTopic { topic, reply } => {
-                in_savepoint(tx, Some(reply), |conn| apply_leave_topic(conn, &topic))
+                job(Some(reply), move |conn, _| apply_leave_topic(conn, &topic))
             }
-            Command::Prune { now_ms, reply } => in_savepoint(tx, reply, |conn| {
-                apply_prune(conn, now_ms, config.retention_ms, config.max_peers)
-            }),
+            Command::Prune { now_ms, reply } => {
+                let (retention_ms, max_peers) = (config.retention_ms, config.max_peers);
+                job(reply, move |conn, _| apply_prune(conn, now_ms, retention_ms, max_peers))
+            }
             Command::NextRecordSeq { floor, reply } => {
-                in_savepoint(tx, Some(reply), |conn| apply_next_record_seq(conn, floor))
+                job(Some(reply), move |conn, _| apply_next_record_seq(conn, floor))
             }
             #[cfg(test)]
-            Command::Execute { sql, reply } => in_savepoint(tx, Some(reply), |conn| {
+            Command::Execute { sql, reply } => job(Some(reply), move |conn, _| {
                 conn.execute_batch(&sql)?;
                 Ok(((), Vec::new()))
             }),
@@ -278,77 +296,148 @@ impl BatchContext<'_> {
     }
 }
 
-impl Command {
-    /// Answers the command with a write failure without running it.
-    fn fail(self, reason: &str) {
-        let error = || StoreError::WriteFailed(reason.to_owned());
-        // A caller that stopped waiting (dropped its future) has nothing left to tell.
-        match self {
-            Command::Upsert { reply, .. } => drop(reply.send(Err(error()))),
-            Command::RecordQuality { reply, .. } => drop(reply.send(Err(error()))),
-            Command::Forget { reply, .. } => drop(reply.send(Err(error()))),
-            Command::JoinTopic { reply, .. } => drop(reply.send(Err(error()))),
-            Command::LeaveTopic { reply, .. } => drop(reply.send(Err(error()))),
-            Command::NextRecordSeq { reply, .. } => drop(reply.send(Err(error()))),
-            Command::Prune { reply, .. } => {
-                if let Some(reply) = reply {
-                    drop(reply.send(Err(error())));
+struct BatchContext<'a> {
+    events: &'a broadcast::Sender<PeerEvent>,
+    status: &'a WriterStatus,
+    checkpointer: &'a Checkpointer,
+}
+
+impl BatchContext<'_> {
+    fn run_batch(&mut self, conn: &mut Connection, jobs: Vec<Box<dyn Job>>) {
+        // One span per transaction: how big batches get and how long commits take is what an operator tuning
+        // the store (or hunting a slow disk) wants to see in traces (and, as histograms, in metrics).
+        let _span = tracing::info_span!("store.write_batch", commands = jobs.len()).entered();
+        let started = Instant::now();
+        let batch_size = jobs.len();
+        let mut jobs = jobs;
+        // Events cost a query each for most commands; nobody listening means nobody can miss them. (A
+        // subscriber that subscribed before submitting a write is counted here, so it still gets that write's
+        // events: that is the promise of `Store::subscribe`.)
+        let wants_events = self.events.receiver_count() > 0;
+
+        // First attempt: every command straight in the transaction. If one fails, its partial changes cannot
+        // be undone alone, so the transaction is rolled back and the batch replayed with a savepoint per
+        // command. Savepoints are not used up front because they are costly in SQLite: each one copies every
+        // page it changes into a statement journal, which made up most of the writer's time.
+        let result = self.attempt(conn, &mut jobs, wants_events, false).unwrap_or_else(|| {
+            self.attempt(conn, &mut jobs, wants_events, true).unwrap_or_else(|| {
+                Attempt::Failed(
+                    "a write failed outside of its savepoint; this is a bug, please report it".into(),
+                )
+            })
+        });
+
+        match result {
+            Attempt::Committed { events, environment_failure } => {
+                let applied = jobs.iter().filter(|job| job.applied()).count() as u64;
+                self.status.writes_committed.fetch_add(applied, Ordering::Relaxed);
+                self.status.write_batches.fetch_add(1, Ordering::Relaxed);
+                self.status.batch_size.observe(batch_size as f64);
+                self.status.batch_seconds.observe_duration(started.elapsed());
+                self.checkpointer.nudge();
+                self.status.set_health(match environment_failure {
+                    Some(reason) => StoreHealth::Degraded(reason),
+                    None => StoreHealth::Ok,
+                });
+                // Events go out before the answers, so that once a write returned, its events are already
+                // queued to every subscriber and a subscriber that joins later never sees them. (Sending to a
+                // broadcast channel never blocks, so answers are not delayed.)
+                for event in events {
+                    // No subscriber is not an error: events are a convenience for whoever listens.
+                    let _ = self.events.send(event);
+                }
+                for job in jobs {
+                    job.answer(Ok(()));
                 }
             }
-            #[cfg(test)]
-            Command::Execute { reply, .. } => drop(reply.send(Err(error()))),
+            Attempt::Failed(reason) => {
+                // Nothing of the batch was committed: every caller learns why.
+                self.status.set_health(StoreHealth::Degraded(reason.clone()));
+                for job in jobs {
+                    job.answer(Err(&reason));
+                }
+            }
         }
     }
+
+    /// One attempt at applying `jobs` in one IMMEDIATE transaction and committing it. Without savepoints, the
+    /// first failing command aborts the attempt: it returns `None` and nothing is committed. With them, a
+    /// failing command is rolled back alone and the rest commits, so the answer is always `Some`.
+    fn attempt(
+        &mut self,
+        conn: &mut Connection,
+        jobs: &mut [Box<dyn Job>],
+        wants_events: bool,
+        savepoints: bool,
+    ) -> Option<Attempt> {
+        let mut tx = match conn.transaction_with_behavior(TransactionBehavior::Immediate) {
+            Ok(tx) => tx,
+            Err(error) => return Some(Attempt::Failed(describe_write_failure(&error))),
+        };
+        let mut events = Vec::new();
+        let mut environment_failure = None;
+        for job in jobs.iter_mut() {
+            if !savepoints {
+                match job.apply(&tx, wants_events) {
+                    Ok(job_events) => events.extend(job_events),
+                    // Dropping `tx` rolls the attempt back.
+                    Err(_) => return None,
+                }
+                continue;
+            }
+            match in_savepoint(&mut tx, |conn| job.apply(conn, wants_events)) {
+                Ok(job_events) => events.extend(job_events),
+                Err(error) => {
+                    let (error, failure) = classify(error);
+                    environment_failure = environment_failure.or(failure);
+                    job.fail(error);
+                }
+            }
+        }
+        Some(match tx.commit() {
+            Ok(()) => Attempt::Committed { events, environment_failure },
+            Err(error) => Attempt::Failed(describe_write_failure(&error)),
+        })
+    }
+}
+
+/// How an attempt at a batch's transaction ended.
+enum Attempt {
+    /// Committed; `events` are those of the commands applied, in order.
+    Committed { events: Vec<PeerEvent>, environment_failure: Option<String> },
+    /// The transaction could not start or commit; nothing was written. The text says why.
+    Failed(String),
 }
 
 /// Runs `apply` inside a savepoint: released when it succeeds, rolled back when it fails, so that a failing
 /// command leaves no partial change behind while the rest of the batch goes on.
-fn in_savepoint<T: 'static>(
+fn in_savepoint<T>(
     tx: &mut rusqlite::Transaction<'_>,
-    reply: Option<Reply<T>>,
-    apply: impl FnOnce(&Connection) -> Result<(T, Vec<PeerEvent>), StoreError>,
-) -> Settled {
-    let result = match tx.savepoint() {
-        Err(error) => Err(StoreError::Sqlite(error)),
-        Ok(savepoint) => match apply(&savepoint) {
-            Ok(done) => savepoint.commit().map(|()| done).map_err(StoreError::Sqlite),
-            Err(error) => {
-                // finish() rolls back to the savepoint, then releases it (the default drop behaviour).
-                if let Err(rollback_error) = savepoint.finish() {
-                    tracing::warn!(%rollback_error, "rolling back a failed peer store write failed");
-                }
-                Err(error)
-            }
-        },
-    };
-
-    let (result, environment_failure) = classify(result);
-    let applied = result.is_ok();
-    let (result, events) = match result {
-        Ok((value, events)) => (Ok(value), events),
-        Err(error) => (Err(error), Vec::new()),
-    };
-    let answer = Box::new(move |commit: Result<(), &str>| {
-        let answer = match (result, commit) {
-            (Err(error), _) => Err(error),
-            (Ok(_), Err(reason)) => Err(StoreError::WriteFailed(reason.to_owned())),
-            (Ok(value), Ok(())) => Ok(value),
-        };
-        if let Some(reply) = reply {
-            // The caller may have stopped waiting; the write stands regardless.
-            let _ = reply.send(answer);
+    apply: impl FnOnce(&Connection) -> Result<T, StoreError>,
+) -> Result<T, StoreError> {
+    let savepoint = tx.savepoint()?;
+    match apply(&savepoint) {
+        Ok(done) => {
+            savepoint.commit()?;
+            Ok(done)
         }
-    });
-    Settled { applied, environment_failure, events, answer }
+        Err(error) => {
+            // finish() rolls back to the savepoint, then releases it (the default drop behaviour).
+            if let Err(rollback_error) = savepoint.finish() {
+                tracing::warn!(%rollback_error, "rolling back a failed peer store write failed");
+            }
+            Err(error)
+        }
+    }
 }
 
 /// Separates failures of the database or disk (which make the store unhealthy and are reported as
 /// [`StoreError::WriteFailed`] with advice) from failures caused by the command itself.
-fn classify<T>(result: Result<T, StoreError>) -> (Result<T, StoreError>, Option<String>) {
-    match result {
-        Err(StoreError::Sqlite(error)) if is_environment_failure(&error) => {
+fn classify(error: StoreError) -> (StoreError, Option<String>) {
+    match error {
+        StoreError::Sqlite(error) if is_environment_failure(&error) => {
             let reason = describe_write_failure(&error);
-            (Err(StoreError::WriteFailed(reason.clone())), Some(reason))
+            (StoreError::WriteFailed(reason.clone()), Some(reason))
         }
         other => (other, None),
     }
@@ -398,42 +487,61 @@ pub(crate) fn describe_write_failure(error: &rusqlite::Error) -> String {
 }
 
 /// Inserts a new peer or merges into the stored one according to seq (see [`PeerUpsert::seq`]).
+///
+/// The insert is tried first: in a burst of discoveries most peers are new, and for those the INSERT alone
+/// both checks and writes (a SELECT first would look the peer up twice).
 fn apply_upsert(
     conn: &Connection,
     upsert: &PeerUpsert,
+    wants_events: bool,
 ) -> Result<(UpsertOutcome, Vec<PeerEvent>), StoreError> {
     let id = upsert.node_id.as_bytes().as_slice();
-    let stored_seq: Option<i64> = conn
-        .prepare_cached("SELECT seq FROM peers WHERE node_id = ?1")?
-        .query_row([id], |row| row.get(0))
-        .optional()?;
     let seq = u64_to_stored(upsert.seq);
-    let outcome = match stored_seq.map(u64_from_stored) {
-        None => {
-            conn.prepare_cached(
-                "INSERT INTO peers (node_id, seq, record, first_seen, last_seen, node_type, nat_type, score)
-                 VALUES (?1, ?2, ?3, ?4, ?4, ?5, ?6, 0)",
-            )?
-            .execute(params![
-                id,
-                seq,
-                upsert.record,
-                upsert.seen_at_ms,
-                upsert.node_type as i64,
-                upsert.nat_type as i64
-            ])?;
-            replace_record_details(conn, upsert)?;
-            UpsertOutcome::Added
-        }
-        Some(stored_seq) if stored_seq > upsert.seq => {
+    let inserted = conn
+        .prepare_cached(
+            "INSERT INTO peers (node_id, seq, record, first_seen, last_seen, node_type, nat_type, score)
+             VALUES (?1, ?2, ?3, ?4, ?4, ?5, ?6, 0) ON CONFLICT (node_id) DO NOTHING",
+        )?
+        .execute(params![
+            id,
+            seq,
+            upsert.record,
+            upsert.seen_at_ms,
+            upsert.node_type as i64,
+            upsert.nat_type as i64
+        ])?;
+    if inserted == 1 {
+        let topics = insert_record_details(conn, upsert)?;
+        merge_addresses(conn, upsert, true)?;
+        // Everything the summary shows was just written from the upsert: no need to read it back.
+        let events = if wants_events {
+            vec![PeerEvent::Added(PeerSummary {
+                node_id: upsert.node_id,
+                seq: upsert.seq,
+                first_seen_ms: upsert.seen_at_ms,
+                last_seen_ms: upsert.seen_at_ms,
+                node_type: NodeType::from_stored(upsert.node_type as i64),
+                nat_type: NatType::from_stored(upsert.nat_type as i64),
+                topics,
+                score: 0.0,
+            })]
+        } else {
+            Vec::new()
+        };
+        return Ok((UpsertOutcome::Added, events));
+    }
+
+    let stored_seq: i64 =
+        conn.prepare_cached("SELECT seq FROM peers WHERE node_id = ?1")?.query_row([id], |row| row.get(0))?;
+    match u64_from_stored(stored_seq) {
+        stored_seq if stored_seq > upsert.seq => {
             return Ok((UpsertOutcome::Stale { stored_seq }, Vec::new()));
         }
-        Some(stored_seq) if stored_seq == upsert.seq => {
+        stored_seq if stored_seq == upsert.seq => {
             conn.prepare_cached("UPDATE peers SET last_seen = max(last_seen, ?2) WHERE node_id = ?1")?
                 .execute(params![id, upsert.seen_at_ms])?;
-            UpsertOutcome::Updated
         }
-        Some(_) => {
+        _ => {
             conn.prepare_cached(
                 "UPDATE peers SET seq = ?2, record = ?3, last_seen = max(last_seen, ?4), node_type = ?5,
                  nat_type = ?6 WHERE node_id = ?1",
@@ -446,27 +554,32 @@ fn apply_upsert(
                 upsert.node_type as i64,
                 upsert.nat_type as i64
             ])?;
-            replace_record_details(conn, upsert)?;
-            UpsertOutcome::Updated
+            for sql in [
+                "DELETE FROM peer_topics WHERE node_id = ?1",
+                "DELETE FROM peer_capabilities WHERE node_id = ?1",
+                "DELETE FROM peer_services WHERE node_id = ?1",
+            ] {
+                conn.prepare_cached(sql)?.execute([id])?;
+            }
+            insert_record_details(conn, upsert)?;
         }
-    };
-    merge_addresses(conn, upsert)?;
+    }
+    merge_addresses(conn, upsert, false)?;
 
-    let events = read::peer_summary(conn, &upsert.node_id)?
-        .map(|summary| match outcome {
-            UpsertOutcome::Added => PeerEvent::Added(summary),
-            _ => PeerEvent::Updated(summary),
-        })
-        .into_iter()
-        .collect();
-    Ok((outcome, events))
+    let events = if wants_events {
+        read::peer_summary(conn, &upsert.node_id)?.map(PeerEvent::Updated).into_iter().collect()
+    } else {
+        Vec::new()
+    };
+    Ok((UpsertOutcome::Updated, events))
 }
 
-/// Replaces what a record carries: topics, capabilities and services.
-fn replace_record_details(conn: &Connection, upsert: &PeerUpsert) -> Result<(), StoreError> {
+/// Writes what a record carries (topics, capabilities and services) for a peer that has none stored. Returns
+/// the topics as stored: valid ones, sorted, without duplicates.
+fn insert_record_details(conn: &Connection, upsert: &PeerUpsert) -> Result<Vec<String>, StoreError> {
     let id = upsert.node_id.as_bytes().as_slice();
 
-    conn.prepare_cached("DELETE FROM peer_topics WHERE node_id = ?1")?.execute([id])?;
+    let mut topics: Vec<String> = Vec::with_capacity(upsert.topics.len());
     let mut insert_topic =
         conn.prepare_cached("INSERT OR IGNORE INTO peer_topics (node_id, topic) VALUES (?1, ?2)")?;
     for topic in &upsert.topics {
@@ -477,9 +590,11 @@ fn replace_record_details(conn: &Connection, upsert: &PeerUpsert) -> Result<(), 
             continue;
         }
         insert_topic.execute(params![id, topic])?;
+        topics.push(topic.clone());
     }
+    topics.sort();
+    topics.dedup();
 
-    conn.prepare_cached("DELETE FROM peer_capabilities WHERE node_id = ?1")?.execute([id])?;
     if let Some(capabilities) = &upsert.capabilities {
         conn.prepare_cached(
             "INSERT INTO peer_capabilities (node_id, os, arch, cpu_cores, memory_bytes, software_version)
@@ -495,29 +610,40 @@ fn replace_record_details(conn: &Connection, upsert: &PeerUpsert) -> Result<(), 
         ])?;
     }
 
-    conn.prepare_cached("DELETE FROM peer_services WHERE node_id = ?1")?.execute([id])?;
-    let mut insert_service = conn.prepare_cached(
-        "INSERT INTO peer_services (node_id, position, name, version, attributes) VALUES (?1, ?2, ?3, ?4, ?5)",
-    )?;
-    for (position, service) in upsert.services.iter().enumerate() {
-        let mut attributes = service.attributes.clone();
-        attributes.sort_by(|a, b| a.0.cmp(&b.0));
-        insert_service.execute(params![
-            id,
-            position as i64,
-            service.name,
-            service.version,
-            encode_attributes(&attributes)
-        ])?;
+    if !upsert.services.is_empty() {
+        let mut insert_service = conn.prepare_cached(
+            "INSERT INTO peer_services (node_id, position, name, version, attributes) VALUES (?1, ?2, ?3, ?4, ?5)",
+        )?;
+        for (position, service) in upsert.services.iter().enumerate() {
+            let mut attributes = service.attributes.clone();
+            attributes.sort_by(|a, b| a.0.cmp(&b.0));
+            insert_service.execute(params![
+                id,
+                position as i64,
+                service.name,
+                service.version,
+                encode_attributes(&attributes)
+            ])?;
+        }
     }
-    Ok(())
+    Ok(topics)
 }
+
+/// Deletes a peer's addresses beyond the [`MAX_ADDRESSES_PER_PEER`] best. The bound is written into the SQL
+/// rather than bound as a parameter: SQLite re-prepares a statement whenever a parameter of its LIMIT is bound
+/// again, which cost a full parse and plan on every upsert (a test checks the two numbers agree).
+const TRIM_ADDRESSES_SQL: &str = "DELETE FROM peer_addresses WHERE node_id = ?1 AND address NOT IN (
+     SELECT address FROM peer_addresses WHERE node_id = ?1
+     ORDER BY last_success IS NULL, last_success DESC, consecutive_failures ASC, first_seen DESC, address
+     LIMIT 32)";
 
 /// Adds the upsert's addresses that are new (an address first learned with an unknown source takes the first
 /// known one), then trims the peer back to [`MAX_ADDRESSES_PER_PEER`]. Kept first: addresses that succeeded,
 /// most recent success first; then fewest consecutive failures; then the most recently learned. So a flood of
 /// made-up addresses can only displace addresses that never worked, and known-good ones survive it.
-fn merge_addresses(conn: &Connection, upsert: &PeerUpsert) -> Result<(), StoreError> {
+///
+/// `new_peer` says the peer had no addresses before, so the rows inserted here are all it has.
+fn merge_addresses(conn: &Connection, upsert: &PeerUpsert, new_peer: bool) -> Result<(), StoreError> {
     if upsert.addresses.is_empty() {
         return Ok(());
     }
@@ -527,16 +653,20 @@ fn merge_addresses(conn: &Connection, upsert: &PeerUpsert) -> Result<(), StoreEr
          ON CONFLICT (node_id, address) DO UPDATE SET source = excluded.source
          WHERE peer_addresses.source = 0",
     )?;
+    let mut inserted = 0i64;
     for (address, source) in &upsert.addresses {
-        insert.execute(params![id, address, *source as i64, upsert.seen_at_ms])?;
+        inserted += insert.execute(params![id, address, *source as i64, upsert.seen_at_ms])? as i64;
     }
-    conn.prepare_cached(
-        "DELETE FROM peer_addresses WHERE node_id = ?1 AND address NOT IN (
-             SELECT address FROM peer_addresses WHERE node_id = ?1
-             ORDER BY last_success IS NULL, last_success DESC, consecutive_failures ASC, first_seen DESC, address
-             LIMIT ?2)",
-    )?
-    .execute(params![id, MAX_ADDRESSES_PER_PEER])?;
+    // Trimming sorts the peer's addresses: only worth it when they may be over the bound.
+    let stored = if new_peer {
+        inserted
+    } else {
+        conn.prepare_cached("SELECT COUNT(*) FROM peer_addresses WHERE node_id = ?1")?
+            .query_row([id], |row| row.get(0))?
+    };
+    if stored > MAX_ADDRESSES_PER_PEER {
+        conn.prepare_cached(TRIM_ADDRESSES_SQL)?.execute([id])?;
+    }
     Ok(())
 }
 
@@ -570,6 +700,7 @@ fn apply_quality(
     conn: &Connection,
     node_id: &NodeId,
     sample: &QualitySample,
+    wants_events: bool,
 ) -> Result<((), Vec<PeerEvent>), StoreError> {
     let id = node_id.as_bytes().as_slice();
     let known = conn
@@ -635,6 +766,9 @@ fn apply_quality(
     );
     conn.prepare_cached("UPDATE peers SET score = ?2 WHERE node_id = ?1")?.execute(params![id, score])?;
 
+    if !wants_events {
+        return Ok(((), Vec::new()));
+    }
     let events = read::peer_summary(conn, node_id)?.map(PeerEvent::Updated).into_iter().collect();
     Ok(((), events))
 }
@@ -751,6 +885,11 @@ fn delete_returning_ids(conn: &Connection, sql: &str, param: i64) -> Result<Vec<
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_trim_statement_keeps_the_address_bound() {
+        assert!(TRIM_ADDRESSES_SQL.ends_with(&format!("LIMIT {MAX_ADDRESSES_PER_PEER})")));
+    }
 
     #[test]
     fn ewma_follows_tcp_srtt() {
