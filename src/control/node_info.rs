@@ -19,7 +19,9 @@ impl NodeService for Node {
         &self,
         _request: Request<GetNatStatusRequest>,
     ) -> Result<Response<GetNatStatusResponse>, Status> {
-        Ok(Response::new(GetNatStatusResponse { report: Some(nat_report(&self.0, self.0.nat.knowledge())) }))
+        Ok(Response::new(GetNatStatusResponse {
+            report: Some(nat_report(&self.0, self.0.nat.knowledge()).await),
+        }))
     }
 
     async fn probe_nat(
@@ -32,7 +34,7 @@ impl NodeService for Node {
             ));
         }
         let knowledge = self.0.nat.probe().await;
-        Ok(Response::new(GetNatStatusResponse { report: Some(nat_report(&self.0, knowledge)) }))
+        Ok(Response::new(GetNatStatusResponse { report: Some(nat_report(&self.0, knowledge).await) }))
     }
 
     async fn get_node_info(
@@ -118,7 +120,7 @@ fn nat_status(ctx: &super::NodeContext) -> NatStatus {
 }
 
 /// Everything known about the NAT, with the evidence.
-fn nat_report(
+async fn nat_report(
     ctx: &super::NodeContext,
     knowledge: crate::nat::prober::NatKnowledge,
 ) -> crate::api::control::NatReport {
@@ -156,14 +158,20 @@ fn nat_report(
             at: Some(convert::timestamp(record.at_ms)),
         })
         .collect();
-    // wire.proto's NatType and control.proto's share their numbers, so values pass through unchanged.
-    let punches = ctx
-        .exchange
-        .punch_stats()
+    // wire.proto's NatType and control.proto's share their numbers, so values pass through unchanged. Reading
+    // the store can fail (a broken disk); the rest of the report is still worth showing.
+    let punches = match ctx.exchange.punch_stats().await {
+        Ok(stats) => stats,
+        Err(e) => {
+            tracing::warn!(error = %e, "could not read punch outcomes");
+            Vec::new()
+        }
+    };
+    let punches = punches
         .into_iter()
-        .map(|((ours, theirs), stat)| pb::PunchStats {
-            our_nat: ours,
-            their_nat: theirs,
+        .map(|stat| pb::PunchStats {
+            our_nat: stat.our_nat,
+            their_nat: stat.their_nat,
             attempts: stat.attempts,
             successes: stat.successes,
             last_outcome: stat.last_outcome,

@@ -468,9 +468,9 @@ impl Exchange {
         )
     }
 
-    /// Punch attempts and outcomes by (our NAT type, their NAT type).
-    pub fn punch_stats(&self) -> std::collections::BTreeMap<punch::NatPair, punch::PunchStat> {
-        self.inner.punch.stats()
+    /// Punch attempts and outcomes by (our NAT type, their NAT type), kept in the store across restarts.
+    pub async fn punch_stats(&self) -> Result<Vec<crate::store::PunchStats>, ExchangeError> {
+        Ok(self.inner.store.punch_stats().await?)
     }
 
     /// Punch attempts and successes since start (either role).

@@ -19,7 +19,7 @@
 //! Everything is bounded: punches running at once, introductions a rendezvous forwards per requester, offers
 //! remembered against replay, candidates dialed per punch.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -31,7 +31,7 @@ use tokio::task::JoinSet;
 use super::session::SessionHandle;
 use super::{ExchangeError, Inner, now_ms};
 use crate::api::names::NodeId;
-use crate::store::AddressSource;
+use crate::store::{AddressSource, PunchOutcome};
 use crate::wire::{self, VerifiedPunchOffer, pb};
 
 /// How long both sides keep dialing each other before a punch counts as failed: several of quinn's
@@ -58,19 +58,8 @@ pub const AUTO_PUNCH_INTERVAL: Duration = Duration::from_secs(120);
 /// Peers whose last automatic punch time is remembered.
 const MAX_AUTO_PUNCH_PEERS: usize = 1024;
 
-/// Punch attempts and outcomes for one pair of NAT types (ours, theirs; each as the records state them when
-/// the attempt ended, so a success knows the peer's from its fresh record).
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct PunchStat {
-    pub attempts: u64,
-    pub successes: u64,
-    pub last_outcome: String,
-    pub last_at_ms: i64,
-    /// Time from the start of the attempt to the verified session, of the last success.
-    pub last_success_ms: Option<u64>,
-}
-
-/// Key of [`PunchStat`]: (our NAT type, their NAT type), as `wire.proto` `NatType` values.
+/// (our NAT type, their NAT type), as `wire.proto` `NatType` values; each as the records state them when the
+/// attempt ended, so a success knows the peer's from its fresh record.
 pub type NatPair = (i32, i32);
 
 /// The exchange's hole-punching state.
@@ -83,7 +72,6 @@ pub(super) struct PunchState {
     /// Per requester: start of its current window and introductions forwarded in it.
     forwards: std::sync::Mutex<HashMap<NodeId, (Instant, u32)>>,
     auto: std::sync::Mutex<HashMap<NodeId, Instant>>,
-    stats: std::sync::Mutex<BTreeMap<NatPair, PunchStat>>,
     pub(super) attempts: AtomicU64,
     pub(super) successes: AtomicU64,
 }
@@ -96,7 +84,6 @@ impl Default for PunchState {
             seen: std::sync::Mutex::default(),
             forwards: std::sync::Mutex::default(),
             auto: std::sync::Mutex::default(),
-            stats: std::sync::Mutex::default(),
             attempts: AtomicU64::new(0),
             successes: AtomicU64::new(0),
         }
@@ -116,10 +103,6 @@ impl PunchState {
         lock(&self.active)
             .get(peer)
             .is_some_and(|(running, ended)| *running > 0 || ended.elapsed() < PUNCH_AFTERGLOW)
-    }
-
-    pub(super) fn stats(&self) -> BTreeMap<NatPair, PunchStat> {
-        lock(&self.stats).clone()
     }
 
     /// Accepts `(from, nonce)` once.
@@ -176,21 +159,20 @@ impl PunchState {
         true
     }
 
-    fn record(&self, pair: NatPair, outcome: &Result<Duration, String>) {
+    /// Counts an attempt and describes it for the store.
+    fn record(&self, (our_nat, their_nat): NatPair, outcome: &Result<Duration, String>) -> PunchOutcome {
         self.attempts.fetch_add(1, Ordering::Relaxed);
-        let mut stats = lock(&self.stats);
-        let stat = stats.entry(pair).or_default();
-        stat.attempts += 1;
-        stat.last_at_ms = now_ms();
-        match outcome {
+        let (detail, time_to_connected_ms) = match outcome {
             Ok(elapsed) => {
                 self.successes.fetch_add(1, Ordering::Relaxed);
-                stat.successes += 1;
-                stat.last_outcome = format!("connected directly in {} ms", elapsed.as_millis());
-                stat.last_success_ms = Some(elapsed.as_millis() as u64);
+                (
+                    format!("connected directly in {} ms", elapsed.as_millis()),
+                    Some(elapsed.as_millis() as u64),
+                )
             }
-            Err(reason) => stat.last_outcome = reason.clone(),
-        }
+            Err(reason) => (reason.clone(), None),
+        };
+        PunchOutcome { our_nat, their_nat, detail, at_ms: now_ms(), time_to_connected_ms }
     }
 }
 
@@ -261,6 +243,14 @@ impl Inner {
             .filter(|a| a.kind != pb::AddressKind::Relay as i32)
             .filter_map(|a| a.address.parse().ok())
             .collect()
+    }
+
+    /// Counts a punch (metrics) and keeps its outcome in the store, by NAT pair.
+    async fn note_punch(&self, pair: NatPair, outcome: &Result<(SessionHandle, Duration), ExchangeError>) {
+        let result = outcome.as_ref().map(|(_, elapsed)| *elapsed).map_err(ToString::to_string);
+        if let Err(e) = self.store.record_punch(self.punch.record(pair, &result)).await {
+            tracing::warn!(error = %e, "could not store a punch outcome");
+        }
     }
 
     /// Our NAT type as our record states it, and `peer`'s as its stored record does.
@@ -387,8 +377,7 @@ impl Inner {
             let outcome = self.dial_simultaneously(peer, candidates, Duration::ZERO).await;
             // After the attempt: a success has just stored the peer's record, with its NAT type.
             let pair = self.nat_pair(peer).await;
-            self.punch
-                .record(pair, &outcome.as_ref().map(|(_, elapsed)| *elapsed).map_err(ToString::to_string));
+            self.note_punch(pair, &outcome).await;
             return outcome.map(|(session, _)| session);
         }
         Err(ExchangeError::Punch(last_error))
@@ -499,9 +488,7 @@ impl Inner {
             tracing::info!(peer = %from, %rendezvous, ?candidates, ?delay, "punching on introduction");
             let outcome = inner.dial_simultaneously(from, candidates, delay).await;
             let pair = inner.nat_pair(from).await;
-            inner
-                .punch
-                .record(pair, &outcome.as_ref().map(|(_, elapsed)| *elapsed).map_err(ToString::to_string));
+            inner.note_punch(pair, &outcome).await;
         });
         pb::envelope::Kind::PunchResponse(pb::PunchResponse {
             offer: Some(answer),
@@ -607,15 +594,15 @@ mod tests {
     }
 
     #[test]
-    fn outcomes_are_counted_by_nat_pair() {
+    fn outcomes_are_counted_and_described_for_the_store() {
         let state = PunchState::default();
-        state.record((2, 2), &Ok(Duration::from_millis(120)));
-        state.record((2, 3), &Err("no connection within 8 s".into()));
-        let stats = state.stats();
-        assert_eq!(stats[&(2, 2)].successes, 1);
-        assert_eq!(stats[&(2, 3)].attempts, 1);
-        assert_eq!(stats[&(2, 3)].successes, 0);
-        assert!(stats[&(2, 3)].last_outcome.contains("no connection"));
+        let ok = state.record((2, 2), &Ok(Duration::from_millis(120)));
+        let failed = state.record((2, 3), &Err("no connection within 8 s".into()));
+        assert_eq!((ok.our_nat, ok.their_nat, ok.time_to_connected_ms), (2, 2, Some(120)));
+        assert_eq!(failed.time_to_connected_ms, None);
+        assert!(failed.detail.contains("no connection"));
+        assert_eq!(state.attempts.load(Ordering::Relaxed), 2);
+        assert_eq!(state.successes.load(Ordering::Relaxed), 1);
         assert!(state.auto_punch_due(peer(3)));
         assert!(!state.auto_punch_due(peer(3)), "not again within the interval");
     }

@@ -260,6 +260,16 @@ impl Store {
         self.write(|reply| Command::NextRecordSeq { floor, reply }).await
     }
 
+    /// Counts one hole-punch attempt (either role) for its pair of NAT types.
+    pub async fn record_punch(&self, outcome: PunchOutcome) -> Result<(), StoreError> {
+        self.write(|reply| Command::RecordPunch { outcome, reply }).await
+    }
+
+    /// Punch attempts and outcomes per pair of NAT types, ordered by the pair.
+    pub async fn punch_stats(&self) -> Result<Vec<PunchStats>, StoreError> {
+        self.read(|conn| read::punch_stats(conn)).await
+    }
+
     /// Deletes peers with last_seen < now_ms - retention, then the least recently seen beyond max_peers.
     /// Returns how many were removed.
     pub async fn prune(&self, now_ms: i64) -> Result<u64, StoreError> {

@@ -20,7 +20,7 @@ use super::codec::{
 use super::schema::read_user_version;
 use super::types::{
     AddressRow, AddressSource, Capabilities, JoinedTopic, NatType, NodeType, PeerCursor, PeerDetail,
-    PeerOrder, PeerPage, PeerQuery, PeerSummary, Quality, ServiceEntry, StoreStats,
+    PeerOrder, PeerPage, PeerQuery, PeerSummary, PunchStats, Quality, ServiceEntry, StoreStats,
 };
 
 /// Separates topics in the aggregated topic column: U+001F cannot appear in a topic (no control characters).
@@ -255,6 +255,27 @@ pub(crate) fn get_peer(conn: &mut Connection, node_id: &NodeId) -> Result<Option
 }
 
 /// Joined topics sorted by name, each with the number of stored peers sharing it.
+pub(crate) fn punch_stats(conn: &Connection) -> Result<Vec<PunchStats>, StoreError> {
+    let stats = conn
+        .prepare_cached(
+            "SELECT our_nat, their_nat, attempts, successes, last_outcome, last_at, last_success_ms
+             FROM punch_stats ORDER BY our_nat, their_nat",
+        )?
+        .query_map([], |row| {
+            Ok(PunchStats {
+                our_nat: row.get(0)?,
+                their_nat: row.get(1)?,
+                attempts: count_from_stored(row.get(2)?),
+                successes: count_from_stored(row.get(3)?),
+                last_outcome: row.get(4)?,
+                last_at_ms: row.get(5)?,
+                last_success_ms: row.get::<_, Option<i64>>(6)?.map(count_from_stored),
+            })
+        })?
+        .collect::<rusqlite::Result<Vec<_>>>()?;
+    Ok(stats)
+}
+
 pub(crate) fn joined_topics(conn: &Connection) -> Result<Vec<JoinedTopic>, StoreError> {
     let topics = conn
         .prepare_cached(

@@ -107,6 +107,19 @@ const MIGRATIONS: &[&str] = &[
         value BLOB NOT NULL
     );
     "#,
+    // v2: hole-punch outcomes by (our NAT type, their NAT type), kept across restarts for `rnctl nat status`.
+    r#"
+    CREATE TABLE punch_stats (
+        our_nat         INTEGER NOT NULL,
+        their_nat       INTEGER NOT NULL,
+        attempts        INTEGER NOT NULL,
+        successes       INTEGER NOT NULL,
+        last_outcome    TEXT    NOT NULL,
+        last_at         INTEGER NOT NULL,
+        last_success_ms INTEGER,
+        PRIMARY KEY (our_nat, their_nat)
+    ) WITHOUT ROWID;
+    "#,
 ];
 
 /// The schema version this build creates and understands.

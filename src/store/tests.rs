@@ -61,7 +61,7 @@ async fn migrations_create_version_1_and_reopening_is_idempotent() {
     let dir = TempDir::new().unwrap();
     let store = open(&dir);
     let stats = store.stats().await.unwrap();
-    assert_eq!(stats.schema_version, 1);
+    assert_eq!(stats.schema_version, 2);
     assert_eq!(stats.peers, 0);
     assert!(stats.size_bytes > 0);
 
@@ -90,7 +90,7 @@ async fn migrations_create_version_1_and_reopening_is_idempotent() {
     for _ in 0..2 {
         let store = open(&dir);
         let stats = store.stats().await.unwrap();
-        assert_eq!(stats.schema_version, 1);
+        assert_eq!(stats.schema_version, 2);
         assert_eq!(stats.peers, 1);
         store.close().await.unwrap();
     }
@@ -105,7 +105,7 @@ async fn a_newer_schema_is_refused_untouched() {
         conn.pragma_update(None, "user_version", 999).unwrap();
     }
     match Store::open(StoreOptions::new(&path)) {
-        Err(error @ StoreError::NewerSchema { found: 999, supported: 1, .. }) => {
+        Err(error @ StoreError::NewerSchema { found: 999, supported: 2, .. }) => {
             let message = error.to_string();
             assert!(message.contains("newer than this build supports"), "{message}");
             assert!(message.contains(&path.display().to_string()), "{message}");
@@ -792,6 +792,52 @@ async fn record_seq_increases_across_reopen_and_respects_the_floor() {
     let store = Store::open(StoreOptions::new(&path)).expect("reopen");
     // A clock that went back does not make the seq go back.
     assert_eq!(store.next_record_seq(10).await.expect("seq"), 1001);
+    store.close().await.expect("close");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_version_1_database_is_upgraded_in_place() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("peers.db");
+    let store = Store::open(StoreOptions::new(&path)).expect("open");
+    store.join_topic("kept".into(), 1).await.expect("join");
+    store.close().await.expect("close");
+    // What a node of the first release left behind: the v1 schema, with its data.
+    {
+        let conn = rusqlite::Connection::open(&path).unwrap();
+        conn.execute_batch("DROP TABLE punch_stats; PRAGMA user_version = 1;").unwrap();
+    }
+    let store = Store::open(StoreOptions::new(&path)).expect("reopen migrates");
+    assert_eq!(store.stats().await.unwrap().schema_version, 2);
+    assert_eq!(store.joined_topics().await.unwrap()[0].name, "kept");
+    assert!(store.punch_stats().await.unwrap().is_empty());
+    store.close().await.expect("close");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn punch_outcomes_are_counted_per_nat_pair_across_reopen() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("peers.db");
+    let store = Store::open(StoreOptions::new(&path)).expect("open");
+    let outcome = |their_nat, time: Option<u64>, detail: &str, at_ms| PunchOutcome {
+        our_nat: 2,
+        their_nat,
+        detail: detail.to_owned(),
+        at_ms,
+        time_to_connected_ms: time,
+    };
+    store.record_punch(outcome(2, Some(40), "connected directly in 40 ms", 1)).await.expect("write");
+    store.record_punch(outcome(2, None, "no connection within 8 s", 2)).await.expect("write");
+    store.record_punch(outcome(3, None, "no connection within 8 s", 3)).await.expect("write");
+    store.close().await.expect("close");
+    let store = Store::open(StoreOptions::new(&path)).expect("reopen");
+    let stats = store.punch_stats().await.expect("read");
+    assert_eq!(stats.len(), 2, "{stats:?}");
+    let eim = &stats[0];
+    assert_eq!((eim.their_nat, eim.attempts, eim.successes), (2, 2, 1));
+    assert_eq!(eim.last_outcome, "no connection within 8 s", "the latest attempt is the one described");
+    assert_eq!(eim.last_success_ms, Some(40), "a failure does not erase the last success's time");
+    assert_eq!((stats[1].their_nat, stats[1].attempts, stats[1].successes), (3, 1, 0));
     store.close().await.expect("close");
 }
 

@@ -239,3 +239,29 @@ pub enum PeerEvent {
     Updated(PeerSummary),
     Removed(NodeId),
 }
+
+/// One hole-punch attempt, as counted in the store.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PunchOutcome {
+    /// Our NAT type and the peer's, as `wire.proto` `NatType` values.
+    pub our_nat: i32,
+    pub their_nat: i32,
+    /// What happened, for people.
+    pub detail: String,
+    pub at_ms: i64,
+    /// Set when the punch connected: from its start to the verified session.
+    pub time_to_connected_ms: Option<u64>,
+}
+
+/// Punch attempts and outcomes for one pair of NAT types.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PunchStats {
+    pub our_nat: i32,
+    pub their_nat: i32,
+    pub attempts: u64,
+    pub successes: u64,
+    pub last_outcome: String,
+    pub last_at_ms: i64,
+    /// Time to connected of the last successful attempt.
+    pub last_success_ms: Option<u64>,
+}

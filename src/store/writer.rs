@@ -26,8 +26,8 @@ use super::codec::{
 };
 use super::read;
 use super::types::{
-    JoinedTopic, NatType, NodeType, PeerEvent, PeerSummary, PeerUpsert, QualitySample, StoreHealth,
-    UpsertOutcome,
+    JoinedTopic, NatType, NodeType, PeerEvent, PeerSummary, PeerUpsert, PunchOutcome, QualitySample,
+    StoreHealth, UpsertOutcome,
 };
 use crate::telemetry::metrics::{Histogram, exponential_buckets};
 
@@ -69,6 +69,10 @@ pub(crate) enum Command {
     NextRecordSeq {
         floor: u64,
         reply: Reply<u64>,
+    },
+    RecordPunch {
+        outcome: PunchOutcome,
+        reply: Reply<()>,
     },
     /// Runs raw SQL inside the batch, so tests can provoke failures (e.g. a full database).
     #[cfg(test)]
@@ -286,6 +290,9 @@ impl Command {
             }
             Command::NextRecordSeq { floor, reply } => {
                 job(Some(reply), move |conn, _| apply_next_record_seq(conn, floor))
+            }
+            Command::RecordPunch { outcome, reply } => {
+                job(Some(reply), move |conn, _| apply_record_punch(conn, &outcome))
             }
             #[cfg(test)]
             Command::Execute { sql, reply } => job(Some(reply), move |conn, _| {
@@ -829,6 +836,29 @@ fn apply_next_record_seq(conn: &Connection, floor: u64) -> Result<(u64, Vec<Peer
     conn.prepare_cached("INSERT INTO node_state (key, value) VALUES (?1, ?2) ON CONFLICT(key) DO UPDATE SET value = excluded.value")?
         .execute(params![RECORD_SEQ_KEY, next.to_be_bytes().as_slice()])?;
     Ok((next, Vec::new()))
+}
+
+/// Counts one punch attempt for its pair of NAT types.
+fn apply_record_punch(conn: &Connection, outcome: &PunchOutcome) -> Result<((), Vec<PeerEvent>), StoreError> {
+    conn.prepare_cached(
+        "INSERT INTO punch_stats (our_nat, their_nat, attempts, successes, last_outcome, last_at, last_success_ms)
+         VALUES (?1, ?2, 1, ?3, ?4, ?5, ?6)
+         ON CONFLICT (our_nat, their_nat) DO UPDATE SET
+             attempts = attempts + 1,
+             successes = successes + excluded.successes,
+             last_outcome = excluded.last_outcome,
+             last_at = excluded.last_at,
+             last_success_ms = coalesce(excluded.last_success_ms, last_success_ms)",
+    )?
+    .execute(params![
+        outcome.our_nat,
+        outcome.their_nat,
+        i64::from(outcome.time_to_connected_ms.is_some()),
+        outcome.detail,
+        outcome.at_ms,
+        outcome.time_to_connected_ms.map(|ms| i64::try_from(ms).unwrap_or(i64::MAX)),
+    ])?;
+    Ok(((), Vec::new()))
 }
 
 fn apply_leave_topic(conn: &Connection, topic: &str) -> Result<(bool, Vec<PeerEvent>), StoreError> {
