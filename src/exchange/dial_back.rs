@@ -37,6 +37,8 @@ pub struct DialBackOutcome {
     /// The address the dial-back arrived from, if it arrived.
     pub arrived_from: Option<SocketAddr>,
     pub detail: String,
+    /// Not attempted because the helper was busy with other dial-backs.
+    pub busy: bool,
 }
 
 /// Dial-backs we asked for and are waiting to receive, by helper.
@@ -102,7 +104,7 @@ impl Server {
             ..Default::default()
         };
         let Ok(_slot) = self.slots.try_acquire() else {
-            return declined("busy: too many dial-backs in progress");
+            return pb::DialBackResponse { busy: true, ..declined("busy: too many dial-backs in progress") };
         };
         let bind_ip = match kind {
             pb::DialBackKind::OtherPort => match session_local {
@@ -136,7 +138,7 @@ impl Server {
         tracing::debug!(%requester, %target, %from, %detail, "dial-back: done");
         // Answer now; telling a silent requester that the endpoint closes can take a while and changes nothing.
         tokio::spawn(async move { endpoint.close().await });
-        pb::DialBackResponse { attempted: true, from_address: from, detail }
+        pb::DialBackResponse { attempted: true, from_address: from, detail, busy: false }
     }
 }
 

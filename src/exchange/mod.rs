@@ -432,6 +432,7 @@ impl Exchange {
             declared_from: response.from_address.parse().ok(),
             arrived_from,
             detail: response.detail,
+            busy: response.busy,
         })
     }
 
@@ -961,6 +962,7 @@ impl RequestHandler for Handler {
                         attempted: false,
                         from_address: String::new(),
                         detail: "we are connected through a relay: a dial-back would measure nothing".into(),
+                        busy: false,
                     }));
                 }
                 let local = session.connection().local_ip();

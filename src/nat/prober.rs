@@ -30,6 +30,9 @@ pub const REPROBE_INTERVAL: Duration = Duration::from_secs(600);
 const WAKE_INTERVAL: Duration = Duration::from_secs(5);
 /// Helpers asked per probe.
 const HELPERS_PER_PROBE: usize = 2;
+/// Times a busy helper is asked again, waiting a little longer each time.
+const BUSY_RETRIES: u32 = 6;
+const BUSY_BACKOFF: Duration = Duration::from_millis(500);
 /// Dial-back results kept for `GetNatStatus`.
 const DIAL_BACK_HISTORY: usize = 16;
 /// How far back an endpoint we sent to still counts as "contacted": longer than common UDP NAT filter
@@ -94,9 +97,24 @@ impl NatProber {
         let mut outcomes = Vec::new();
         for helper in helpers {
             for kind in [pb::DialBackKind::OtherPort, pb::DialBackKind::OtherIp] {
-                match self.inner.exchange.request_dial_back(helper, kind).await {
-                    Ok(outcome) => outcomes.push(outcome),
-                    Err(e) => tracing::debug!(%helper, ?kind, error = %e, "dial-back request failed"),
+                // A helper serves a couple of dial-backs at once; when many nodes probe through it together
+                // (a network starting up), it says so and we ask again shortly.
+                let mut busy_retries = 0;
+                loop {
+                    match self.inner.exchange.request_dial_back(helper, kind).await {
+                        Ok(outcome) if outcome.busy && busy_retries < BUSY_RETRIES => {
+                            busy_retries += 1;
+                            tokio::time::sleep(BUSY_BACKOFF * busy_retries).await;
+                        }
+                        Ok(outcome) => {
+                            outcomes.push(outcome);
+                            break;
+                        }
+                        Err(e) => {
+                            tracing::debug!(%helper, ?kind, error = %e, "dial-back request failed");
+                            break;
+                        }
+                    }
                 }
             }
         }

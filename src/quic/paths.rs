@@ -36,6 +36,9 @@ pub fn is_relayed(address: &SocketAddr) -> bool {
 #[derive(Default)]
 pub struct RelayPaths {
     next: AtomicU32,
+    /// Whether any circuit exists: while none does (most of the time), receiving skips the circuit queue and
+    /// its lock entirely, so the UDP path costs one relaxed load more than a bare socket.
+    active: std::sync::atomic::AtomicBool,
     circuits: Mutex<HashMap<SocketAddr, mpsc::Sender<Vec<u8>>>>,
     received: Mutex<Received>,
 }
@@ -70,6 +73,7 @@ impl RelayPaths {
             let address = SocketAddr::V4(SocketAddrV4::new(ip, port.max(1)));
             if let std::collections::hash_map::Entry::Vacant(slot) = circuits.entry(address) {
                 slot.insert(outgoing);
+                self.active.store(true, Ordering::Release);
                 return address;
             }
         }
@@ -77,7 +81,13 @@ impl RelayPaths {
 
     /// Forgets a circuit; packets to it are dropped from now on.
     pub fn unregister(&self, address: &SocketAddr) {
-        lock(&self.circuits).remove(address);
+        let mut circuits = lock(&self.circuits);
+        circuits.remove(address);
+        // Packets still queued are read before the flag is checked again (see `poll_recv`); clearing it only
+        // with the map empty keeps a delivered packet from waiting for the next UDP datagram.
+        if circuits.is_empty() && lock(&self.received).packets.is_empty() {
+            self.active.store(false, Ordering::Release);
+        }
     }
 
     /// A packet that arrived over the circuit `from`, to be read by QUIC.
@@ -135,7 +145,7 @@ impl AsyncUdpSocket for PathSocket {
         bufs: &mut [IoSliceMut<'_>],
         meta: &mut [RecvMeta],
     ) -> Poll<io::Result<usize>> {
-        {
+        if self.paths.active.load(Ordering::Acquire) {
             let mut received = lock(&self.paths.received);
             if let (Some((from, packet)), Some(buf), Some(slot)) =
                 (received.packets.pop_front(), bufs.first_mut(), meta.first_mut())
@@ -146,7 +156,9 @@ impl AsyncUdpSocket for PathSocket {
                 return Poll::Ready(Ok(1));
             }
             // Registered before polling the UDP socket, so a packet delivered meanwhile wakes us.
-            received.waker = Some(cx.waker().clone());
+            if !received.waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+                received.waker = Some(cx.waker().clone());
+            }
         }
         match self.udp.poll_recv(cx, bufs, meta) {
             // A datagram from the network claiming a synthetic source is forged: drop it (keep polling).
