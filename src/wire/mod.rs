@@ -61,3 +61,12 @@ pub const SIGNATURE_BYTES: usize = 64;
 /// Prefix of the bytes a record signature covers (`RECORD_DOMAIN || body`): the signature of a record can
 /// then never be valid for another message signed with the same key, in this protocol or another.
 pub const RECORD_DOMAIN: &[u8] = b"remote-network/metadata-record/v1\0";
+
+/// The bytes a signature covers: `domain || body`. Each signed message type has its own domain, so that no
+/// signature made for one can ever pass for another.
+fn domain_separated(domain: &[u8], body: &[u8]) -> Vec<u8> {
+    let mut message = Vec::with_capacity(domain.len() + body.len());
+    message.extend_from_slice(domain);
+    message.extend_from_slice(body);
+    message
+}

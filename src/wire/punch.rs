@@ -82,10 +82,7 @@ pub fn sign_punch_offer(
 }
 
 fn signed_message(body: &[u8]) -> Vec<u8> {
-    let mut message = Vec::with_capacity(PUNCH_DOMAIN.len() + body.len());
-    message.extend_from_slice(PUNCH_DOMAIN);
-    message.extend_from_slice(body);
-    message
+    super::domain_separated(PUNCH_DOMAIN, body)
 }
 
 fn node_id(bytes: &[u8]) -> Result<NodeId, PunchOfferError> {

@@ -137,10 +137,7 @@ pub fn sign_record(body: &pb::RecordBody, key: &SigningKey) -> pb::SignedRecord 
 
 /// The bytes a record signature covers: the domain prefix, then the encoded body.
 fn signed_message(body: &[u8]) -> Vec<u8> {
-    let mut message = Vec::with_capacity(RECORD_DOMAIN.len() + body.len());
-    message.extend_from_slice(RECORD_DOMAIN);
-    message.extend_from_slice(body);
-    message
+    super::domain_separated(RECORD_DOMAIN, body)
 }
 
 /// Checks every rule a received record must pass, and returns it decoded.
