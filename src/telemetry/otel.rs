@@ -165,11 +165,21 @@ impl OtelConfig {
         } else {
             return Ok(None);
         };
-        if !(endpoint.starts_with("http://") || endpoint.starts_with("https://")) {
+        if endpoint.starts_with("https://") {
+            // Refused here rather than failing every export later, silently, for want of TLS in the exporter.
             return Err(OtelError::InvalidVariable {
                 name: "OTEL_EXPORTER_OTLP_ENDPOINT",
                 value: endpoint,
-                expected: "an http:// or https:// URL",
+                expected: "an http:// URL: TLS to the collector is not built in; run a collector or agent on \
+                           this host (OpenTelemetry Collector, rotel) at http://127.0.0.1:4317 and let it \
+                           forward over TLS",
+            });
+        }
+        if !endpoint.starts_with("http://") {
+            return Err(OtelError::InvalidVariable {
+                name: "OTEL_EXPORTER_OTLP_ENDPOINT",
+                value: endpoint,
+                expected: "an http:// URL",
             });
         }
         let max_queue_size = match var("OTEL_BSP_MAX_QUEUE_SIZE") {
@@ -517,6 +527,9 @@ mod tests {
             [("OTEL_EXPORTER_OTLP_ENDPOINT", "http://c"), ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/json")];
         assert!(config(&bad_protocol).is_err());
         assert!(config(&[("OTEL_EXPORTER_OTLP_ENDPOINT", "c:4317")]).is_err());
+        let https = config(&[("OTEL_EXPORTER_OTLP_ENDPOINT", "https://collector.example:4317")]);
+        let message = https.err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(message.contains("TLS to the collector is not built in"), "{message}");
         assert!(
             config(&[("OTEL_EXPORTER_OTLP_ENDPOINT", "http://c"), ("OTEL_BSP_MAX_QUEUE_SIZE", "0")]).is_err()
         );
