@@ -103,7 +103,9 @@ struct SessionInner {
     path: super::ConnectionPath,
     connection: quinn::Connection,
     since_ms: i64,
-    outgoing: mpsc::Sender<pb::Envelope>,
+    /// Boxed: a channel allocates its slots in blocks of 32 up front, and an idle session should not hold 32
+    /// envelopes' worth (about 4.4 KiB) of them; 32 pointers are 256 bytes.
+    outgoing: mpsc::Sender<Box<pb::Envelope>>,
     pending: std::sync::Mutex<HashMap<u64, oneshot::Sender<pb::envelope::Kind>>>,
     next_request: AtomicU64,
 }
@@ -237,7 +239,7 @@ impl SessionHandle {
             pending.insert(request_id, reply);
         }
         let started = Instant::now();
-        let envelope = pb::Envelope { request_id, kind: Some(request) };
+        let envelope = Box::new(pb::Envelope { request_id, kind: Some(request) });
         if self.inner.outgoing.send(envelope).await.is_err() {
             self.pending().remove(&request_id);
             return Err(ExchangeError::SessionClosed);
@@ -298,7 +300,7 @@ impl SessionHandle {
                     })
                 });
                 // A closed session has nobody to answer.
-                let _ = outgoing.send(pb::Envelope { request_id, kind: Some(answer) }).await;
+                let _ = outgoing.send(Box::new(pb::Envelope { request_id, kind: Some(answer) })).await;
             });
         }
         Ok(())
@@ -321,7 +323,7 @@ fn is_response(kind: &pb::envelope::Kind) -> bool {
     )
 }
 
-async fn write_loop(mut send: SendStream, mut queue: mpsc::Receiver<pb::Envelope>) {
+async fn write_loop(mut send: SendStream, mut queue: mpsc::Receiver<Box<pb::Envelope>>) {
     while let Some(envelope) = queue.recv().await {
         if let Err(e) = write_envelope(&mut send, &envelope).await {
             tracing::debug!(error = %e, "session writer stopped");
