@@ -436,11 +436,6 @@ impl Exchange {
         })
     }
 
-    /// Gets a direct connection to `peer` by hole punching through a peer both are connected to.
-    pub async fn punch(&self, peer: NodeId) -> Result<(), ExchangeError> {
-        self.inner.punch_to(peer).await.map(|_| ())
-    }
-
     /// Connects to a known peer: its stored addresses first, then hole punching.
     pub async fn connect_known(&self, peer: NodeId) -> Result<(), ExchangeError> {
         match self.inner.sessions.get(&peer) {

@@ -306,6 +306,10 @@ impl Inner {
         let mut public = Vec::new();
         let mut others = Vec::new();
         for (id, session) in connected {
+            // Enough public ones found: the rest of a large session table need not be read from the store.
+            if chosen.len() + public.len() >= MAX_RENDEZVOUS_ASKED {
+                break;
+            }
             if id == peer || chosen.iter().any(|c| c.peer() == id) {
                 continue;
             }

@@ -79,6 +79,8 @@ pub(super) struct RelayState {
     reservations: std::sync::Mutex<HashSet<NodeId>>,
     /// Relays we hold a reservation with.
     reserved_at: std::sync::Mutex<HashSet<NodeId>>,
+    /// Peers that refused us a reservation: not asked again while their session lasts.
+    refused_by: std::sync::Mutex<HashSet<NodeId>>,
     circuits: Arc<tokio::sync::Semaphore>,
     incoming: Arc<tokio::sync::Semaphore>,
     /// Circuits we asked for, waiting for the relay to open our end: by (relay, circuit number).
@@ -98,6 +100,7 @@ impl RelayState {
             options,
             reservations: std::sync::Mutex::default(),
             reserved_at: std::sync::Mutex::default(),
+            refused_by: std::sync::Mutex::default(),
             via: Arc::default(),
             pending: std::sync::Mutex::default(),
             circuits_carried: AtomicU64::new(0),
@@ -110,6 +113,7 @@ impl RelayState {
     pub(super) fn session_ended(&self, peer: &NodeId) {
         lock(&self.reservations).remove(peer);
         lock(&self.reserved_at).remove(peer);
+        lock(&self.refused_by).remove(peer);
     }
 
     /// Relays we hold a reservation with.
@@ -294,6 +298,9 @@ impl Inner {
         if lock(&self.relay.reserved_at).contains(&relay) {
             return Ok(true);
         }
+        if lock(&self.relay.refused_by).contains(&relay) {
+            return Ok(false);
+        }
         let session = self.direct_session(&relay).ok_or(ExchangeError::Unreachable(relay))?;
         let request = pb::envelope::Kind::RelayReservationRequest(pb::RelayReservationRequest {});
         match session.request(request, self.options.request_timeout).await? {
@@ -306,6 +313,7 @@ impl Inner {
             }
             (pb::envelope::Kind::RelayReservationResponse(response), _) => {
                 tracing::debug!(%relay, detail = %response.detail, "relay reservation refused");
+                lock(&self.relay.refused_by).insert(relay);
                 Ok(false)
             }
             _ => Err(ExchangeError::Protocol("answered a reservation with another message".into())),

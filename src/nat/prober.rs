@@ -30,6 +30,8 @@ pub const REPROBE_INTERVAL: Duration = Duration::from_secs(600);
 const WAKE_INTERVAL: Duration = Duration::from_secs(5);
 /// Helpers asked per probe.
 const HELPERS_PER_PROBE: usize = 2;
+/// Public peers named as rendezvous (and asked for a relay reservation) while we are behind a NAT.
+const RENDEZVOUS_PEERS: usize = 3;
 /// Times a busy helper is asked again, waiting a little longer each time.
 const BUSY_RETRIES: u32 = 6;
 const BUSY_BACKOFF: Duration = Duration::from_millis(500);
@@ -277,7 +279,14 @@ impl NatProber {
         let mut rendezvous = Vec::new();
         if private {
             let exchange = &self.inner.exchange;
-            for peer in exchange.directly_connected() {
+            // In node id order, so the choice only changes when sessions do (each change re-signs the record
+            // and pushes it to every peer), and no further than needed through a large session table.
+            let mut peers = exchange.directly_connected();
+            peers.sort();
+            for peer in peers {
+                if rendezvous.len() >= RENDEZVOUS_PEERS {
+                    break;
+                }
                 let public = matches!(
                     self.inner.store.get_peer(peer).await,
                     Ok(Some(detail)) if detail.summary.node_type == NodeType::Public
