@@ -31,6 +31,8 @@ pub mod quic;
 #[cfg(feature = "daemon")]
 pub mod store;
 #[cfg(feature = "daemon")]
+pub mod sync;
+#[cfg(feature = "daemon")]
 pub mod telemetry;
 #[cfg(feature = "daemon")]
 pub mod wire;

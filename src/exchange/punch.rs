@@ -32,6 +32,7 @@ use super::session::SessionHandle;
 use super::{ExchangeError, Inner, now_ms};
 use crate::api::names::NodeId;
 use crate::store::{AddressSource, PunchOutcome};
+use crate::sync::lock;
 use crate::wire::{self, VerifiedPunchOffer, pb};
 
 /// How long both sides keep dialing each other before a punch counts as failed: several of quinn's
@@ -88,12 +89,6 @@ impl Default for PunchState {
             successes: AtomicU64::new(0),
         }
     }
-}
-
-/// Locks a mutex whose data stays consistent even if a holder panicked (every update is a single insert,
-/// remove or increment).
-fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 impl PunchState {
@@ -394,11 +389,9 @@ impl Inner {
         request: pb::PunchRequest,
     ) -> pb::envelope::Kind {
         let Some(offer) = request.offer else { return error_kind("PunchRequest without an offer".into()) };
-        let Ok(body) = pb::PunchOfferBody::decode(offer.body.as_slice()) else {
-            return error_kind("the offer does not decode".into());
-        };
-        let Ok(target) = <[u8; 32]>::try_from(body.to.as_slice()).map(NodeId) else {
-            return error_kind("the offer's target is not a node id".into());
+        let target = match wire::punch_offer_parties(&offer) {
+            Ok((_, target)) => target,
+            Err(e) => return error_kind(format!("offer refused: {e}")),
         };
         if let Err(e) = wire::verify_punch_offer(&offer, requester, target, now_ms()) {
             return error_kind(format!("offer refused: {e}"));
@@ -446,11 +439,9 @@ impl Inner {
         let Some(offer) = introduction.offer else {
             return error_kind("introduction without an offer".into());
         };
-        let Ok(body) = pb::PunchOfferBody::decode(offer.body.as_slice()) else {
-            return error_kind("the offer does not decode".into());
-        };
-        let Ok(from) = <[u8; 32]>::try_from(body.from.as_slice()).map(NodeId) else {
-            return error_kind("the offer's sender is not a node id".into());
+        let from = match wire::punch_offer_parties(&offer) {
+            Ok((from, _)) => from,
+            Err(e) => return error_kind(format!("offer refused: {e}")),
         };
         let now = now_ms();
         let theirs = match wire::verify_punch_offer(&offer, from, self.local, now) {

@@ -27,6 +27,7 @@ use super::{ExchangeError, Inner};
 use crate::api::names::NodeId;
 use crate::quic::paths::RelayPaths;
 use crate::store::AddressSource;
+use crate::sync::lock;
 use crate::wire::pb;
 
 /// What a node allows when it relays for others.
@@ -125,11 +126,6 @@ impl RelayState {
     pub(super) fn relay_of(&self, address: &SocketAddr) -> Option<NodeId> {
         lock(&self.via).get(address).copied()
     }
-}
-
-fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    // Single inserts and removes: consistent after a panic.
-    mutex.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// Reads exactly one frame (4-byte length, then an Envelope) without reading past it: what follows on a circuit

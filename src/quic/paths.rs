@@ -19,6 +19,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Waker};
 
+use crate::sync::lock;
 use quinn::udp::{RecvMeta, Transmit};
 use quinn::{AsyncUdpSocket, UdpPoller};
 use tokio::sync::mpsc;
@@ -53,11 +54,6 @@ impl fmt::Debug for RelayPaths {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RelayPaths").field("circuits", &lock(&self.circuits).len()).finish()
     }
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    // Each critical section is a single insert, remove or queue operation: consistent after a panic.
-    mutex.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 impl RelayPaths {

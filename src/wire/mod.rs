@@ -28,7 +28,7 @@ pub use fuzz::fuzz_decode_and_verify;
 pub use message::{build_peer_exchange_response, negotiate_version};
 pub use punch::{
     MAX_PUNCH_CANDIDATES, MAX_PUNCH_OFFER_AGE, PUNCH_DOMAIN, PunchOfferError, VerifiedPunchOffer,
-    sign_punch_offer, verify_punch_offer,
+    punch_offer_parties, sign_punch_offer, verify_punch_offer,
 };
 pub use record::{
     DEFAULT_MAX_CLOCK_SKEW, RecordError, VerifiedRecord, VerifyPolicy, check_not_replayed, parse_address,

@@ -91,6 +91,17 @@ fn node_id(bytes: &[u8]) -> Result<NodeId, PunchOfferError> {
     Ok(NodeId(bytes))
 }
 
+/// Who an offer claims to be from and for, read without checking anything else: a rendezvous needs the target
+/// and a target the sender before they can verify the offer against them.
+pub fn punch_offer_parties(signed: &pb::SignedPunchOffer) -> Result<(NodeId, NodeId), PunchOfferError> {
+    if signed.body.len() > MAX_PUNCH_OFFER_BYTES {
+        return Err(PunchOfferError::TooLarge { len: signed.body.len(), max: MAX_PUNCH_OFFER_BYTES });
+    }
+    let body = pb::PunchOfferBody::decode(signed.body.as_slice())
+        .map_err(|e| PunchOfferError::Decode(e.to_string()))?;
+    Ok((node_id(&body.from)?, node_id(&body.to)?))
+}
+
 /// Checks an offer that `expected_from` must have signed for `expected_to`, at `now_ms`.
 pub fn verify_punch_offer(
     signed: &pb::SignedPunchOffer,
