@@ -1,5 +1,5 @@
 //! NAT behaviour of real daemons in the namespace lab: public hosts, and hosts behind an endpoint-independent
-//! NAT, an endpoint-dependent NAT, a full-cone NAT and a double NAT (home router behind a carrier NAT), all
+//! NAT, endpoint-dependent NATs (random and sequential ports), a full-cone NAT and a double NAT (home router behind a carrier NAT), all
 //! built from the kernel's own NAT (see `common::lab`). Each private node dials the public ones, probes its NAT
 //! through them (mapping reports and dial-backs), and must arrive at the verdict the lab built for it.
 //! Needs root; skipped loudly without it (a failure in CI).
@@ -54,6 +54,7 @@ impl LabNode {
 
 const EIM: NatOptions = NatOptions { nat: Nat::EndpointIndependent, hairpin: false };
 const EDM: NatOptions = NatOptions { nat: Nat::EndpointDependent, hairpin: false };
+const SEQ: NatOptions = NatOptions { nat: Nat::Sequential, hairpin: false };
 const CONE: NatOptions = NatOptions { nat: Nat::FullCone, hairpin: false };
 
 #[tokio::test(flavor = "multi_thread")]
@@ -89,6 +90,7 @@ async fn each_node_classifies_the_nat_the_lab_built() {
     let privates = [
         ("eim", "endpoint-independent", lab.private_host("eim", EIM).expect("host")),
         ("edm", "endpoint-dependent", lab.private_host("edm", EDM).expect("host")),
+        ("seq", "endpoint-dependent, sequential", lab.private_host("seq", SEQ).expect("host")),
         ("cone", "full cone", lab.private_host("cone", CONE).expect("host")),
         ("double", "EIM behind carrier EIM", lab.double_nat_host("double", EIM, EIM).expect("host")),
     ];
@@ -152,6 +154,9 @@ async fn each_node_classifies_the_nat_the_lab_built() {
     assert_eq!(eim["portPreservation"], true, "MASQUERADE keeps the port: {eim:#}");
     let edm = expect("edm", "NAT_TYPE_ENDPOINT_DEPENDENT", "REACHABILITY_PRIVATE_HARD");
     assert_eq!(edm["portAllocation"], "unpredictable", "fully-random ports: {edm:#}");
+    // Each new flow takes the next port: predictable, so punching can aim at the port the next flow will get.
+    let seq = expect("seq", "NAT_TYPE_ENDPOINT_DEPENDENT", "REACHABILITY_PRIVATE_PUNCHABLE");
+    assert_eq!(seq["portAllocation"], "sequential, delta 1", "{seq:#}");
     let cone = expect("cone", "NAT_TYPE_ENDPOINT_INDEPENDENT", "REACHABILITY_PUBLIC");
     assert_eq!(cone["filtering"], "FILTERING_BEHAVIOR_ENDPOINT_INDEPENDENT", "{cone:#}");
     expect("double", "NAT_TYPE_ENDPOINT_INDEPENDENT", "REACHABILITY_PRIVATE_PUNCHABLE");

@@ -1,9 +1,10 @@
 //! Every pair connects, between real daemons behind the kernel's own NATs (see `common::lab`): public nodes
-//! serve as rendezvous and relays, private nodes behind endpoint-independent (EIM), endpoint-dependent (EDM)
-//! and double NATs connect to each other by node id (`rnctl connect ID`: stored addresses, then a punch
-//! introduced by a connected peer, then a relay circuit). Directly wherever the NATs allow it: EIM pairs are
-//! punched, pairs with an EDM side are relayed, end-to-end authenticated. Prints the matrix of pairs with the
-//! path each got and the time to connected.
+//! serve as rendezvous and relays, private nodes behind endpoint-independent (EIM), endpoint-dependent with
+//! random ports (EDM), endpoint-dependent with sequential ports (SEQ) and double NATs connect to each other by
+//! node id (`rnctl connect ID`: stored addresses, then a punch introduced by a connected peer, then a relay
+//! circuit). Directly wherever the NATs allow it: EIM pairs are punched, EIM × SEQ is punched at a predicted
+//! port, EIM × EDM by the birthday strategy, EDM × EDM is relayed, end-to-end authenticated. Prints the matrix
+//! of pairs with the path each got and the time to connected.
 //! Needs root; skipped loudly without it (a failure in CI).
 
 mod common;
@@ -18,6 +19,7 @@ const QUIC_PORT: u16 = 30906;
 
 const EIM: NatOptions = NatOptions { nat: Nat::EndpointIndependent, hairpin: false };
 const EDM: NatOptions = NatOptions { nat: Nat::EndpointDependent, hairpin: false };
+const SEQ: NatOptions = NatOptions { nat: Nat::Sequential, hairpin: false };
 
 struct LabNode {
     label: &'static str,
@@ -187,20 +189,31 @@ async fn nodes_behind_nats_in_a_topic_connect_on_their_own() {
     for node in &privates {
         node.join("lab");
     }
+    // The EDM node is the hard side of two birthday punches at once: the second waits for the first's sockets.
     let expected = [
         ("eim_1", "eim_2", "CONNECTION_PATH_PUNCHED"),
-        ("eim_1", "edm_1", "CONNECTION_PATH_RELAYED"),
-        ("eim_2", "edm_1", "CONNECTION_PATH_RELAYED"),
+        ("eim_1", "edm_1", "CONNECTION_PATH_PUNCHED"),
+        ("eim_2", "edm_1", "CONNECTION_PATH_PUNCHED"),
     ];
     let by_label = |label: &str| privates.iter().find(|n| n.label == label).expect("node");
-    // Peer exchange rounds, punches and circuits take a few seconds each; this only bounds a hang.
+    // Peer exchange rounds, punches and circuits take a few seconds each; this only bounds a hang. A relayed
+    // session counts once a punch has replaced it.
     let deadline = Instant::now() + Duration::from_secs(120);
     for (a, b, path) in expected {
         let (a, b) = (by_label(a), by_label(b));
         let mut connection = a.connection_to_any(b);
-        while connection["connected"] != true && Instant::now() < deadline {
+        while (connection["connected"] != true || connection["path"] != path) && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(500));
             connection = a.connection_to_any(b);
+        }
+        if connection["path"] != path {
+            for node in [a, b] {
+                for line in
+                    node.node.stderr().lines().filter(|l| l.contains("punch") || l.contains("birthday"))
+                {
+                    eprintln!("{} log: {line}", node.label);
+                }
+            }
         }
         assert_eq!(
             connection["connected"], true,
@@ -228,6 +241,7 @@ async fn every_pair_connects_directly_where_the_nats_allow_it() {
             ("eim_1", Some(EIM)),
             ("eim_2", Some(EIM)),
             ("double", None),
+            ("seq_1", Some(SEQ)),
             ("edm_1", Some(EDM)),
             ("edm_2", Some(EDM)),
         ],
@@ -243,7 +257,8 @@ async fn every_pair_connects_directly_where_the_nats_allow_it() {
     );
 
     let mut results = Vec::new();
-    let pairs = [("eim_1", "eim_2"), ("double", "eim_1"), ("eim_1", "edm_1"), ("edm_1", "edm_2")];
+    let pairs =
+        [("eim_1", "eim_2"), ("double", "eim_1"), ("eim_2", "seq_1"), ("eim_1", "edm_1"), ("edm_1", "edm_2")];
     for (from, to) in pairs {
         let (a, b) = (by_label(from), by_label(to));
         let (connected, elapsed, error) = a.connect_id(b);
@@ -258,6 +273,25 @@ async fn every_pair_connects_directly_where_the_nats_allow_it() {
             ("not connected".to_owned(), error.lines().last().unwrap_or("").to_owned(), String::new())
         };
         results.push(PairResult { pair: format!("{from} × {to}"), connected, path, remote, relay, elapsed });
+    }
+    // A punch that is slower than the relay fallback (2 s) replaces the relayed session when it succeeds; the
+    // matrix shows the path a pair ends up with, and when it got there.
+    for r in results.iter_mut().filter(|r| r.connected && r.path == "CONNECTION_PATH_RELAYED") {
+        let (from, to) = r.pair.split_once(" × ").expect("pair");
+        let (a, b) = (by_label(from), by_label(to));
+        let waiting = Instant::now();
+        let deadline = waiting + Duration::from_secs(15);
+        let mut connection = a.connection_to(b);
+        while connection["path"] != "CONNECTION_PATH_PUNCHED" && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(250));
+            connection = a.connection_to(b);
+        }
+        if connection["path"] == "CONNECTION_PATH_PUNCHED" {
+            r.path = "CONNECTION_PATH_PUNCHED (after relayed)".into();
+            r.remote = connection["remoteAddress"].as_str().unwrap_or("?").to_owned();
+            r.relay = String::new();
+            r.elapsed += waiting.elapsed();
+        }
     }
     // A private node dials a public one: direct, no punch.
     let (connected, elapsed, _) = eim_2.connect_id(&publics[1]);
@@ -285,14 +319,18 @@ async fn every_pair_connects_directly_where_the_nats_allow_it() {
     }
 
     let result = |pair: &str| results.iter().find(|r| r.pair.starts_with(pair)).expect("pair");
+    let dump_punch_logs = || {
+        for node in &privates {
+            for line in node.node.stderr().lines().filter(|l| l.contains("punch") || l.contains("predicted"))
+            {
+                eprintln!("{} log: {line}", node.label);
+            }
+        }
+    };
     for (pair, target) in [("eim_1 × eim_2", eim_2), ("double × eim_1", eim_1)] {
         let r = result(pair);
         if !r.connected || r.path != "CONNECTION_PATH_PUNCHED" {
-            for node in &privates {
-                for line in node.node.stderr().lines().filter(|l| l.contains("punch")) {
-                    eprintln!("{} log: {line}", node.label);
-                }
-            }
+            dump_punch_logs();
         }
         assert!(r.connected, "{pair}: {}", r.remote);
         assert_eq!(r.path, "CONNECTION_PATH_PUNCHED", "{pair}");
@@ -302,6 +340,33 @@ async fn every_pair_connects_directly_where_the_nats_allow_it() {
             "{pair}: connected to the NAT mapping, not via a relay"
         );
     }
+    // Sequential ports: the EIM side reached a port the SEQ node predicted (its NAT's next one), not the one
+    // its QUIC socket has towards anyone else; the EDM side: a port one of its 256 birthday sockets got.
+    for (pair, target) in [("eim_2 × seq_1", by_label("seq_1")), ("eim_1 × edm_1", by_label("edm_1"))] {
+        let r = result(pair);
+        if !r.path.starts_with("CONNECTION_PATH_PUNCHED") {
+            dump_punch_logs();
+        }
+        assert!(r.connected, "{pair}: {}", r.remote);
+        assert!(r.path.starts_with("CONNECTION_PATH_PUNCHED"), "{pair}: {}", r.path);
+        let public_ip = target.host.public_addr.expect("behind a NAT").to_string();
+        assert!(r.remote.starts_with(&format!("{public_ip}:")), "{pair}: reached at {}", r.remote);
+        assert_ne!(r.remote, target.public_address(), "{pair}: a new mapping, not the QUIC socket's own");
+    }
+    // The birthday punch's budget and outcome are on record at both ends, by NAT pair.
+    let birthday_record = |node: &LabNode| {
+        let punches = node.nat_status()["punches"].clone();
+        punches
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|p| p["lastOutcome"].as_str().map(str::to_owned))
+            .find(|outcome| outcome.contains("birthday"))
+    };
+    let easy = birthday_record(eim_1).expect("eim_1 records its birthday punch");
+    assert!(easy.contains("easy side") && easy.contains("probes sent"), "{easy}");
+    let hard = birthday_record(by_label("edm_1")).expect("edm_1 records its birthday punch");
+    assert!(hard.contains("hard side: 256 sockets opened"), "{hard}");
     // The target side knows it was punched too, and both count the success by NAT pair.
     assert_eq!(eim_2.connection_to(eim_1)["path"], "CONNECTION_PATH_PUNCHED");
     for node in [eim_1, eim_2] {
@@ -318,10 +383,9 @@ async fn every_pair_connects_directly_where_the_nats_allow_it() {
             .unwrap_or_else(|| panic!("{}: no EIM × EIM punch stats in {punches:#}", node.label));
         assert!(eim_pair["successes"].as_str().unwrap_or("0") != "0", "{}: {eim_pair:#}", node.label);
     }
-    // Endpoint-dependent mapping: the port the peer's packets would need is one nobody has seen, so the punch
-    // fails (port prediction and the birthday strategy are not implemented) and a relay carries the connection:
-    // still end to end, since `rnctl connect ID` pins the node id the inner TLS handshake must prove.
-    for (pair, target) in [("eim_1 × edm_1", by_label("edm_1")), ("edm_1 × edm_2", by_label("edm_2"))] {
+    // Both endpoint-dependent with random ports: nothing to aim at, so the punch fails and a relay carries the
+    // connection: still end to end, since `rnctl connect ID` pins the node id the inner TLS handshake must prove.
+    for (pair, target) in [("edm_1 × edm_2", by_label("edm_2"))] {
         let r = result(pair);
         assert!(r.connected, "{pair}: {}", r.remote);
         assert_eq!(r.path, "CONNECTION_PATH_RELAYED", "{pair}");

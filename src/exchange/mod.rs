@@ -14,6 +14,7 @@ pub mod record;
 pub mod relay;
 pub mod session;
 pub mod table;
+pub mod traversal;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -631,7 +632,11 @@ impl Inner {
         let connection = outbound.connection.clone();
         let peer = outbound.node_id;
         let remote = connection.remote_address();
-        self.contacted(remote, true);
+        // A connection from a socket of its own (a birthday punch) tells nothing about the node socket's NAT.
+        let on_node_socket = outbound.on_node_socket;
+        if on_node_socket {
+            self.contacted(remote, true);
+        }
         if peer == self.local {
             CloseCode::SelfConnection.close(&connection, "self");
             return Err(ExchangeError::SelfConnection);
@@ -645,7 +650,9 @@ impl Inner {
         self.store_verified(&verified, Some((remote, source)), Some(elapsed)).await.inspect_err(|e| {
             self.reject(&connection, e);
         })?;
-        self.note_observed(peer, &connection, observed);
+        if on_node_socket {
+            self.note_observed(peer, &connection, observed);
+        }
         let outcome = Verified { node_id: peer, seq: verified.seq, elapsed, remote };
         self.admit(peer, Direction::Outbound, connection, send, reader);
         Ok(outcome)

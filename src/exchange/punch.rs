@@ -16,8 +16,12 @@
 //! the session table like any simultaneous dial. A session admitted while a punch with its peer is running is
 //! recorded as punched.
 //!
+//! Behind endpoint-dependent NATs the other side's port is one nobody has seen yet: [`super::traversal`]
+//! predicts it (sequential ports) or finds it by the birthday strategy (random ports), as both offers' NAT
+//! information decides.
+//!
 //! Everything is bounded: punches running at once, introductions a rendezvous forwards per requester, offers
-//! remembered against replay, candidates dialed per punch.
+//! remembered against replay, candidates dialed per punch, birthday punches at once (one).
 
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
@@ -29,6 +33,7 @@ use prost::Message;
 use tokio::task::JoinSet;
 
 use super::session::SessionHandle;
+use super::traversal::{self, BirthdayReport, Strategy};
 use super::{ExchangeError, Inner, now_ms};
 use crate::api::names::NodeId;
 use crate::store::{AddressSource, PunchOutcome};
@@ -63,9 +68,37 @@ const MAX_AUTO_PUNCH_PEERS: usize = 1024;
 /// attempt ended, so a success knows the peer's from its fresh record.
 pub type NatPair = (i32, i32);
 
+/// How long after the other side the easy side of a birthday punch starts spraying: the hard side's mappings
+/// must be open first.
+const BIRTHDAY_START_MARGIN: Duration = Duration::from_millis(50);
+/// How long the hard side waits for another birthday punch to release the sockets (it does once a probe has
+/// arrived, usually within a few hundred milliseconds). The easy side's spray lasts longer than this, so a
+/// punch that waited still gets most of its probes.
+const BIRTHDAY_SOCKETS_WAIT: Duration = Duration::from_secs(1);
+/// Easy sides of birthday punches spraying at once (each is paced on its own).
+const MAX_BIRTHDAY_SPRAYS: usize = 2;
+
+/// What both sides of a punch agreed to do beyond dialing, from the NATs their offers state.
+struct TraversalPlan {
+    strategy: Strategy,
+    nonce: u64,
+    /// The address the rendezvous sees the other side at: its NAT mapping.
+    their_observed: Option<SocketAddr>,
+}
+
+/// A punch's result, with what its strategy did (kept with the punch statistics).
+struct PunchAttempt {
+    outcome: Result<(SessionHandle, Duration), ExchangeError>,
+    note: Option<String>,
+}
+
 /// The exchange's hole-punching state.
 pub(super) struct PunchState {
     running: Arc<tokio::sync::Semaphore>,
+    /// The hard side of a birthday punch holds hundreds of sockets until a probe arrives: one at a time.
+    birthday_sockets: Arc<tokio::sync::Semaphore>,
+    /// Easy sides spraying probes at once.
+    birthday_sprays: Arc<tokio::sync::Semaphore>,
     /// Peers with a punch in progress (how many punches target each) or that ended recently (when).
     active: std::sync::Mutex<HashMap<NodeId, (usize, Instant)>>,
     /// (sender, nonce, when) of offers accepted, oldest first.
@@ -81,6 +114,8 @@ impl Default for PunchState {
     fn default() -> Self {
         Self {
             running: Arc::new(tokio::sync::Semaphore::new(MAX_CONCURRENT_PUNCHES)),
+            birthday_sockets: Arc::new(tokio::sync::Semaphore::new(1)),
+            birthday_sprays: Arc::new(tokio::sync::Semaphore::new(MAX_BIRTHDAY_SPRAYS)),
             active: std::sync::Mutex::default(),
             seen: std::sync::Mutex::default(),
             forwards: std::sync::Mutex::default(),
@@ -154,10 +189,15 @@ impl PunchState {
         true
     }
 
-    /// Counts an attempt and describes it for the store.
-    fn record(&self, (our_nat, their_nat): NatPair, outcome: &Result<Duration, String>) -> PunchOutcome {
+    /// Counts an attempt and describes it for the store, with what its strategy did (`note`).
+    fn record(
+        &self,
+        (our_nat, their_nat): NatPair,
+        outcome: &Result<Duration, String>,
+        note: Option<&str>,
+    ) -> PunchOutcome {
         self.attempts.fetch_add(1, Ordering::Relaxed);
-        let (detail, time_to_connected_ms) = match outcome {
+        let (mut detail, time_to_connected_ms) = match outcome {
             Ok(elapsed) => {
                 self.successes.fetch_add(1, Ordering::Relaxed);
                 (
@@ -167,6 +207,9 @@ impl PunchState {
             }
             Err(reason) => (reason.clone(), None),
         };
+        if let Some(note) = note {
+            detail = format!("{detail} ({note})");
+        }
         PunchOutcome { our_nat, their_nat, detail, at_ms: now_ms(), time_to_connected_ms }
     }
 }
@@ -211,15 +254,22 @@ fn error_kind(message: String) -> pb::envelope::Kind {
 }
 
 /// Candidates in the order to try: the address a rendezvous saw (the NAT mapping the other side's packets use)
-/// first, then the other side's own list; same IP family as our socket only, no duplicates, bounded.
-fn dial_order(observed: Option<SocketAddr>, offered: &[SocketAddr], ours: SocketAddr) -> Vec<SocketAddr> {
+/// first, then the other side's own list (bounded), then every address it predicted; same IP family as our
+/// socket only, no duplicates.
+fn dial_order(observed: Option<SocketAddr>, offer: &VerifiedPunchOffer, ours: SocketAddr) -> Vec<SocketAddr> {
     let mut order: Vec<SocketAddr> = Vec::new();
-    for candidate in observed.iter().chain(offered) {
+    let add = |candidate: &SocketAddr, order: &mut Vec<SocketAddr>| {
         if candidate.is_ipv4() == ours.is_ipv4() && !order.contains(candidate) {
             order.push(*candidate);
         }
+    };
+    for candidate in observed.iter().chain(&offer.candidates) {
+        add(candidate, &mut order);
     }
     order.truncate(MAX_DIALED_CANDIDATES);
+    for candidate in offer.predicted.iter().take(wire::MAX_PUNCH_CANDIDATES) {
+        add(candidate, &mut order);
+    }
     order
 }
 
@@ -240,10 +290,47 @@ impl Inner {
             .collect()
     }
 
+    /// Our NAT as our record states it.
+    fn own_nat(&self) -> pb::NatInfo {
+        pb::RecordBody::decode(self.publisher.current().body.as_slice())
+            .ok()
+            .and_then(|b| b.nat)
+            .unwrap_or_default()
+    }
+
+    /// Behind a NAT with sequential ports: where its next flows will most likely be mapped, from a port sampled
+    /// now through `reflector` (a public peer's session). Empty otherwise, or when no sample came back.
+    async fn predict_own_mappings(&self, reflector: &SessionHandle) -> Vec<SocketAddr> {
+        let nat = self.own_nat();
+        if nat.mapping != pb::NatType::EndpointDependent as i32 || nat.port_delta == 0 {
+            return Vec::new();
+        }
+        let address = reflector.connection().remote_address();
+        let public = self
+            .stored_record_body(reflector.peer())
+            .await
+            .is_some_and(|body| body.node_type == pb::NodeType::Public as i32);
+        if !public || super::is_relayed(&address) {
+            return Vec::new();
+        }
+        match traversal::sample_new_mapping(address).await {
+            Some(sampled) => {
+                let predicted = traversal::predicted_addresses(sampled, nat.port_delta);
+                tracing::debug!(%sampled, delta = nat.port_delta, ?predicted, "predicted our next mappings");
+                predicted
+            }
+            None => {
+                tracing::debug!(reflector = %address, "no address reflection; punching without a prediction");
+                Vec::new()
+            }
+        }
+    }
+
     /// Counts a punch (metrics) and keeps its outcome in the store, by NAT pair.
-    async fn note_punch(&self, pair: NatPair, outcome: &Result<(SessionHandle, Duration), ExchangeError>) {
-        let result = outcome.as_ref().map(|(_, elapsed)| *elapsed).map_err(ToString::to_string);
-        if let Err(e) = self.store.record_punch(self.punch.record(pair, &result)).await {
+    async fn note_punch(&self, pair: NatPair, attempt: &PunchAttempt) {
+        let result = attempt.outcome.as_ref().map(|(_, elapsed)| *elapsed).map_err(ToString::to_string);
+        let outcome = self.punch.record(pair, &result, attempt.note.as_deref());
+        if let Err(e) = self.store.record_punch(outcome).await {
             tracing::warn!(error = %e, "could not store a punch outcome");
         }
     }
@@ -334,14 +421,18 @@ impl Inner {
         }
         let local = self.endpoint.local_addr()?;
         let mut last_error = String::new();
+        let our_nat = self.own_nat();
         for via in rendezvous {
             let nonce = random_nonce();
+            let predicted = self.predict_own_mappings(&via).await;
             let offer = wire::sign_punch_offer(
                 self.publisher.signing_key(),
                 peer,
                 nonce,
                 now_ms(),
                 &self.own_candidates(),
+                our_nat,
+                &predicted,
             );
             let request = pb::envelope::Kind::PunchRequest(pb::PunchRequest { offer: Some(offer) });
             // The rendezvous waits for the target's answer before answering us.
@@ -371,13 +462,18 @@ impl Inner {
                 }
             };
             let observed = response.observed_address.parse().ok();
-            let candidates = dial_order(observed, &theirs.candidates, local);
-            tracing::info!(rendezvous = %via.peer(), ?candidates, "punching");
-            let outcome = self.dial_simultaneously(peer, candidates, Duration::ZERO).await;
+            let candidates = dial_order(observed, &theirs, local);
+            let plan = TraversalPlan {
+                strategy: traversal::strategy(&our_nat, &theirs.nat),
+                nonce,
+                their_observed: observed,
+            };
+            tracing::info!(rendezvous = %via.peer(), ?candidates, strategy = ?plan.strategy, "punching");
+            let attempt = self.dial_simultaneously(peer, candidates, Duration::ZERO, plan).await;
             // After the attempt: a success has just stored the peer's record, with its NAT type.
             let pair = self.nat_pair(peer).await;
-            self.note_punch(pair, &outcome).await;
-            return outcome.map(|(session, _)| session);
+            self.note_punch(pair, &attempt).await;
+            return attempt.outcome.map(|(session, _)| session);
         }
         Err(ExchangeError::Punch(last_error))
     }
@@ -464,14 +560,27 @@ impl Inner {
             });
         };
         let Ok(local) = self.endpoint.local_addr() else { return error_kind("endpoint closed".into()) };
+        let predicted = match self.sessions.get(&rendezvous) {
+            Some(session) => self.predict_own_mappings(&session).await,
+            None => Vec::new(),
+        };
+        let our_nat = self.own_nat();
         let answer = wire::sign_punch_offer(
             self.publisher.signing_key(),
             from,
             theirs.nonce,
-            now,
+            now_ms(),
             &self.own_candidates(),
+            our_nat,
+            &predicted,
         );
-        let candidates = dial_order(introduction.observed_address.parse().ok(), &theirs.candidates, local);
+        let observed = introduction.observed_address.parse().ok();
+        let candidates = dial_order(observed, &theirs, local);
+        let plan = TraversalPlan {
+            strategy: traversal::strategy(&our_nat, &theirs.nat),
+            nonce: theirs.nonce,
+            their_observed: observed,
+        };
         // Our answer reaches the initiator in about half of each leg's round trip; it starts dialing then.
         let rtt_to_rendezvous =
             self.sessions.get(&rendezvous).map_or(Duration::ZERO, |s| s.connection().rtt());
@@ -480,10 +589,10 @@ impl Inner {
         let inner = self.clone();
         tokio::spawn(async move {
             let _permit = permit;
-            tracing::info!(peer = %from, %rendezvous, ?candidates, ?delay, "punching on introduction");
-            let outcome = inner.dial_simultaneously(from, candidates, delay).await;
+            tracing::info!(peer = %from, %rendezvous, ?candidates, ?delay, strategy = ?plan.strategy, "punching on introduction");
+            let attempt = inner.dial_simultaneously(from, candidates, delay, plan).await;
             let pair = inner.nat_pair(from).await;
-            inner.note_punch(pair, &outcome).await;
+            inner.note_punch(pair, &attempt).await;
         });
         pb::envelope::Kind::PunchResponse(pb::PunchResponse {
             offer: Some(answer),
@@ -492,20 +601,26 @@ impl Inner {
         })
     }
 
-    /// Both sides of a punch: after `delay`, dials every candidate at once, and returns the session with
-    /// `peer` as soon as one exists (ours or the one `peer` dialed to us), or fails after [`PUNCH_WINDOW`].
+    /// Both sides of a punch: after `delay`, dials every candidate at once (and runs the birthday strategy when
+    /// the plan says so), and returns the session with `peer` as soon as one exists (ours or the one `peer`
+    /// dialed to us), or fails after [`PUNCH_WINDOW`].
     async fn dial_simultaneously(
         self: &Arc<Self>,
         peer: NodeId,
         candidates: Vec<SocketAddr>,
         delay: Duration,
-    ) -> Result<(SessionHandle, Duration), ExchangeError> {
+        plan: TraversalPlan,
+    ) -> PunchAttempt {
         let _active = ActivePunch::new(&self.punch, peer);
-        if candidates.is_empty() {
-            return Err(ExchangeError::Punch("the peer offered no address we can dial".into()));
+        if candidates.is_empty() && plan.strategy == Strategy::Dial {
+            let outcome = Err(ExchangeError::Punch("the peer offered no address we can dial".into()));
+            return PunchAttempt { outcome, note: None };
         }
-        tokio::time::sleep(delay).await;
         let started = Instant::now();
+        // Started before the delay: the hard side's mappings must be open before the easy side's probes come.
+        let report = Arc::new(std::sync::Mutex::new(None));
+        let birthday = self.start_birthday(peer, &plan, delay, started, report.clone());
+        tokio::time::sleep(delay).await;
         let mut dials = JoinSet::new();
         for address in candidates {
             let inner = self.clone();
@@ -517,11 +632,11 @@ impl Inner {
         }
         let deadline = tokio::time::Instant::now() + PUNCH_WINDOW;
         let mut last_error = None;
+        let mut session = None;
         loop {
-            if let Some(session) = self.direct_session(&peer) {
-                // Dials still running are abandoned: the session exists.
-                dials.abort_all();
-                return Ok((session, started.elapsed()));
+            if let Some(found) = self.direct_session(&peer) {
+                session = Some(found);
+                break;
             }
             let tick = tokio::time::sleep(Duration::from_millis(20));
             tokio::select! {
@@ -537,13 +652,91 @@ impl Inner {
                 break;
             }
         }
+        // Dials still running are abandoned: the session exists, or the window is over.
         dials.abort_all();
-        if let Some(session) = self.direct_session(&peer) {
-            return Ok((session, started.elapsed()));
+        if let Some(birthday) = birthday {
+            // The easy side stops spraying on its own once connected; give it a moment to say how far it got.
+            let _ = tokio::time::timeout(Duration::from_millis(100), &mut *Box::pin(birthday)).await;
         }
-        Err(ExchangeError::Punch(match last_error {
-            Some(e) => format!("no connection within {} s (last dial: {e})", PUNCH_WINDOW.as_secs()),
-            None => format!("no connection within {} s", PUNCH_WINDOW.as_secs()),
+        let note = lock(&report).as_ref().map(ToString::to_string);
+        let outcome = match session.or_else(|| self.direct_session(&peer)) {
+            Some(session) => Ok((session, started.elapsed())),
+            None => Err(ExchangeError::Punch(match last_error {
+                Some(e) => format!("no connection within {} s (last dial: {e})", PUNCH_WINDOW.as_secs()),
+                None => format!("no connection within {} s", PUNCH_WINDOW.as_secs()),
+            })),
+        };
+        PunchAttempt { outcome, note }
+    }
+
+    /// Starts our side of a birthday punch, if the plan has one; what it does goes into `report`. The task
+    /// ends by itself: the easy side once connected or out of probes, the hard side once a probe came and it
+    /// dialed, or when the punch window is over.
+    fn start_birthday(
+        self: &Arc<Self>,
+        peer: NodeId,
+        plan: &TraversalPlan,
+        delay: Duration,
+        started: Instant,
+        report: Arc<std::sync::Mutex<Option<BirthdayReport>>>,
+    ) -> Option<tokio::task::JoinHandle<()>> {
+        if plan.strategy == Strategy::Dial {
+            return None;
+        }
+        let Some(their_observed) = plan.their_observed else {
+            *lock(&report) =
+                Some(BirthdayReport::Skipped("the rendezvous did not say where the peer is".into()));
+            return None;
+        };
+        let inner = self.clone();
+        let (strategy, nonce) = (plan.strategy, plan.nonce);
+        if strategy == Strategy::BirthdayEasy {
+            let Ok(permit) = self.punch.birthday_sprays.clone().try_acquire_owned() else {
+                *lock(&report) = Some(BirthdayReport::Skipped("other birthday punches are spraying".into()));
+                return None;
+            };
+            return Some(tokio::spawn(async move {
+                let _permit = permit;
+                tokio::time::sleep(delay + BIRTHDAY_START_MARGIN).await;
+                let connected = || inner.direct_session(&peer).is_some();
+                let progress = |probes_sent| *lock(&report) = Some(BirthdayReport::Easy { probes_sent });
+                traversal::spray_probes(&inner.endpoint, their_observed.ip(), nonce, connected, progress)
+                    .await;
+            }));
+        }
+        Some(tokio::spawn(async move {
+            let sockets = inner.punch.birthday_sockets.clone();
+            let Ok(Ok(permit)) = tokio::time::timeout(BIRTHDAY_SOCKETS_WAIT, sockets.acquire_owned()).await
+            else {
+                *lock(&report) =
+                    Some(BirthdayReport::Skipped("another birthday punch held the sockets".into()));
+                return;
+            };
+            let window = delay + BIRTHDAY_START_MARGIN + PUNCH_WINDOW;
+            let sockets = match traversal::open_mappings(their_observed, nonce).await {
+                Ok(sockets) => sockets,
+                Err(e) => {
+                    *lock(&report) =
+                        Some(BirthdayReport::Skipped(format!("could not open its sockets: {e}")));
+                    return;
+                }
+            };
+            let opened = sockets.len();
+            *lock(&report) = Some(BirthdayReport::Hard { sockets: opened, hit: false });
+            let probe =
+                tokio::time::timeout(window, traversal::await_probe(sockets, their_observed.ip(), nonce));
+            let Ok(Some((socket, easy))) = probe.await else { return };
+            // The other sockets are closed: the next birthday punch may have them.
+            drop(permit);
+            *lock(&report) = Some(BirthdayReport::Hard { sockets: opened, hit: true });
+            let dial = async {
+                let socket = socket.into_std().map_err(|e| ExchangeError::Punch(e.to_string()))?;
+                let outbound = inner.endpoint.connect_from(socket, easy, Some(peer)).await?;
+                inner.run_outbound(outbound, started, AddressSource::Record).await
+            };
+            if let Err(e) = dial.await {
+                tracing::debug!(%peer, %easy, error = %e, "dial from the birthday socket failed");
+            }
         }))
     }
 }
@@ -562,16 +755,41 @@ mod tests {
         let observed: SocketAddr = "203.0.113.101:30906".parse().unwrap();
         let offered: Vec<SocketAddr> =
             vec!["192.168.1.2:30906".parse().unwrap(), observed, "[2001:db8::1]:30906".parse().unwrap()];
-        assert_eq!(dial_order(Some(observed), &offered, ours), vec![observed, offered[0]]);
+        let offer = |candidates: Vec<SocketAddr>, predicted: Vec<SocketAddr>| VerifiedPunchOffer {
+            from: peer(1),
+            to: peer(2),
+            nonce: 1,
+            timestamp_ms: 0,
+            candidates,
+            nat: pb::NatInfo::default(),
+            predicted,
+        };
+        assert_eq!(
+            dial_order(Some(observed), &offer(offered.clone(), vec![]), ours),
+            vec![observed, offered[0]]
+        );
         let many: Vec<SocketAddr> = (1..40).map(|p| SocketAddr::from(([198, 51, 100, 1], p))).collect();
-        assert_eq!(dial_order(None, &many, ours).len(), MAX_DIALED_CANDIDATES);
+        assert_eq!(dial_order(None, &offer(many.clone(), vec![]), ours).len(), MAX_DIALED_CANDIDATES);
+        // Predicted addresses are all dialed, after the candidates.
+        let predicted: Vec<SocketAddr> =
+            (1..=16).map(|p| SocketAddr::from(([203, 0, 113, 9], 20000 + p))).collect();
+        let order = dial_order(Some(observed), &offer(offered.clone(), predicted.clone()), ours);
+        assert_eq!(order.len(), 2 + predicted.len());
+        assert_eq!(order[2..], predicted[..]);
     }
 
     #[test]
     fn an_offer_is_accepted_once() {
         let state = PunchState::default();
-        let offer =
-            VerifiedPunchOffer { from: peer(1), to: peer(2), nonce: 7, timestamp_ms: 0, candidates: vec![] };
+        let offer = VerifiedPunchOffer {
+            from: peer(1),
+            to: peer(2),
+            nonce: 7,
+            timestamp_ms: 0,
+            candidates: vec![],
+            nat: pb::NatInfo::default(),
+            predicted: vec![],
+        };
         assert!(state.first_use(&offer, 1_000));
         assert!(!state.first_use(&offer, 2_000), "the same (sender, nonce) is a replay");
         let other = VerifiedPunchOffer { nonce: 8, ..offer.clone() };
@@ -591,11 +809,13 @@ mod tests {
     #[test]
     fn outcomes_are_counted_and_described_for_the_store() {
         let state = PunchState::default();
-        let ok = state.record((2, 2), &Ok(Duration::from_millis(120)));
-        let failed = state.record((2, 3), &Err("no connection within 8 s".into()));
+        let ok = state.record((2, 2), &Ok(Duration::from_millis(120)), None);
+        let birthday = BirthdayReport::Easy { probes_sent: 312 }.to_string();
+        let failed = state.record((2, 3), &Err("no connection within 8 s".into()), Some(&birthday));
         assert_eq!((ok.our_nat, ok.their_nat, ok.time_to_connected_ms), (2, 2, Some(120)));
         assert_eq!(failed.time_to_connected_ms, None);
         assert!(failed.detail.contains("no connection"));
+        assert!(failed.detail.contains("312 of 2048 probes"), "the budget used is kept: {}", failed.detail);
         assert_eq!(state.attempts.load(Ordering::Relaxed), 2);
         assert_eq!(state.successes.load(Ordering::Relaxed), 1);
         assert!(state.auto_punch_due(peer(3)));

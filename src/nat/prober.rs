@@ -335,5 +335,9 @@ pub fn record_nat_info(verdict: &NatVerdict) -> (pb::NodeType, pb::NatInfo) {
         (_, classify::Mapping::EndpointDependent(_)) => pb::NatType::EndpointDependent,
         (_, classify::Mapping::Unknown) => pb::NatType::Unknown,
     };
-    (node_type, pb::NatInfo { mapping: mapping as i32, reachability: reachability as i32 })
+    let port_delta = match verdict.mapping {
+        classify::Mapping::EndpointDependent(classify::PortAllocation::Sequential { delta }) => delta,
+        _ => 0,
+    };
+    (node_type, pb::NatInfo { mapping: mapping as i32, reachability: reachability as i32, port_delta })
 }

@@ -165,6 +165,8 @@ struct Inner {
     limits: QuicLimits,
     /// Relay circuits the socket routes packets over (see [`paths`]).
     relay_paths: Arc<paths::RelayPaths>,
+    /// The UDP socket under the endpoint, for the few datagrams that are not QUIC (see [`Self::send_datagram`]).
+    udp: Arc<dyn quinn::AsyncUdpSocket>,
     closed: AtomicBool,
     /// Makes "count the connections, then accept" one step, so that concurrent `accept` callers cannot both
     /// take the last free slot.
@@ -188,6 +190,9 @@ pub struct Outbound {
     pub node_id: NodeId,
     /// Time from the start of the dial to the completed, verified handshake.
     pub handshake_rtt: Duration,
+    /// False for a connection dialed from a socket of its own ([`QuicEndpoint::connect_from`]): what the peer
+    /// observes of it says nothing about the node socket's NAT mapping.
+    pub on_node_socket: bool,
 }
 
 /// A connection a peer dialed, handed out before the peer is authenticated so that we can answer at 0.5-RTT.
@@ -251,7 +256,7 @@ impl QuicEndpoint {
         let runtime = Arc::new(quinn::TokioRuntime);
         let udp = quinn::Runtime::wrap_udp_socket(&*runtime, socket).map_err(bind_error)?;
         let relay_paths = Arc::new(paths::RelayPaths::default());
-        let socket = Arc::new(paths::PathSocket::new(udp, relay_paths.clone()));
+        let socket = Arc::new(paths::PathSocket::new(udp.clone(), relay_paths.clone()));
         let endpoint = quinn::Endpoint::new_with_abstract_socket(
             endpoint_config,
             Some(server_base.clone()),
@@ -268,6 +273,7 @@ impl QuicEndpoint {
                 transport,
                 limits,
                 relay_paths,
+                udp,
                 closed: AtomicBool::new(false),
                 admission: Mutex::new(()),
             }),
@@ -298,6 +304,50 @@ impl QuicEndpoint {
     /// with `expected`, a peer presenting another key fails the handshake with [`QuicError::WrongPeer`] before
     /// we reveal our own key to it.
     pub async fn connect(&self, addr: SocketAddr, expected: Option<NodeId>) -> Result<Outbound, QuicError> {
+        self.connect_on(&self.inner.endpoint, addr, expected).await
+    }
+
+    /// Dials `addr` from `socket` instead of the node's socket, with the same identity and limits: the birthday
+    /// strategy of hole punching dials from whichever of its extra sockets a probe reached. The connection
+    /// keeps its own (client-only) endpoint alive for as long as it lives.
+    pub async fn connect_from(
+        &self,
+        socket: std::net::UdpSocket,
+        addr: SocketAddr,
+        expected: Option<NodeId>,
+    ) -> Result<Outbound, QuicError> {
+        let local = socket.local_addr().ok();
+        let bind_error = |e| QuicError::Bind {
+            addr: local.unwrap_or(SocketAddr::from(([0, 0, 0, 0], 0))),
+            source: Arc::new(e),
+        };
+        let runtime = Arc::new(quinn::TokioRuntime);
+        let udp = quinn::Runtime::wrap_udp_socket(&*runtime, socket).map_err(bind_error)?;
+        // The same socket wrapper as the node's: one datagram per send, and stray probes kept from QUIC.
+        let socket = Arc::new(paths::PathSocket::new(udp, Arc::default()));
+        let mut endpoint_config = quinn::EndpointConfig::default();
+        endpoint_config.supported_versions(vec![QUIC_V1]);
+        let endpoint = quinn::Endpoint::new_with_abstract_socket(endpoint_config, None, socket, runtime)
+            .map_err(bind_error)?;
+        let mut outbound = self.connect_on(&endpoint, addr, expected).await?;
+        outbound.on_node_socket = false;
+        Ok(outbound)
+    }
+
+    /// Sends one plain UDP datagram (not QUIC) from the node's socket; `WouldBlock` when the socket buffer
+    /// is full. For the datagrams of `wire::datagram` only.
+    pub fn send_datagram(&self, destination: SocketAddr, contents: &[u8]) -> std::io::Result<()> {
+        let transmit =
+            quinn::udp::Transmit { destination, ecn: None, contents, segment_size: None, src_ip: None };
+        self.inner.udp.try_send(&transmit)
+    }
+
+    async fn connect_on(
+        &self,
+        endpoint: &quinn::Endpoint,
+        addr: SocketAddr,
+        expected: Option<NodeId>,
+    ) -> Result<Outbound, QuicError> {
         if self.inner.closed.load(Ordering::Acquire) {
             return Err(QuicError::Closed);
         }
@@ -306,11 +356,10 @@ impl QuicEndpoint {
         let mut config =
             quinn::ClientConfig::new(Arc::new(self.inner.tls.client_config(expected, seen.clone())?));
         config.transport_config(self.inner.transport.clone());
-        let connecting =
-            self.inner.endpoint.connect_with(config, addr, tls::SERVER_NAME).map_err(|e| match e {
-                quinn::ConnectError::EndpointStopping => QuicError::Closed,
-                other => QuicError::Connect(other),
-            })?;
+        let connecting = endpoint.connect_with(config, addr, tls::SERVER_NAME).map_err(|e| match e {
+            quinn::ConnectError::EndpointStopping => QuicError::Closed,
+            other => QuicError::Connect(other),
+        })?;
         // On timeout the `Connecting` is dropped, which abandons the attempt.
         let connection = match tokio::time::timeout(self.inner.limits.handshake_timeout, connecting).await {
             Err(_elapsed) => return Err(QuicError::TimedOut),
@@ -332,7 +381,7 @@ impl QuicEndpoint {
             connection.close(CLOSE_WRONG_PEER, b"unexpected node id");
             return Err(QuicError::WrongPeer { expected, got: node_id });
         }
-        Ok(Outbound { connection, node_id, handshake_rtt: started.elapsed() })
+        Ok(Outbound { connection, node_id, handshake_rtt: started.elapsed(), on_node_socket: true })
     }
 
     /// The next inbound connection, handed out as soon as the dialer's first flight is accepted (before it is

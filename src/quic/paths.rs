@@ -9,6 +9,9 @@
 //!
 //! Synthetic addresses come from 240.0.0.0/4 (reserved by RFC 1112 §4, "class E"), which no host can have, so
 //! a synthetic address never shadows a real peer and a real datagram can never claim to come from one.
+//!
+//! The socket also keeps the few datagrams that are not QUIC (`wire::datagram`) away from quinn: it answers
+//! address reflection requests itself (rate-limited) and drops the rest, such as stray birthday probes.
 
 use std::collections::{HashMap, VecDeque};
 use std::fmt;
@@ -18,8 +21,10 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Waker};
+use std::time::{Duration, Instant};
 
 use crate::sync::lock;
+use crate::wire;
 use quinn::udp::{RecvMeta, Transmit};
 use quinn::{AsyncUdpSocket, UdpPoller};
 use tokio::sync::mpsc;
@@ -27,6 +32,10 @@ use tokio::sync::mpsc;
 /// Packets received over circuits and not yet read by QUIC; beyond this they are dropped, as a full socket
 /// buffer drops datagrams.
 const MAX_QUEUED_PACKETS: usize = 1024;
+/// Reflection requests answered per [`REFLECT_WINDOW`]; beyond that they are dropped. A node behind a NAT
+/// asks once per punch, so this only caps what a flood can make us send.
+const MAX_REFLECTIONS_PER_WINDOW: u32 = 200;
+const REFLECT_WINDOW: Duration = Duration::from_secs(1);
 
 /// Whether `address` stands for a relay circuit.
 pub fn is_relayed(address: &SocketAddr) -> bool {
@@ -113,11 +122,35 @@ impl RelayPaths {
 pub struct PathSocket {
     udp: Arc<dyn AsyncUdpSocket>,
     paths: Arc<RelayPaths>,
+    /// Start of the current reflection window and the requests answered in it.
+    reflections: Mutex<(Instant, u32)>,
 }
 
 impl PathSocket {
     pub fn new(udp: Arc<dyn AsyncUdpSocket>, paths: Arc<RelayPaths>) -> Self {
-        Self { udp, paths }
+        Self { udp, paths, reflections: Mutex::new((Instant::now(), 0)) }
+    }
+
+    /// Handles a datagram that is not QUIC: answers a reflection request (within the rate limit) and drops
+    /// everything else. Nothing is sent back for anything malformed.
+    fn handle_control(&self, from: SocketAddr, datagram: &[u8]) {
+        let Some(nonce) = wire::parse_reflect_request(datagram) else { return };
+        {
+            let mut window = lock(&self.reflections);
+            let now = Instant::now();
+            if now.duration_since(window.0) >= REFLECT_WINDOW {
+                *window = (now, 0);
+            }
+            if window.1 >= MAX_REFLECTIONS_PER_WINDOW {
+                return;
+            }
+            window.1 += 1;
+        }
+        let reply = wire::reflect_reply(&nonce, from);
+        let transmit =
+            Transmit { destination: from, ecn: None, contents: &reply, segment_size: None, src_ip: None };
+        // A full socket buffer loses the answer, as the network could; the asker tries again.
+        let _ = self.udp.try_send(&transmit);
     }
 }
 
@@ -157,11 +190,17 @@ impl AsyncUdpSocket for PathSocket {
             }
         }
         match self.udp.poll_recv(cx, bufs, meta) {
-            // A datagram from the network claiming a synthetic source is forged: drop it (keep polling).
+            // A datagram from the network claiming a synthetic source is forged: drop it (keep polling). Our
+            // own non-QUIC datagrams are handled here and never reach quinn (a coalesced batch, where `stride`
+            // is less than `len`, is QUIC's: ours are never sent back to back in equal sizes to one socket).
             Poll::Ready(Ok(n)) => {
                 let mut kept = 0;
                 for i in 0..n {
-                    if !is_relayed(&meta[i].addr) {
+                    let datagram = &bufs[i][..meta[i].len.min(bufs[i].len())];
+                    let control = meta[i].stride >= meta[i].len && wire::is_control_datagram(datagram);
+                    if control {
+                        self.handle_control(meta[i].addr, datagram);
+                    } else if !is_relayed(&meta[i].addr) {
                         meta.swap(kept, i);
                         bufs.swap(kept, i);
                         kept += 1;

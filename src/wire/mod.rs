@@ -12,9 +12,12 @@
 //!   [`pb::SignedRecord`], and the replay rule.
 //! - Punch offers ([`sign_punch_offer`], [`verify_punch_offer`]): what a node asks a rendezvous to pass on
 //!   when it wants to hole-punch to a peer.
+//! - Datagrams outside QUIC ([`reflect_request`], [`birthday_probe`]): address reflection and birthday probes
+//!   for punching through endpoint-dependent NATs.
 //! - Conversation helpers ([`negotiate_version`], [`build_peer_exchange_response`]).
 //! - [`fuzz_decode_and_verify`]: the whole receive path in one call, for the fuzz target and tests.
 
+mod datagram;
 mod frame;
 mod fuzz;
 mod message;
@@ -23,6 +26,10 @@ mod record;
 #[cfg(test)]
 mod test_support;
 
+pub use datagram::{
+    BIRTHDAY_PROBE_BYTES, REFLECT_NONCE_BYTES, REFLECT_REQUEST_BYTES, birthday_probe, is_control_datagram,
+    parse_birthday_probe, parse_reflect_reply, parse_reflect_request, reflect_reply, reflect_request,
+};
 pub use frame::{FrameDecoder, FrameError, encode_frame};
 pub use fuzz::fuzz_decode_and_verify;
 pub use message::{build_peer_exchange_response, negotiate_version};

@@ -34,6 +34,10 @@ pub struct VerifiedPunchOffer {
     /// The signer's candidates that parse, in the signer's order (unusable ones are dropped, not fatal: a
     /// newer node may name address forms this one does not know).
     pub candidates: Vec<SocketAddr>,
+    /// The signer's NAT as it states it (all zero when it did not say).
+    pub nat: pb::NatInfo,
+    /// Where the signer's sequential NAT will probably map its flow to us; parsed like `candidates`.
+    pub predicted: Vec<SocketAddr>,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -54,7 +58,7 @@ pub enum PunchOfferError {
     InvalidKey,
     #[error("punch offer signature does not verify")]
     BadSignature,
-    #[error("punch offer has {count} candidates, more than the {max} allowed")]
+    #[error("punch offer has {count} candidates (or predicted addresses), more than the {max} allowed")]
     TooManyCandidates { count: usize, max: usize },
     #[error("punch offer was signed at {timestamp_ms} ms, more than 30 s from our clock ({now_ms} ms)")]
     Stale { timestamp_ms: i64, now_ms: i64 },
@@ -68,6 +72,8 @@ pub fn sign_punch_offer(
     nonce: u64,
     timestamp_ms: i64,
     candidates: &[SocketAddr],
+    nat: pb::NatInfo,
+    predicted: &[SocketAddr],
 ) -> pb::SignedPunchOffer {
     let body = pb::PunchOfferBody {
         from: key.verifying_key().to_bytes().to_vec(),
@@ -75,6 +81,8 @@ pub fn sign_punch_offer(
         nonce,
         timestamp_ms,
         candidates: candidates.iter().take(MAX_PUNCH_CANDIDATES).map(ToString::to_string).collect(),
+        nat: Some(nat),
+        predicted: predicted.iter().take(MAX_PUNCH_CANDIDATES).map(ToString::to_string).collect(),
     }
     .encode_to_vec();
     let signature = key.sign(&signed_message(&body));
@@ -133,11 +141,9 @@ pub fn verify_punch_offer(
         .ok_or(PunchOfferError::InvalidKey)?;
     key.verify_strict(&signed_message(&signed.body), &Signature::from_bytes(&signature))
         .map_err(|_| PunchOfferError::BadSignature)?;
-    if body.candidates.len() > MAX_PUNCH_CANDIDATES {
-        return Err(PunchOfferError::TooManyCandidates {
-            count: body.candidates.len(),
-            max: MAX_PUNCH_CANDIDATES,
-        });
+    let count = body.candidates.len().max(body.predicted.len());
+    if count > MAX_PUNCH_CANDIDATES {
+        return Err(PunchOfferError::TooManyCandidates { count, max: MAX_PUNCH_CANDIDATES });
     }
     let max_age = i64::try_from(MAX_PUNCH_OFFER_AGE.as_millis()).unwrap_or(i64::MAX);
     if now_ms.saturating_sub(body.timestamp_ms).saturating_abs() > max_age {
@@ -149,6 +155,8 @@ pub fn verify_punch_offer(
         nonce: body.nonce,
         timestamp_ms: body.timestamp_ms,
         candidates: body.candidates.iter().filter_map(|c| parse_address(c).ok()).collect(),
+        nat: body.nat.unwrap_or_default(),
+        predicted: body.predicted.iter().filter_map(|c| parse_address(c).ok()).collect(),
     })
 }
 
@@ -171,18 +179,21 @@ mod tests {
         let (a, b) = (key(1), key(2));
         let candidates: Vec<SocketAddr> =
             vec!["203.0.113.7:30906".parse().unwrap(), "[2001:db8::1]:9".parse().unwrap()];
-        let offer = sign_punch_offer(&a, id(&b), 42, NOW, &candidates);
+        let nat = pb::NatInfo { mapping: 3, reachability: 2, port_delta: 1 };
+        let predicted: Vec<SocketAddr> = vec!["203.0.113.7:20001".parse().unwrap()];
+        let offer = sign_punch_offer(&a, id(&b), 42, NOW, &candidates, nat, &predicted);
         let verified = verify_punch_offer(&offer, id(&a), id(&b), NOW + 1000).unwrap();
         assert_eq!(verified.candidates, candidates);
+        assert_eq!((verified.nat, verified.predicted), (nat, predicted));
         assert_eq!((verified.from, verified.to, verified.nonce), (id(&a), id(&b), 42));
     }
 
     #[test]
     fn a_forged_retargeted_or_stale_offer_is_refused() {
         let (a, b, mallory) = (key(1), key(2), key(3));
-        let offer = sign_punch_offer(&a, id(&b), 1, NOW, &[]);
+        let offer = sign_punch_offer(&a, id(&b), 1, NOW, &[], pb::NatInfo::default(), &[]);
         // Someone else's offer presented as A's (a rendezvous lying about the sender).
-        let forged = sign_punch_offer(&mallory, id(&b), 1, NOW, &[]);
+        let forged = sign_punch_offer(&mallory, id(&b), 1, NOW, &[], pb::NatInfo::default(), &[]);
         assert!(matches!(
             verify_punch_offer(&forged, id(&a), id(&b), NOW),
             Err(PunchOfferError::WrongSender { .. })
@@ -218,7 +229,7 @@ mod tests {
     #[test]
     fn malformed_offers_are_refused_without_panicking() {
         let (a, b) = (key(1), key(2));
-        let mut offer = sign_punch_offer(&a, id(&b), 1, NOW, &[]);
+        let mut offer = sign_punch_offer(&a, id(&b), 1, NOW, &[], pb::NatInfo::default(), &[]);
         offer.signature.pop();
         assert_eq!(
             verify_punch_offer(&offer, id(&a), id(&b), NOW),
@@ -232,7 +243,7 @@ mod tests {
         let garbage = pb::SignedPunchOffer { body: vec![0xff; 40], signature: vec![0; 64] };
         assert!(verify_punch_offer(&garbage, id(&a), id(&b), NOW).is_err());
         let many: Vec<SocketAddr> = (1..=20).map(|p| SocketAddr::from(([198, 51, 100, 1], p))).collect();
-        let offer = sign_punch_offer(&a, id(&b), 1, NOW, &many);
+        let offer = sign_punch_offer(&a, id(&b), 1, NOW, &many, pb::NatInfo::default(), &[]);
         assert_eq!(
             verify_punch_offer(&offer, id(&a), id(&b), NOW).unwrap().candidates.len(),
             MAX_PUNCH_CANDIDATES

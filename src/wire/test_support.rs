@@ -35,6 +35,7 @@ pub(crate) fn sample_body(key: &SigningKey, seq: u64, timestamp_ms: i64) -> pb::
         nat: Some(NatInfo {
             mapping: NatType::EndpointIndependent as i32,
             reachability: Reachability::PrivatePunchable as i32,
+            port_delta: 0,
         }),
         capabilities: Some(Capabilities {
             os: "linux".into(),

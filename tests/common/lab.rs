@@ -22,7 +22,7 @@
 //!
 //! A NAT router's ruleset (`Lab::ruleset`) is plain nftables: `masquerade` on the `wan` interface gives
 //! endpoint-independent mapping with port preservation; `masquerade fully-random` gives endpoint-dependent
-//! mapping. Filtering is conntrack's: only replies to a flow the inside opened come back (address-and-port
+//! mapping with random ports, and `snat to …:numgen inc …` endpoint-dependent mapping with sequential ports. Filtering is conntrack's: only replies to a flow the inside opened come back (address-and-port
 //! dependent). Everything else addressed to the router is dropped silently, as consumer routers do, and counted
 //! ([`Lab::filtered_packets`]), which is how a test proves a packet was blocked without waiting "long enough".
 //! Because the drop happens before conntrack confirms the flow, an unsolicited inbound packet leaves no trace:
@@ -57,6 +57,10 @@ const NAME_PREFIX: &str = "rnl";
 /// How long a recorded mapping (full cone, hairpin) outlives the last packet that used it; conntrack's own
 /// timeout for a UDP flow that saw replies.
 const MAPPING_TIMEOUT: &str = "2m";
+/// The ports a sequential NAT ([`Nat::Sequential`]) hands out, in turn, wrapping around (far more than a test
+/// opens flows).
+const SEQUENTIAL_FIRST_PORT: u32 = 20000;
+const SEQUENTIAL_PORTS: u32 = 2048;
 
 /// How a NAT router maps inside endpoints to outside ports, and whom it lets in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -68,6 +72,10 @@ pub enum Nat {
     EndpointIndependent,
     /// A new random outside port for every destination (symmetric NAT); only that destination may answer.
     EndpointDependent,
+    /// A new outside port for every destination, taken in turn from a counter the whole router shares (each
+    /// new UDP flow gets the previous one's port plus one), as many carrier and older home NATs do; only
+    /// that destination may answer.
+    Sequential,
     /// Endpoint-independent mapping and filtering: once an inside socket has sent anything out, anyone may
     /// send to its outside port.
     FullCone,
@@ -437,7 +445,20 @@ impl Lab {
     fn ruleset(options: NatOptions, outside: Ipv4Addr, lan: &str) -> String {
         let random = match options.nat {
             Nat::EndpointDependent => " fully-random",
-            Nat::EndpointIndependent | Nat::FullCone => "",
+            Nat::EndpointIndependent | Nat::FullCone | Nat::Sequential => "",
+        };
+        // Only the first packet of a flow meets a nat chain, so the counter moves once per new flow. The
+        // counter goes through a map because a port taken straight from `numgen` lands in the wrong byte order
+        // (consecutive flows would be 256 ports apart).
+        let sequential = if options.nat == Nat::Sequential {
+            let ports: Vec<String> =
+                (0..SEQUENTIAL_PORTS).map(|i| format!("{i} : {}", SEQUENTIAL_FIRST_PORT + i)).collect();
+            format!(
+                "        oifname \"wan\" meta l4proto udp snat ip to {outside} : numgen inc mod {SEQUENTIAL_PORTS} map {{ {} }}\n",
+                ports.join(", ")
+            )
+        } else {
+            String::new()
         };
         let mut prerouting = String::new();
         let mut hairpin_snat = String::new();
@@ -480,7 +501,7 @@ impl Lab {
 
     chain postrouting {{
         type nat hook postrouting priority srcnat; policy accept;
-{hairpin_snat}        oifname "wan" masquerade{random}
+{hairpin_snat}{sequential}        oifname "wan" masquerade{random}
     }}
 
     # Runs after the NAT hook, when conntrack's reply tuple holds the outside port that was chosen.
