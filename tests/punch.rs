@@ -385,27 +385,24 @@ async fn every_pair_connects_directly_where_the_nats_allow_it() {
     }
     // Both endpoint-dependent with random ports: nothing to aim at, so the punch fails and a relay carries the
     // connection: still end to end, since `rnctl connect ID` pins the node id the inner TLS handshake must prove.
-    for (pair, target) in [("edm_1 × edm_2", by_label("edm_2"))] {
-        let r = result(pair);
-        assert!(r.connected, "{pair}: {}", r.remote);
-        assert_eq!(r.path, "CONNECTION_PATH_RELAYED", "{pair}");
-        assert!(
-            !relay_label(&r.relay).is_empty(),
-            "{pair}: relayed by {:?}, not one of the public nodes",
-            r.relay
-        );
-        assert_ne!(
-            relay_label(&r.relay),
-            "rendezvous_c",
-            "{pair}: relayed by the node with relay.enabled = false"
-        );
-        let shown = by_label(pair.split(" × ").next().expect("pair")).connection_to(target);
-        assert_eq!(shown["path"], "CONNECTION_PATH_RELAYED", "{pair}");
-        // The target verified the initiator's identity through the circuit too.
-        let back = target.connection_to(by_label(pair.split(" × ").next().expect("pair")));
-        assert_eq!(back["connected"], true, "{pair}: {back:#}");
-    }
-    let edm_1 = by_label("edm_1");
+    let (pair, edm_1, edm_2) = ("edm_1 × edm_2", by_label("edm_1"), by_label("edm_2"));
+    let r = result(pair);
+    assert!(r.connected, "{pair}: {}", r.remote);
+    assert_eq!(r.path, "CONNECTION_PATH_RELAYED", "{pair}");
+    assert!(
+        !relay_label(&r.relay).is_empty(),
+        "{pair}: relayed by {:?}, not one of the public nodes",
+        r.relay
+    );
+    assert_ne!(
+        relay_label(&r.relay),
+        "rendezvous_c",
+        "{pair}: relayed by the node with relay.enabled = false"
+    );
+    assert_eq!(edm_1.connection_to(edm_2)["path"], "CONNECTION_PATH_RELAYED", "{pair}");
+    // The target verified the initiator's identity through the circuit too.
+    let back = edm_2.connection_to(edm_1);
+    assert_eq!(back["connected"], true, "{pair}: {back:#}");
     let edm_status = edm_1.nat_status();
     let relays: Vec<&str> = edm_status["relays"]
         .as_array()
@@ -430,5 +427,5 @@ async fn every_pair_connects_directly_where_the_nats_allow_it() {
     }
     assert!(failed_punch(&edm_status), "edm_1 records its failed punches: {edm_status:#}");
     // And the relayed sessions are still up after the punch gave up.
-    assert_eq!(edm_1.connection_to(by_label("edm_2"))["path"], "CONNECTION_PATH_RELAYED");
+    assert_eq!(edm_1.connection_to(edm_2)["path"], "CONNECTION_PATH_RELAYED");
 }
