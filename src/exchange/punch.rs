@@ -654,9 +654,11 @@ impl Inner {
         }
         // Dials still running are abandoned: the session exists, or the window is over.
         dials.abort_all();
-        if let Some(birthday) = birthday {
-            // The easy side stops spraying on its own once connected; give it a moment to say how far it got.
-            let _ = tokio::time::timeout(Duration::from_millis(100), &mut *Box::pin(birthday)).await;
+        if let Some(mut birthday) = birthday {
+            // The easy side stops spraying on its own once connected; give it a moment to say how far it got,
+            // then stop whatever is left (a hard side still holding its sockets).
+            let _ = tokio::time::timeout(Duration::from_millis(100), &mut birthday).await;
+            birthday.abort();
         }
         let note = lock(&report).as_ref().map(ToString::to_string);
         let outcome = match session.or_else(|| self.direct_session(&peer)) {

@@ -549,3 +549,94 @@ pub(super) async fn upgrade_relayed(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::quic::{QuicEndpoint, QuicLimits};
+
+    /// The echo task's outcome, with the connection it echoed on: dropping that would close it before the
+    /// last echoed bytes are delivered.
+    type Echo = tokio::task::JoinHandle<(Result<(), String>, Option<quinn::Connection>)>;
+
+    /// A QUIC connection on loopback whose peer echoes one stream back through [`copy_limited`]; returns the
+    /// dialer's ends of that stream and the echo task.
+    async fn echo_through_limiter(
+        rate: u64,
+        budget: u64,
+    ) -> (SendStream, RecvStream, Echo, Vec<QuicEndpoint>) {
+        let bind = |seed| {
+            let key = ed25519_dalek::SigningKey::from_bytes(&[seed; 32]);
+            QuicEndpoint::bind("127.0.0.1:0".parse().unwrap(), &key, QuicLimits::default()).expect("bind")
+        };
+        let (relay, user) = (bind(21), bind(22));
+        let address = relay.local_addr().expect("addr");
+        let accepting = relay.clone();
+        let echo = tokio::spawn(async move {
+            let inbound = accepting.accept().await.expect("open").expect("inbound");
+            let (send, recv) = match inbound.connection.accept_bi().await {
+                Ok(streams) => streams,
+                Err(e) => return (Err(e.to_string()), None),
+            };
+            let total = Arc::new(AtomicU64::new(0));
+            let outcome = copy_limited(recv, send, rate, Arc::new(AtomicU64::new(budget)), total).await;
+            (outcome, Some(inbound.connection))
+        });
+        let outbound = user.connect(address, Some(relay.node_id())).await.expect("connect");
+        let (send, recv) = outbound.connection.open_bi().await.expect("stream");
+        (send, recv, echo, vec![relay, user])
+    }
+
+    #[tokio::test]
+    async fn a_circuit_ends_when_its_byte_budget_is_spent() {
+        let (mut send, mut recv, echo, endpoints) = echo_through_limiter(u64::MAX, 10 * 1024).await;
+        let written = tokio::spawn(async move {
+            // Far more than the budget; the relay resets the stream once the budget is gone.
+            for _ in 0..16 {
+                if send.write_all(&[7u8; 4096]).await.is_err() {
+                    return send;
+                }
+            }
+            let _ = send.finish();
+            send
+        });
+        let mut echoed = 0usize;
+        let mut buf = [0u8; 4096];
+        while let Ok(Some(n)) = recv.read(&mut buf).await {
+            echoed += n;
+        }
+        let (outcome, _connection) = echo.await.expect("task");
+        assert_eq!(outcome, Err("the circuit used up its byte budget".to_owned()));
+        assert!(echoed <= 10 * 1024, "{echoed} bytes passed a budget of 10 KiB");
+        drop(written.await);
+        for endpoint in endpoints {
+            endpoint.close().await;
+        }
+    }
+
+    #[tokio::test]
+    async fn a_circuit_is_held_to_its_rate() {
+        // 40 KiB at 8 KiB/s: once a second's bytes pass 8 KiB the relay waits out the second, and a second
+        // carries at most 8 KiB plus one 16 KiB read, so at least two seconds end in such a wait.
+        let (mut send, mut recv, echo, endpoints) = echo_through_limiter(8 * 1024, u64::MAX).await;
+        let started = Instant::now();
+        send.write_all(&[1u8; 40 * 1024]).await.expect("write");
+        send.finish().expect("finish");
+        let mut echoed = 0usize;
+        let mut buf = [0u8; 4096];
+        while let Ok(Some(n)) = recv.read(&mut buf).await {
+            echoed += n;
+        }
+        assert_eq!(echo.await.expect("task").0, Ok(()));
+        assert_eq!(echoed, 40 * 1024, "everything arrives, just not at once");
+        // A lower bound only: a slow machine makes this longer, never shorter.
+        assert!(
+            started.elapsed() >= Duration::from_secs(2),
+            "{:?} for five seconds' worth",
+            started.elapsed()
+        );
+        for endpoint in endpoints {
+            endpoint.close().await;
+        }
+    }
+}
