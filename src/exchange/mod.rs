@@ -617,7 +617,7 @@ impl Inner {
         )?;
         self.note_observed(peer, &connection, observed);
         let outcome = Verified { node_id: peer, seq: verified.seq, elapsed: started.elapsed(), remote };
-        self.admit(peer, Direction::Inbound, connection, send, reader);
+        self.admit(peer, Direction::Inbound, connection, send, reader, &verified.body.topics);
         Ok(outcome)
     }
 
@@ -654,7 +654,7 @@ impl Inner {
             self.note_observed(peer, &connection, observed);
         }
         let outcome = Verified { node_id: peer, seq: verified.seq, elapsed, remote };
-        self.admit(peer, Direction::Outbound, connection, send, reader);
+        self.admit(peer, Direction::Outbound, connection, send, reader, &verified.body.topics);
         Ok(outcome)
     }
 
@@ -766,7 +766,8 @@ impl Inner {
         }
     }
 
-    /// Puts a verified session in the table (closing whichever connection loses) and starts serving it.
+    /// Puts a verified session in the table (closing whichever connection loses) and starts serving it;
+    /// `their_topics` (from the record just verified) says whether a peer exchange is worth starting.
     fn admit(
         self: &Arc<Self>,
         peer: NodeId,
@@ -774,6 +775,7 @@ impl Inner {
         connection: quinn::Connection,
         send: quinn::SendStream,
         reader: EnvelopeReader,
+        their_topics: &[String],
     ) {
         let id = self.next_session.fetch_add(1, Ordering::Relaxed);
         let weak = Arc::downgrade(self);
@@ -802,20 +804,30 @@ impl Inner {
                 }
                 self.counters.exchanges_ok.fetch_add(1, Ordering::Relaxed);
                 tokio::spawn(self.clone().serve_streams(session.clone()));
-                let inner = self.clone();
-                tokio::spawn(async move { inner.exchange_peers(session).await });
+                // Most sessions share no topic with us (a node in no topic, a dial-back helper's peers): no task.
+                let shared = self.shared_topics(their_topics);
+                if !shared.is_empty() {
+                    let inner = self.clone();
+                    tokio::spawn(async move { inner.exchange_peers(session, shared).await });
+                }
             }
             Admission::Rejected => session.close(CloseCode::Duplicate, "a connection already exists"),
         }
     }
 
-    /// Asks a new peer for records of the topics we share, verifies and stores each, and dials the new ones.
-    async fn exchange_peers(self: &Arc<Self>, session: SessionHandle) {
+    /// The topics of `theirs` we have joined too, as many as one peer exchange asks about.
+    fn shared_topics(&self, theirs: &[String]) -> Vec<String> {
         let ours = self.publisher.topics();
-        let Ok(Some(theirs)) = self.store.get_peer(session.peer()).await else { return };
-        let common: Vec<String> =
-            theirs.summary.topics.iter().filter(|t| ours.contains(t)).take(4).cloned().collect();
-        for topic in common {
+        if ours.is_empty() {
+            return Vec::new();
+        }
+        theirs.iter().filter(|t| ours.contains(t)).take(PEER_EXCHANGE_TOPICS).cloned().collect()
+    }
+
+    /// Asks a connected peer for records of `topics` (ones we share), verifies and stores each, and dials the
+    /// new ones.
+    async fn exchange_peers(self: &Arc<Self>, session: SessionHandle, topics: Vec<String>) {
+        for topic in topics {
             let request = pb::envelope::Kind::PeerExchangeRequest(pb::PeerExchangeRequest {
                 topic: topic.clone(),
                 max_records: self.options.peer_exchange_records,
@@ -1042,6 +1054,8 @@ impl Inner {
 /// How often connected peers are asked again for records of the topics we share: peers join and leave, and
 /// records change (a NAT verdict tells us a peer needs a punch or a relay).
 const PEER_EXCHANGE_INTERVAL: Duration = Duration::from_secs(60);
+/// Topics asked about in one peer exchange with one peer.
+const PEER_EXCHANGE_TOPICS: usize = 4;
 /// Sessions asked per round.
 const PEER_EXCHANGE_SESSIONS_PER_ROUND: usize = 8;
 /// How often the round checks whether our topics changed (a new topic is worth asking about at once).
@@ -1066,7 +1080,12 @@ async fn peer_exchange_rounds(inner: std::sync::Weak<Inner>, shutdown: Cancellat
         last_round = Instant::now();
         for (_, session) in inner.sessions.all().into_iter().take(PEER_EXCHANGE_SESSIONS_PER_ROUND) {
             let inner = inner.clone();
-            tokio::spawn(async move { inner.exchange_peers(session).await });
+            tokio::spawn(async move {
+                // The peer's record may have changed since the session began: its stored topics are current.
+                let Ok(Some(theirs)) = inner.store.get_peer(session.peer()).await else { return };
+                let shared = inner.shared_topics(&theirs.summary.topics);
+                inner.exchange_peers(session, shared).await;
+            });
         }
     }
 }
