@@ -80,7 +80,7 @@ impl Sizes {
                 handshakes: 300,
                 handshake_rounds: 2,
                 concurrency: 16,
-                idle_peers: [20, 100],
+                idle_peers: [100, 400],
                 store_peers: 20_000,
                 list_repeats: 15,
                 dht_nodes: 20,
