@@ -32,7 +32,7 @@ const MAX_PAGE: u32 = 1000;
 /// The columns [`summary_from_row`] reads, from `peers p`. Topics come aggregated in one column so a page
 /// costs one query, not one per row.
 const SUMMARY_COLUMNS: &str = "p.node_id, p.seq, p.first_seen, p.last_seen, p.node_type, p.nat_type, p.score,
-    (SELECT group_concat(t.topic, char(31)) FROM peer_topics t WHERE t.node_id = p.node_id)";
+    (SELECT group_concat(t.topic, char(31)) FROM peer_topics t WHERE t.peer = p.id)";
 
 /// Reads a row selected with [`SUMMARY_COLUMNS`]; `None` when its node id is malformed.
 fn summary_from_row(row: &Row<'_>) -> rusqlite::Result<Option<PeerSummary>> {
@@ -88,7 +88,7 @@ pub(crate) fn list_peers(conn: &mut Connection, query: &PeerQuery) -> Result<Pee
     if let Some(topic) = &query.topic {
         values.push(Value::Text(topic.clone()));
         conditions.push(format!(
-            "EXISTS (SELECT 1 FROM peer_topics t WHERE t.node_id = p.node_id AND t.topic = ?{})",
+            "EXISTS (SELECT 1 FROM peer_topics t WHERE t.peer = p.id AND t.topic = ?{})",
             values.len()
         ));
     }
@@ -176,19 +176,19 @@ fn cursor_after(order: PeerOrder, last: &PeerSummary) -> PeerCursor {
 
 /// Everything stored about one peer.
 pub(crate) fn get_peer(conn: &mut Connection, node_id: &NodeId) -> Result<Option<PeerDetail>, StoreError> {
-    let id = node_id.as_bytes().as_slice();
     let tx = conn.transaction()?;
     let Some(summary) = peer_summary(&tx, node_id)? else {
         return Ok(None);
     };
-    let record: Vec<u8> = tx
-        .prepare_cached("SELECT record FROM peers WHERE node_id = ?1")?
-        .query_row([id], |row| row.get(0))?;
+    // The tables about the peer are keyed by its integer id (see the v3 migration in `schema.rs`).
+    let (id, record): (i64, Vec<u8>) = tx
+        .prepare_cached("SELECT id, record FROM peers WHERE node_id = ?1")?
+        .query_row([node_id.as_bytes().as_slice()], |row| Ok((row.get(0)?, row.get(1)?)))?;
 
     let addresses = tx
         .prepare_cached(
             "SELECT address, source, first_seen, last_success, last_failure, consecutive_failures
-             FROM peer_addresses WHERE node_id = ?1
+             FROM peer_addresses WHERE peer = ?1
              ORDER BY last_success IS NULL, last_success DESC, address",
         )?
         .query_map([id], |row| {
@@ -206,7 +206,7 @@ pub(crate) fn get_peer(conn: &mut Connection, node_id: &NodeId) -> Result<Option
     let quality = tx
         .prepare_cached(
             "SELECT rtt_ewma_us, rtt_samples, successes, failures, last_error, last_error_at, last_success_at
-             FROM peer_quality WHERE node_id = ?1",
+             FROM peer_quality WHERE peer = ?1",
         )?
         .query_row([id], |row| {
             Ok(Quality {
@@ -224,7 +224,7 @@ pub(crate) fn get_peer(conn: &mut Connection, node_id: &NodeId) -> Result<Option
 
     let capabilities = tx
         .prepare_cached(
-            "SELECT os, arch, cpu_cores, memory_bytes, software_version FROM peer_capabilities WHERE node_id = ?1",
+            "SELECT os, arch, cpu_cores, memory_bytes, software_version FROM peer_capabilities WHERE peer = ?1",
         )?
         .query_row([id], |row| {
             Ok(Capabilities {
@@ -239,7 +239,7 @@ pub(crate) fn get_peer(conn: &mut Connection, node_id: &NodeId) -> Result<Option
 
     let services = tx
         .prepare_cached(
-            "SELECT name, version, attributes FROM peer_services WHERE node_id = ?1 ORDER BY position",
+            "SELECT name, version, attributes FROM peer_services WHERE peer = ?1 ORDER BY position",
         )?
         .query_map([id], |row| {
             Ok(ServiceEntry {

@@ -61,7 +61,7 @@ async fn migrations_create_version_1_and_reopening_is_idempotent() {
     let dir = TempDir::new().unwrap();
     let store = open(&dir);
     let stats = store.stats().await.unwrap();
-    assert_eq!(stats.schema_version, 2);
+    assert_eq!(stats.schema_version, 3);
     assert_eq!(stats.peers, 0);
     assert!(stats.size_bytes > 0);
 
@@ -90,7 +90,7 @@ async fn migrations_create_version_1_and_reopening_is_idempotent() {
     for _ in 0..2 {
         let store = open(&dir);
         let stats = store.stats().await.unwrap();
-        assert_eq!(stats.schema_version, 2);
+        assert_eq!(stats.schema_version, 3);
         assert_eq!(stats.peers, 1);
         store.close().await.unwrap();
     }
@@ -105,7 +105,7 @@ async fn a_newer_schema_is_refused_untouched() {
         conn.pragma_update(None, "user_version", 999).unwrap();
     }
     match Store::open(StoreOptions::new(&path)) {
-        Err(error @ StoreError::NewerSchema { found: 999, supported: 2, .. }) => {
+        Err(error @ StoreError::NewerSchema { found: 999, supported: 3, .. }) => {
             let message = error.to_string();
             assert!(message.contains("newer than this build supports"), "{message}");
             assert!(message.contains(&path.display().to_string()), "{message}");
@@ -757,8 +757,8 @@ async fn malformed_stored_rows_are_read_without_panicking() {
         )
         .unwrap();
         conn.execute(
-            "INSERT INTO peer_addresses (node_id, address, source, first_seen, consecutive_failures)
-             VALUES (?1, 'a:1', 42, 0, -5)",
+            "INSERT INTO peer_addresses (peer, address, source, first_seen, consecutive_failures)
+             VALUES ((SELECT id FROM peers WHERE node_id = ?1), 'a:1', 42, 0, -5)",
             [node(1).as_bytes().as_slice()],
         )
         .unwrap();
@@ -799,16 +799,14 @@ async fn record_seq_increases_across_reopen_and_respects_the_floor() {
 async fn a_version_1_database_is_upgraded_in_place() {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("peers.db");
-    let store = Store::open(StoreOptions::new(&path)).expect("open");
-    store.join_topic("kept".into(), 1).await.expect("join");
-    store.close().await.expect("close");
     // What a node of the first release left behind: the v1 schema, with its data.
     {
         let conn = rusqlite::Connection::open(&path).unwrap();
-        conn.execute_batch("DROP TABLE punch_stats; PRAGMA user_version = 1;").unwrap();
+        schema::create_old_version(&conn, 1).unwrap();
+        conn.execute("INSERT INTO joined_topics (topic, joined_at) VALUES ('kept', 1)", []).unwrap();
     }
-    let store = Store::open(StoreOptions::new(&path)).expect("reopen migrates");
-    assert_eq!(store.stats().await.unwrap().schema_version, 2);
+    let store = Store::open(StoreOptions::new(&path)).expect("opening migrates");
+    assert_eq!(store.stats().await.unwrap().schema_version, 3);
     assert_eq!(store.joined_topics().await.unwrap()[0].name, "kept");
     assert!(store.punch_stats().await.unwrap().is_empty());
     store.close().await.expect("close");
@@ -915,5 +913,175 @@ async fn the_wal_is_checkpointed_beside_the_writer() {
         assert!(std::time::Instant::now() < deadline, "no checkpoint: {} bytes", file_size());
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    store.close().await.unwrap();
+}
+
+/// Copies what the database at `from` (this build's schema) holds into a new database at `to` with the schema
+/// of version 2, where every table about a peer was keyed by its node id: what a node of that release would
+/// have written for the same peers.
+fn write_as_version_2(from: &std::path::Path, to: &std::path::Path) {
+    let conn = rusqlite::Connection::open(to).unwrap();
+    schema::create_old_version(&conn, 2).unwrap();
+    conn.execute("ATTACH DATABASE ?1 AS new", [from.to_str().unwrap()]).unwrap();
+    conn.execute_batch(
+        "INSERT INTO peers (node_id, seq, record, first_seen, last_seen, node_type, nat_type, score)
+             SELECT node_id, seq, record, first_seen, last_seen, node_type, nat_type, score FROM new.peers;
+         INSERT INTO peer_addresses
+             (node_id, address, source, first_seen, last_success, last_failure, consecutive_failures)
+             SELECT p.node_id, a.address, a.source, a.first_seen, a.last_success, a.last_failure,
+                    a.consecutive_failures
+             FROM new.peer_addresses a JOIN new.peers p ON p.id = a.peer;
+         INSERT INTO peer_topics (node_id, topic)
+             SELECT p.node_id, t.topic FROM new.peer_topics t JOIN new.peers p ON p.id = t.peer;
+         INSERT INTO peer_quality
+             (node_id, rtt_ewma_us, rtt_samples, successes, failures, last_error, last_error_at, last_success_at)
+             SELECT p.node_id, q.rtt_ewma_us, q.rtt_samples, q.successes, q.failures, q.last_error,
+                    q.last_error_at, q.last_success_at
+             FROM new.peer_quality q JOIN new.peers p ON p.id = q.peer;
+         INSERT INTO peer_capabilities (node_id, os, arch, cpu_cores, memory_bytes, software_version)
+             SELECT p.node_id, c.os, c.arch, c.cpu_cores, c.memory_bytes, c.software_version
+             FROM new.peer_capabilities c JOIN new.peers p ON p.id = c.peer;
+         INSERT INTO peer_services (node_id, position, name, version, attributes)
+             SELECT p.node_id, s.position, s.name, s.version, s.attributes
+             FROM new.peer_services s JOIN new.peers p ON p.id = s.peer;
+         INSERT INTO punch_stats SELECT * FROM new.punch_stats;
+         INSERT INTO joined_topics SELECT * FROM new.joined_topics;
+         INSERT INTO node_state SELECT * FROM new.node_state;
+         DETACH DATABASE new;",
+    )
+    .unwrap();
+}
+
+/// Everything a client can read back from a store, for comparing two stores.
+async fn everything(
+    store: &Store,
+    ids: &[NodeId],
+) -> (Vec<Option<PeerDetail>>, Vec<PeerPage>, Vec<PunchStats>) {
+    let mut details = Vec::new();
+    for id in ids {
+        details.push(store.get_peer(*id).await.unwrap());
+    }
+    let mut pages = Vec::new();
+    for order in [PeerOrder::LastSeen, PeerOrder::Score] {
+        for topic in [None, Some("red".to_owned())] {
+            let query = PeerQuery { order, topic, limit: 1000, ..PeerQuery::default() };
+            pages.push(store.list_peers(query).await.unwrap());
+        }
+    }
+    (details, pages, store.punch_stats().await.unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_version_2_database_is_upgraded_in_place_with_every_peer_intact() {
+    let dir = TempDir::new().unwrap();
+    let now = now_ms();
+    // Peers with everything a peer can have, first seen in an order unlike their node ids' (the upgrade
+    // numbers them by first_seen), written through this build's store.
+    let ids: Vec<NodeId> = (0..40u8).map(node).collect();
+    let store = open(&dir);
+    for (index, id) in ids.iter().enumerate() {
+        let index = index as i64;
+        let mut upsert = peer(*id, 3, now - (index * 7919) % 40_000);
+        upsert.topics = match index % 3 {
+            0 => topics(&["red"]),
+            1 => topics(&["red", "blue"]),
+            _ => Vec::new(),
+        };
+        upsert.node_type = if index % 2 == 0 { NodeType::Public } else { NodeType::Private };
+        upsert.nat_type = NatType::EndpointDependent;
+        upsert.addresses =
+            (0..index % 4).map(|a| (format!("10.0.{index}.{a}:1"), AddressSource::PeerExchange)).collect();
+        if index % 2 == 1 {
+            upsert.capabilities = Some(Capabilities {
+                os: "linux".into(),
+                arch: "aarch64".into(),
+                cpu_cores: index as u32,
+                memory_bytes: 1 << 33,
+                software_version: "0.2.0".into(),
+            });
+            upsert.services = vec![
+                ServiceEntry {
+                    name: "b".into(),
+                    version: "1".into(),
+                    attributes: vec![("k".into(), "v".into())],
+                },
+                ServiceEntry { name: "a".into(), version: "2".into(), attributes: Vec::new() },
+            ];
+        }
+        store.upsert_peer(upsert).await.unwrap();
+        if index % 3 != 2 {
+            let outcome =
+                if index % 5 == 0 { Err("refused".to_owned()) } else { Ok(Some(Duration::from_millis(30))) };
+            let address = (index % 4 > 0).then(|| format!("10.0.{index}.0:1"));
+            store.record_quality(*id, QualitySample { at_ms: now, address, outcome }).await.unwrap();
+        }
+    }
+    store.join_topic("red".into(), now).await.unwrap();
+    store.next_record_seq(77).await.unwrap();
+    let punch = PunchOutcome {
+        our_nat: 2,
+        their_nat: 3,
+        at_ms: now,
+        time_to_connected_ms: Some(120),
+        detail: "direct".into(),
+    };
+    store.record_punch(punch).await.unwrap();
+    let expected = everything(&store, &ids).await;
+    let expected_topics = store.joined_topics().await.unwrap();
+    let current = store.path().to_path_buf();
+    store.close().await.unwrap();
+    // The fixture covers every table.
+    assert!(expected.0.iter().flatten().any(|d| d.capabilities.is_some() && d.services.len() == 2));
+    assert!(expected.0.iter().flatten().any(|d| d.quality.failures > 0 && d.addresses.len() == 3));
+    assert!(expected.0.iter().flatten().any(|d| d.summary.score > 0.0));
+
+    let old = dir.path().join("v2.db");
+    write_as_version_2(&current, &old);
+    let store = Store::open(StoreOptions::new(&old)).expect("opening a version 2 database migrates it");
+    let stats = store.stats().await.unwrap();
+    assert_eq!(stats.schema_version, 3);
+    assert_eq!(stats.peers, ids.len() as u64);
+    assert_eq!(everything(&store, &ids).await, expected);
+    assert_eq!(store.joined_topics().await.unwrap(), expected_topics);
+    assert_eq!(store.next_record_seq(0).await.unwrap(), 78);
+    {
+        let conn = raw_connection(&store);
+        // Ids follow first_seen, and the renamed tables' foreign keys name the new peers table.
+        let by_id: Vec<i64> = conn
+            .prepare("SELECT first_seen FROM peers ORDER BY id")
+            .unwrap()
+            .query_map([], |row| row.get(0))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert!(by_id.windows(2).all(|w| w[0] <= w[1]), "{by_id:?}");
+        let dangling: i64 =
+            conn.query_row("SELECT COUNT(*) FROM pragma_foreign_key_check", [], |row| row.get(0)).unwrap();
+        assert_eq!(dangling, 0);
+        let old_tables: i64 = conn
+            .query_row(
+                "SELECT COUNT(*) FROM sqlite_master WHERE name LIKE '%v3%' OR sql LIKE '%v3%'",
+                [],
+                |row| row.get(0),
+            )
+            .unwrap();
+        assert_eq!(old_tables, 0);
+    }
+
+    // Writes work on the upgraded file: forgetting still cascades, a new peer gets a fresh id.
+    assert!(store.forget_peer(ids[1]).await.unwrap());
+    assert_eq!(store.upsert_peer(peer(node(200), 1, now)).await.unwrap(), UpsertOutcome::Added);
+    let conn = raw_connection(&store);
+    for table in ["peer_addresses", "peer_topics", "peer_quality", "peer_capabilities", "peer_services"] {
+        let orphans: i64 = conn
+            .query_row(
+                &format!("SELECT COUNT(*) FROM {table} WHERE peer NOT IN (SELECT id FROM peers)"),
+                [],
+                |row| row.get(0),
+            )
+            .unwrap();
+        assert_eq!(orphans, 0, "{table} kept rows of a forgotten peer");
+    }
+    assert_eq!(store.stats().await.unwrap().peers, ids.len() as u64);
     store.close().await.unwrap();
 }
