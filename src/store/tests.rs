@@ -1085,3 +1085,72 @@ async fn a_version_2_database_is_upgraded_in_place_with_every_peer_intact() {
     assert_eq!(store.stats().await.unwrap().peers, ids.len() as u64);
     store.close().await.unwrap();
 }
+
+/// Applies `steps` (upsert, then optional quality) through `upsert_verified` on one store and through
+/// `upsert_peer` then `record_quality` on another, and checks both end with the same state and events.
+#[tokio::test(flavor = "multi_thread")]
+async fn upsert_verified_is_an_upsert_then_its_quality_in_one_write() {
+    let now = now_ms();
+    let id = node(1);
+    let mut first = peer(id, 5, now);
+    first.topics = topics(&["a"]);
+    first.addresses = vec![("10.0.0.1:1".to_owned(), AddressSource::Inbound)];
+    let success = |address: &str, rtt_ms| QualitySample {
+        at_ms: now,
+        address: Some(address.to_owned()),
+        outcome: Ok(Some(Duration::from_millis(rtt_ms))),
+    };
+    let mut newer = peer(id, 6, now + 10);
+    newer.addresses = vec![("10.0.0.2:1".to_owned(), AddressSource::Inbound)];
+    let mut stale = peer(id, 4, now + 20);
+    stale.addresses = vec![("10.0.0.3:1".to_owned(), AddressSource::Inbound)];
+    let steps = vec![
+        (first, Some(success("10.0.0.1:1", 40)), UpsertOutcome::Added),
+        (peer(id, 5, now + 5), None, UpsertOutcome::Updated),
+        (newer, Some(success("10.0.0.2:1", 80)), UpsertOutcome::Updated),
+        // A replayed record: neither it nor its connection counts.
+        (stale, Some(success("10.0.0.3:1", 1)), UpsertOutcome::Stale { stored_seq: 6 }),
+    ];
+
+    let (one_dir, two_dir) = (TempDir::new().unwrap(), TempDir::new().unwrap());
+    let (one, two) = (open(&one_dir), open(&two_dir));
+    let (mut one_events, mut two_events) = (one.subscribe(), two.subscribe());
+    let writes_before = one.stats().await.unwrap().writes_committed;
+    for (upsert, quality, outcome) in steps.clone() {
+        assert_eq!(one.upsert_verified(upsert, quality).await.unwrap(), outcome);
+    }
+    // One command per call.
+    assert_eq!(one.stats().await.unwrap().writes_committed - writes_before, steps.len() as u64);
+    for (upsert, quality, outcome) in steps {
+        let got = two.upsert_peer(upsert).await.unwrap();
+        assert_eq!(got, outcome);
+        if let (Some(sample), false) = (quality, matches!(got, UpsertOutcome::Stale { .. })) {
+            two.record_quality(id, sample).await.unwrap();
+        }
+    }
+
+    let stored = detail(&one, id).await;
+    assert_eq!(stored, detail(&two, id).await);
+    assert_eq!(stored.summary.seq, 6);
+    assert_eq!((stored.quality.successes, stored.quality.rtt_samples), (2, 2));
+    assert!(stored.summary.score > 0.0);
+    let address = |a: &str| stored.addresses.iter().find(|row| row.address == a).unwrap().clone();
+    assert_eq!(address("10.0.0.1:1").last_success_ms, Some(now));
+    assert_eq!(stored.addresses.len(), 2, "a stale upsert stored its address");
+
+    let mut events = (Vec::new(), Vec::new());
+    while let Ok(event) = one_events.try_recv() {
+        events.0.push(event);
+    }
+    while let Ok(event) = two_events.try_recv() {
+        events.1.push(event);
+    }
+    assert_eq!(events.0, events.1);
+    assert!(matches!(events.0[..], [PeerEvent::Added(_), PeerEvent::Updated(_), ..]), "{:?}", events.0);
+
+    // A sample for a peer the upsert just added lands too (nothing stored before the call).
+    let id = node(2);
+    let outcome = one.upsert_verified(peer(id, 1, now), Some(success("10.9.9.9:1", 10))).await.unwrap();
+    assert_eq!(outcome, UpsertOutcome::Added);
+    assert_eq!(detail(&one, id).await.quality.successes, 1);
+}

@@ -44,6 +44,13 @@ pub(crate) enum Command {
         upsert: Box<PeerUpsert>,
         reply: Reply<UpsertOutcome>,
     },
+    /// An upsert and, unless it turns out stale, the quality of the connection that brought it: one command,
+    /// so one round trip to the writer and one entry of its batch instead of two.
+    UpsertVerified {
+        upsert: Box<PeerUpsert>,
+        quality: Option<QualitySample>,
+        reply: Reply<UpsertOutcome>,
+    },
     RecordQuality {
         node_id: NodeId,
         sample: QualitySample,
@@ -275,6 +282,11 @@ impl Command {
                 let (outcome, _, events) = apply_upsert(conn, &upsert, wants_events)?;
                 Ok((outcome, events))
             }),
+            Command::UpsertVerified { upsert, quality, reply } => {
+                job(Some(reply), move |conn, wants_events| {
+                    apply_upsert_verified(conn, &upsert, quality.as_ref(), wants_events)
+                })
+            }
             Command::RecordQuality { node_id, sample, reply } => {
                 job(Some(reply), move |conn, wants_events| {
                     apply_quality(conn, &node_id, &sample, wants_events)
@@ -590,6 +602,24 @@ fn apply_upsert(
         Vec::new()
     };
     Ok((UpsertOutcome::Updated, id, events))
+}
+
+/// An upsert followed, unless it was stale, by its connection's quality sample: the same changes and events
+/// as the two commands one after the other, without looking the peer up again.
+fn apply_upsert_verified(
+    conn: &Connection,
+    upsert: &PeerUpsert,
+    quality: Option<&QualitySample>,
+    wants_events: bool,
+) -> Result<(UpsertOutcome, Vec<PeerEvent>), StoreError> {
+    let (outcome, id, mut events) = apply_upsert(conn, upsert, wants_events)?;
+    if let Some(sample) = quality
+        && !matches!(outcome, UpsertOutcome::Stale { .. })
+    {
+        let ((), quality_events) = apply_known_quality(conn, id, &upsert.node_id, sample, wants_events)?;
+        events.extend(quality_events);
+    }
+    Ok((outcome, events))
 }
 
 /// Writes what a record carries (topics, capabilities and services) for a peer that has none stored. Returns
