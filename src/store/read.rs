@@ -34,6 +34,9 @@ const MAX_PAGE: u32 = 1000;
 const SUMMARY_COLUMNS: &str = "p.node_id, p.seq, p.first_seen, p.last_seen, p.node_type, p.nat_type, p.score,
     (SELECT group_concat(t.topic, char(31)) FROM peer_topics t WHERE t.peer = p.id)";
 
+/// How many columns [`SUMMARY_COLUMNS`] selects.
+const SUMMARY_COLUMN_COUNT: usize = 8;
+
 /// Reads a row selected with [`SUMMARY_COLUMNS`]; `None` when its node id is malformed.
 fn summary_from_row(row: &Row<'_>) -> rusqlite::Result<Option<PeerSummary>> {
     let node_id = match row.get_ref(0)? {
@@ -102,36 +105,41 @@ pub(crate) fn list_peers(conn: &mut Connection, query: &PeerQuery) -> Result<Pee
     }
     let count_sql = format!("SELECT COUNT(*) FROM peers p{}", where_clause(&conditions));
 
-    // Keyset pagination: rows strictly after the cursor in (key DESC, node_id ASC) order. The first
-    // comparison alone bounds the index range scan; the second selects within it.
-    let (key_column, order_sql) = match query.order {
-        PeerOrder::LastSeen => ("p.last_seen", "p.last_seen DESC, p.node_id ASC"),
-        PeerOrder::Score => ("p.score", "p.score DESC, p.node_id ASC"),
+    // Keyset pagination: rows strictly after the cursor in (key DESC, tiebreak ASC) order. The first
+    // comparison alone bounds the index range scan; the second selects within it. Score ties are broken by
+    // the integer id, not the node id: most peers score 0, and an index on (score, node_id) put every new peer
+    // at a random place in it, which made each batch of new peers rewrite most of that index.
+    let (key_column, tiebreak_column) = match query.order {
+        PeerOrder::LastSeen => ("p.last_seen", "p.node_id"),
+        PeerOrder::Score => ("p.score", "p.id"),
     };
     let mut page_conditions = conditions.clone();
     let mut page_values = values.clone();
     if let Some(cursor) = &query.after {
-        let (key, node_id) = match (query.order, cursor) {
+        let (key, tiebreak) = match (query.order, cursor) {
             (PeerOrder::LastSeen, PeerCursor::LastSeen { last_seen_ms, node_id }) => {
-                (Value::Integer(*last_seen_ms), node_id)
+                (Value::Integer(*last_seen_ms), Value::Blob(node_id.as_bytes().to_vec()))
             }
-            (PeerOrder::Score, PeerCursor::Score { score, node_id }) => (Value::Real(*score), node_id),
+            (PeerOrder::Score, PeerCursor::Score { score, stored }) => {
+                (Value::Real(*score), Value::Integer(*stored))
+            }
             _ => return Err(StoreError::CursorOrderMismatch),
         };
         page_values.push(key);
         let key_param = page_values.len();
-        page_values.push(Value::Blob(node_id.as_bytes().to_vec()));
-        let id_param = page_values.len();
+        page_values.push(tiebreak);
+        let tiebreak_param = page_values.len();
         page_conditions.push(format!(
-            "{key_column} <= ?{key_param} AND ({key_column} < ?{key_param} OR p.node_id > ?{id_param})"
+            "{key_column} <= ?{key_param} AND ({key_column} < ?{key_param} OR {tiebreak_column} > ?{tiebreak_param})"
         ));
     }
     // The limit is written into the SQL rather than bound: SQLite re-prepares a statement each time a
     // parameter of its LIMIT is bound again, which cost a parse and plan per page. Page sizes repeat, so the
     // variants stay few in the statement cache.
     let limit = query.limit.clamp(1, MAX_PAGE) as usize;
+    // The id comes last, after the summary's columns, for the next page's cursor.
     let page_sql = format!(
-        "SELECT {SUMMARY_COLUMNS} FROM peers p{} ORDER BY {order_sql} LIMIT {}",
+        "SELECT {SUMMARY_COLUMNS}, p.id FROM peers p{} ORDER BY {key_column} DESC, {tiebreak_column} ASC LIMIT {}",
         where_clause(&page_conditions),
         limit + 1
     );
@@ -140,12 +148,15 @@ pub(crate) fn list_peers(conn: &mut Connection, query: &PeerQuery) -> Result<Pee
     let total: i64 =
         tx.prepare_cached(&count_sql)?.query_row(params_from_iter(values.iter()), |row| row.get(0))?;
     let mut peers = Vec::with_capacity(limit + 1);
+    // The id of each row in `peers`.
+    let mut stored = Vec::with_capacity(limit + 1);
     {
         let mut statement = tx.prepare_cached(&page_sql)?;
         let mut rows = statement.query(params_from_iter(page_values.iter()))?;
         while let Some(row) = rows.next()? {
             if let Some(summary) = summary_from_row(row)? {
                 peers.push(summary);
+                stored.push(row.get(SUMMARY_COLUMN_COUNT)?);
             }
         }
     }
@@ -154,7 +165,7 @@ pub(crate) fn list_peers(conn: &mut Connection, query: &PeerQuery) -> Result<Pee
     // One row more than asked for was fetched only to learn whether another page follows.
     let next = if peers.len() > limit {
         peers.truncate(limit);
-        peers.last().map(|last| cursor_after(query.order, last))
+        peers.last().map(|last| cursor_after(query.order, last, stored[limit - 1]))
     } else {
         None
     };
@@ -165,12 +176,13 @@ fn where_clause(conditions: &[String]) -> String {
     if conditions.is_empty() { String::new() } else { format!(" WHERE {}", conditions.join(" AND ")) }
 }
 
-fn cursor_after(order: PeerOrder, last: &PeerSummary) -> PeerCursor {
+/// The cursor after `last`, whose row has the id `stored`.
+fn cursor_after(order: PeerOrder, last: &PeerSummary, stored: i64) -> PeerCursor {
     match order {
         PeerOrder::LastSeen => {
             PeerCursor::LastSeen { last_seen_ms: last.last_seen_ms, node_id: last.node_id }
         }
-        PeerOrder::Score => PeerCursor::Score { score: last.score, node_id: last.node_id },
+        PeerOrder::Score => PeerCursor::Score { score: last.score, stored },
     }
 }
 

@@ -124,7 +124,9 @@ const MIGRATIONS: &[&str] = &[
     // instead of by the random 32-byte node id. With random keys a batch of new peers touched nearly every
     // leaf page of every table and index, and each commit rewrote most of the database into the WAL; keyed by
     // the id, a batch's rows land together at the end of each B-tree. The node id keeps its own unique index
-    // for lookups. The list orders still break ties by node id (their page tokens carry it).
+    // for lookups. Peers with equal scores are now listed in insertion order (by id) rather than by node id:
+    // every new peer scores 0, so (score, node_id) put each one at a random place in the score index.
+    // Last-seen order still breaks ties by node id; its index stays local because last_seen tracks time.
     //
     // The old tables are copied into new ones, dropped, and the new ones renamed (which rewrites the foreign
     // keys that name them). Existing peers are numbered by first_seen, the closest to insertion order known.
@@ -223,7 +225,7 @@ const MIGRATIONS: &[&str] = &[
     ALTER TABLE peer_services_v3 RENAME TO peer_services;
 
     CREATE INDEX peers_by_last_seen ON peers (last_seen DESC, node_id);
-    CREATE INDEX peers_by_score ON peers (score DESC, node_id);
+    CREATE INDEX peers_by_score ON peers (score DESC, id);
     CREATE INDEX peer_topics_by_topic ON peer_topics (topic, peer);
     "#,
 ];
