@@ -57,7 +57,7 @@ async fn node_info_over_grpc_and_rnctl_in_both_formats() {
     assert!(listen.control_tcp.is_empty(), "no TCP listener unless configured");
     let store = info.store.expect("store");
     assert_eq!(store.health(), StoreHealth::Ok);
-    assert_eq!(store.schema_version, 2);
+    assert_eq!(store.schema_version, 3);
     assert!(listen.quic.starts_with("127.0.0.1:") && !listen.quic.ends_with(":0"), "{}", listen.quic);
     assert!(listen.dht.starts_with("127.0.0.1:") && !listen.dht.ends_with(":0"), "{}", listen.dht);
     // A DHT alone (no bootstrap) is running but knows no node yet.

@@ -975,19 +975,20 @@ async fn store_upserts(sizes: &Sizes, work: &Path) -> anyhow::Result<(f64, f64, 
                      VALUES (?1, ?2, ?3, ?4, ?4, ?5, ?6)",
                 )?;
                 let mut address = tx.prepare_cached(
-                    "INSERT INTO peer_addresses (node_id, address, source, first_seen) VALUES (?1, ?2, ?3, ?4)",
+                    "INSERT INTO peer_addresses (peer, address, source, first_seen) VALUES (?1, ?2, ?3, ?4)",
                 )?;
-                let mut topic = tx.prepare_cached("INSERT INTO peer_topics (node_id, topic) VALUES (?1, ?2)")?;
+                let mut topic = tx.prepare_cached("INSERT INTO peer_topics (peer, topic) VALUES (?1, ?2)")?;
                 for u in chunk {
-                    let id = &u.node_id.0[..];
                     peer.execute(rusqlite::params![
-                        id,
+                        &u.node_id.0[..],
                         u.seq as i64,
                         u.record,
                         u.seen_at_ms,
                         u.node_type as i64,
                         u.nat_type as i64
                     ])?;
+                    // What the peer's rows are keyed by, as the store does.
+                    let id = tx.last_insert_rowid();
                     for (a, source) in &u.addresses {
                         address.execute(rusqlite::params![id, a, *source as i64, u.seen_at_ms])?;
                     }
@@ -1056,7 +1057,7 @@ async fn list_page_ratio(sizes: &Sizes, work: &Path, binary: &Path, db: &Path) -
     let mut raw = tokio::task::spawn_blocking(move || -> anyhow::Result<Vec<f64>> {
         let conn = rusqlite::Connection::open_with_flags(&path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)?;
         let sql = "SELECT p.node_id, p.seq, p.first_seen, p.last_seen, p.node_type, p.nat_type, p.score,
-                   (SELECT group_concat(t.topic, char(31)) FROM peer_topics t WHERE t.node_id = p.node_id)
+                   (SELECT group_concat(t.topic, char(31)) FROM peer_topics t WHERE t.peer = p.id)
                    FROM peers p ORDER BY p.last_seen DESC, p.node_id LIMIT 1000";
         let mut times = Vec::new();
         for _ in 0..repeats {

@@ -358,7 +358,9 @@ mod page_token {
         let fp = fingerprint(query);
         match cursor {
             PeerCursor::LastSeen { last_seen_ms, node_id } => format!("1.l.{last_seen_ms}.{node_id}.{fp}"),
-            PeerCursor::Score { score, node_id } => format!("1.s.{:016x}.{node_id}.{fp}", score.to_bits()),
+            // Kind "r" (score, then the store's id) replaced "s" (score, then node id) with the store's schema
+            // v3; an "s" token is refused like any unknown one.
+            PeerCursor::Score { score, stored } => format!("1.r.{:016x}.{stored}.{fp}", score.to_bits()),
         }
     }
 
@@ -370,7 +372,7 @@ mod page_token {
             )
         };
         let parts: Vec<&str> = token.split('.').collect();
-        let [version, kind, key, node_id, fp] = parts[..] else { return Err(bad()) };
+        let [version, kind, key, tiebreak, fp] = parts[..] else { return Err(bad()) };
         if version != "1" {
             return Err(bad());
         }
@@ -380,12 +382,15 @@ mod page_token {
                  seen_since and order as the first request",
             ));
         }
-        let node_id = NodeId::parse(node_id).map_err(|_| bad())?;
         match kind {
-            "l" => Ok(PeerCursor::LastSeen { last_seen_ms: key.parse().map_err(|_| bad())?, node_id }),
-            "s" => {
+            "l" => Ok(PeerCursor::LastSeen {
+                last_seen_ms: key.parse().map_err(|_| bad())?,
+                node_id: NodeId::parse(tiebreak).map_err(|_| bad())?,
+            }),
+            "r" => {
                 let bits = u64::from_str_radix(key, 16).map_err(|_| bad())?;
-                Ok(PeerCursor::Score { score: f64::from_bits(bits), node_id })
+                let stored = tiebreak.parse().map_err(|_| bad())?;
+                Ok(PeerCursor::Score { score: f64::from_bits(bits), stored })
             }
             _ => Err(bad()),
         }
@@ -414,8 +419,11 @@ mod page_token {
             assert!(decode(&token, &other).is_err());
 
             let scored = PeerQuery { order: PeerOrder::Score, ..query };
-            let cursor = PeerCursor::Score { score: 0.123_456_789, node_id: NodeId([9; 32]) };
+            let cursor = PeerCursor::Score { score: 0.123_456_789, stored: 4321 };
             assert_eq!(decode(&encode(&cursor, &scored), &scored).expect("decode"), cursor);
+            // A score token of the builds that broke ties by node id.
+            let old = format!("1.s.{:016x}.{}.{}", 0.5f64.to_bits(), NodeId([9; 32]), fingerprint(&scored));
+            assert!(decode(&old, &scored).is_err());
             assert!(decode("garbage", &scored).is_err());
             assert!(decode("1.x.1.00.00", &scored).is_err());
         }

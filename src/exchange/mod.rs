@@ -728,17 +728,19 @@ impl Inner {
         // A relay circuit's synthetic address means nothing outside this process: never stored.
         let contact = contact.filter(|(address, _)| !is_relayed(address));
         let upsert = upsert_from_record(verified, contact.map(|(a, s)| (a.to_string(), s)), now);
-        match self.store.upsert_peer(upsert).await? {
+        // The connection that brought the record is a successful attempt at its address; the store counts it
+        // in the same write, and only if the record was not a replay.
+        let quality = contact.map(|(address, _)| QualitySample {
+            at_ms: now,
+            address: Some(address.to_string()),
+            outcome: Ok(rtt),
+        });
+        match self.store.upsert_verified(upsert, quality).await? {
             UpsertOutcome::Stale { stored_seq } => {
-                return Err(ExchangeError::Replay { seq: verified.seq, stored: stored_seq });
+                Err(ExchangeError::Replay { seq: verified.seq, stored: stored_seq })
             }
-            UpsertOutcome::Added | UpsertOutcome::Updated => {}
+            UpsertOutcome::Added | UpsertOutcome::Updated => Ok(()),
         }
-        if let Some((address, _)) = contact {
-            let sample = QualitySample { at_ms: now, address: Some(address.to_string()), outcome: Ok(rtt) };
-            self.store.record_quality(verified.node_id, sample).await?;
-        }
-        Ok(())
     }
 
     fn note_observed(&self, reporter: NodeId, connection: &quinn::Connection, observed: Option<SocketAddr>) {

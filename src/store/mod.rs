@@ -233,6 +233,17 @@ impl Store {
         self.write(|reply| Command::Upsert { upsert: Box::new(upsert), reply }).await
     }
 
+    /// [`Store::upsert_peer`] then, unless the upsert was [`UpsertOutcome::Stale`], [`Store::record_quality`]
+    /// with `quality`, as one write: one trip to the writer and one command of its batch, with the events of the
+    /// two. For a record that just arrived over a connection, with that connection's outcome.
+    pub async fn upsert_verified(
+        &self,
+        upsert: PeerUpsert,
+        quality: Option<QualitySample>,
+    ) -> Result<UpsertOutcome, StoreError> {
+        self.write(|reply| Command::UpsertVerified { upsert: Box::new(upsert), quality, reply }).await
+    }
+
     /// Folds a connection attempt into the peer's quality and score. A sample for an unknown peer is dropped.
     pub async fn record_quality(&self, node_id: NodeId, sample: QualitySample) -> Result<(), StoreError> {
         self.write(|reply| Command::RecordQuality { node_id, sample, reply }).await

@@ -32,7 +32,10 @@ const MAX_PAGE: u32 = 1000;
 /// The columns [`summary_from_row`] reads, from `peers p`. Topics come aggregated in one column so a page
 /// costs one query, not one per row.
 const SUMMARY_COLUMNS: &str = "p.node_id, p.seq, p.first_seen, p.last_seen, p.node_type, p.nat_type, p.score,
-    (SELECT group_concat(t.topic, char(31)) FROM peer_topics t WHERE t.node_id = p.node_id)";
+    (SELECT group_concat(t.topic, char(31)) FROM peer_topics t WHERE t.peer = p.id)";
+
+/// How many columns [`SUMMARY_COLUMNS`] selects.
+const SUMMARY_COLUMN_COUNT: usize = 8;
 
 /// Reads a row selected with [`SUMMARY_COLUMNS`]; `None` when its node id is malformed.
 fn summary_from_row(row: &Row<'_>) -> rusqlite::Result<Option<PeerSummary>> {
@@ -88,7 +91,7 @@ pub(crate) fn list_peers(conn: &mut Connection, query: &PeerQuery) -> Result<Pee
     if let Some(topic) = &query.topic {
         values.push(Value::Text(topic.clone()));
         conditions.push(format!(
-            "EXISTS (SELECT 1 FROM peer_topics t WHERE t.node_id = p.node_id AND t.topic = ?{})",
+            "EXISTS (SELECT 1 FROM peer_topics t WHERE t.peer = p.id AND t.topic = ?{})",
             values.len()
         ));
     }
@@ -102,36 +105,41 @@ pub(crate) fn list_peers(conn: &mut Connection, query: &PeerQuery) -> Result<Pee
     }
     let count_sql = format!("SELECT COUNT(*) FROM peers p{}", where_clause(&conditions));
 
-    // Keyset pagination: rows strictly after the cursor in (key DESC, node_id ASC) order. The first
-    // comparison alone bounds the index range scan; the second selects within it.
-    let (key_column, order_sql) = match query.order {
-        PeerOrder::LastSeen => ("p.last_seen", "p.last_seen DESC, p.node_id ASC"),
-        PeerOrder::Score => ("p.score", "p.score DESC, p.node_id ASC"),
+    // Keyset pagination: rows strictly after the cursor in (key DESC, tiebreak ASC) order. The first
+    // comparison alone bounds the index range scan; the second selects within it. Score ties are broken by
+    // the integer id, not the node id: most peers score 0, and an index on (score, node_id) put every new peer
+    // at a random place in it, which made each batch of new peers rewrite most of that index.
+    let (key_column, tiebreak_column) = match query.order {
+        PeerOrder::LastSeen => ("p.last_seen", "p.node_id"),
+        PeerOrder::Score => ("p.score", "p.id"),
     };
     let mut page_conditions = conditions.clone();
     let mut page_values = values.clone();
     if let Some(cursor) = &query.after {
-        let (key, node_id) = match (query.order, cursor) {
+        let (key, tiebreak) = match (query.order, cursor) {
             (PeerOrder::LastSeen, PeerCursor::LastSeen { last_seen_ms, node_id }) => {
-                (Value::Integer(*last_seen_ms), node_id)
+                (Value::Integer(*last_seen_ms), Value::Blob(node_id.as_bytes().to_vec()))
             }
-            (PeerOrder::Score, PeerCursor::Score { score, node_id }) => (Value::Real(*score), node_id),
+            (PeerOrder::Score, PeerCursor::Score { score, stored }) => {
+                (Value::Real(*score), Value::Integer(*stored))
+            }
             _ => return Err(StoreError::CursorOrderMismatch),
         };
         page_values.push(key);
         let key_param = page_values.len();
-        page_values.push(Value::Blob(node_id.as_bytes().to_vec()));
-        let id_param = page_values.len();
+        page_values.push(tiebreak);
+        let tiebreak_param = page_values.len();
         page_conditions.push(format!(
-            "{key_column} <= ?{key_param} AND ({key_column} < ?{key_param} OR p.node_id > ?{id_param})"
+            "{key_column} <= ?{key_param} AND ({key_column} < ?{key_param} OR {tiebreak_column} > ?{tiebreak_param})"
         ));
     }
     // The limit is written into the SQL rather than bound: SQLite re-prepares a statement each time a
     // parameter of its LIMIT is bound again, which cost a parse and plan per page. Page sizes repeat, so the
     // variants stay few in the statement cache.
     let limit = query.limit.clamp(1, MAX_PAGE) as usize;
+    // The id comes last, after the summary's columns, for the next page's cursor.
     let page_sql = format!(
-        "SELECT {SUMMARY_COLUMNS} FROM peers p{} ORDER BY {order_sql} LIMIT {}",
+        "SELECT {SUMMARY_COLUMNS}, p.id FROM peers p{} ORDER BY {key_column} DESC, {tiebreak_column} ASC LIMIT {}",
         where_clause(&page_conditions),
         limit + 1
     );
@@ -140,12 +148,15 @@ pub(crate) fn list_peers(conn: &mut Connection, query: &PeerQuery) -> Result<Pee
     let total: i64 =
         tx.prepare_cached(&count_sql)?.query_row(params_from_iter(values.iter()), |row| row.get(0))?;
     let mut peers = Vec::with_capacity(limit + 1);
+    // The id of each row in `peers`.
+    let mut stored = Vec::with_capacity(limit + 1);
     {
         let mut statement = tx.prepare_cached(&page_sql)?;
         let mut rows = statement.query(params_from_iter(page_values.iter()))?;
         while let Some(row) = rows.next()? {
             if let Some(summary) = summary_from_row(row)? {
                 peers.push(summary);
+                stored.push(row.get(SUMMARY_COLUMN_COUNT)?);
             }
         }
     }
@@ -154,7 +165,7 @@ pub(crate) fn list_peers(conn: &mut Connection, query: &PeerQuery) -> Result<Pee
     // One row more than asked for was fetched only to learn whether another page follows.
     let next = if peers.len() > limit {
         peers.truncate(limit);
-        peers.last().map(|last| cursor_after(query.order, last))
+        peers.last().map(|last| cursor_after(query.order, last, stored[limit - 1]))
     } else {
         None
     };
@@ -165,30 +176,31 @@ fn where_clause(conditions: &[String]) -> String {
     if conditions.is_empty() { String::new() } else { format!(" WHERE {}", conditions.join(" AND ")) }
 }
 
-fn cursor_after(order: PeerOrder, last: &PeerSummary) -> PeerCursor {
+/// The cursor after `last`, whose row has the id `stored`.
+fn cursor_after(order: PeerOrder, last: &PeerSummary, stored: i64) -> PeerCursor {
     match order {
         PeerOrder::LastSeen => {
             PeerCursor::LastSeen { last_seen_ms: last.last_seen_ms, node_id: last.node_id }
         }
-        PeerOrder::Score => PeerCursor::Score { score: last.score, node_id: last.node_id },
+        PeerOrder::Score => PeerCursor::Score { score: last.score, stored },
     }
 }
 
 /// Everything stored about one peer.
 pub(crate) fn get_peer(conn: &mut Connection, node_id: &NodeId) -> Result<Option<PeerDetail>, StoreError> {
-    let id = node_id.as_bytes().as_slice();
     let tx = conn.transaction()?;
     let Some(summary) = peer_summary(&tx, node_id)? else {
         return Ok(None);
     };
-    let record: Vec<u8> = tx
-        .prepare_cached("SELECT record FROM peers WHERE node_id = ?1")?
-        .query_row([id], |row| row.get(0))?;
+    // The tables about the peer are keyed by its integer id (see the v3 migration in `schema.rs`).
+    let (id, record): (i64, Vec<u8>) = tx
+        .prepare_cached("SELECT id, record FROM peers WHERE node_id = ?1")?
+        .query_row([node_id.as_bytes().as_slice()], |row| Ok((row.get(0)?, row.get(1)?)))?;
 
     let addresses = tx
         .prepare_cached(
             "SELECT address, source, first_seen, last_success, last_failure, consecutive_failures
-             FROM peer_addresses WHERE node_id = ?1
+             FROM peer_addresses WHERE peer = ?1
              ORDER BY last_success IS NULL, last_success DESC, address",
         )?
         .query_map([id], |row| {
@@ -206,7 +218,7 @@ pub(crate) fn get_peer(conn: &mut Connection, node_id: &NodeId) -> Result<Option
     let quality = tx
         .prepare_cached(
             "SELECT rtt_ewma_us, rtt_samples, successes, failures, last_error, last_error_at, last_success_at
-             FROM peer_quality WHERE node_id = ?1",
+             FROM peer_quality WHERE peer = ?1",
         )?
         .query_row([id], |row| {
             Ok(Quality {
@@ -224,7 +236,7 @@ pub(crate) fn get_peer(conn: &mut Connection, node_id: &NodeId) -> Result<Option
 
     let capabilities = tx
         .prepare_cached(
-            "SELECT os, arch, cpu_cores, memory_bytes, software_version FROM peer_capabilities WHERE node_id = ?1",
+            "SELECT os, arch, cpu_cores, memory_bytes, software_version FROM peer_capabilities WHERE peer = ?1",
         )?
         .query_row([id], |row| {
             Ok(Capabilities {
@@ -239,7 +251,7 @@ pub(crate) fn get_peer(conn: &mut Connection, node_id: &NodeId) -> Result<Option
 
     let services = tx
         .prepare_cached(
-            "SELECT name, version, attributes FROM peer_services WHERE node_id = ?1 ORDER BY position",
+            "SELECT name, version, attributes FROM peer_services WHERE peer = ?1 ORDER BY position",
         )?
         .query_map([id], |row| {
             Ok(ServiceEntry {

@@ -120,6 +120,114 @@ const MIGRATIONS: &[&str] = &[
         PRIMARY KEY (our_nat, their_nat)
     ) WITHOUT ROWID;
     "#,
+    // v3: peers get an integer id, assigned in insertion order, and what hangs off a peer is keyed by it
+    // instead of by the random 32-byte node id. With random keys a batch of new peers touched nearly every
+    // leaf page of every table and index, and each commit rewrote most of the database into the WAL; keyed by
+    // the id, a batch's rows land together at the end of each B-tree. The node id keeps its own unique index
+    // for lookups. Peers with equal scores are now listed in insertion order (by id) rather than by node id:
+    // every new peer scores 0, so (score, node_id) put each one at a random place in the score index.
+    // Last-seen order still breaks ties by node id; its index stays local because last_seen tracks time.
+    //
+    // The old tables are copied into new ones, dropped, and the new ones renamed (which rewrites the foreign
+    // keys that name them). Existing peers are numbered by first_seen, the closest to insertion order known.
+    r#"
+    CREATE TABLE peers_v3 (
+        id         INTEGER PRIMARY KEY,
+        node_id    BLOB    NOT NULL UNIQUE CHECK (length(node_id) = 32),
+        seq        INTEGER NOT NULL,
+        record     BLOB    NOT NULL,
+        first_seen INTEGER NOT NULL,
+        last_seen  INTEGER NOT NULL,
+        node_type  INTEGER NOT NULL DEFAULT 0,
+        nat_type   INTEGER NOT NULL DEFAULT 0,
+        score      REAL    NOT NULL DEFAULT 0
+    );
+    INSERT INTO peers_v3 (node_id, seq, record, first_seen, last_seen, node_type, nat_type, score)
+        SELECT node_id, seq, record, first_seen, last_seen, node_type, nat_type, score
+        FROM peers ORDER BY first_seen, node_id;
+
+    CREATE TABLE peer_addresses_v3 (
+        peer                 INTEGER NOT NULL REFERENCES peers_v3 (id) ON DELETE CASCADE,
+        address              TEXT    NOT NULL,
+        source               INTEGER NOT NULL DEFAULT 0,
+        first_seen           INTEGER NOT NULL,
+        last_success         INTEGER,
+        last_failure         INTEGER,
+        consecutive_failures INTEGER NOT NULL DEFAULT 0,
+        PRIMARY KEY (peer, address)
+    ) WITHOUT ROWID;
+    INSERT INTO peer_addresses_v3
+        (peer, address, source, first_seen, last_success, last_failure, consecutive_failures)
+        SELECT p.id, a.address, a.source, a.first_seen, a.last_success, a.last_failure, a.consecutive_failures
+        FROM peer_addresses a JOIN peers_v3 p ON p.node_id = a.node_id;
+
+    CREATE TABLE peer_topics_v3 (
+        peer  INTEGER NOT NULL REFERENCES peers_v3 (id) ON DELETE CASCADE,
+        topic TEXT    NOT NULL,
+        PRIMARY KEY (peer, topic)
+    ) WITHOUT ROWID;
+    INSERT INTO peer_topics_v3 (peer, topic)
+        SELECT p.id, t.topic FROM peer_topics t JOIN peers_v3 p ON p.node_id = t.node_id;
+
+    CREATE TABLE peer_quality_v3 (
+        peer            INTEGER PRIMARY KEY REFERENCES peers_v3 (id) ON DELETE CASCADE,
+        rtt_ewma_us     INTEGER,
+        rtt_samples     INTEGER NOT NULL DEFAULT 0,
+        successes       INTEGER NOT NULL DEFAULT 0,
+        failures        INTEGER NOT NULL DEFAULT 0,
+        last_error      TEXT,
+        last_error_at   INTEGER,
+        last_success_at INTEGER
+    );
+    INSERT INTO peer_quality_v3
+        (peer, rtt_ewma_us, rtt_samples, successes, failures, last_error, last_error_at, last_success_at)
+        SELECT p.id, q.rtt_ewma_us, q.rtt_samples, q.successes, q.failures, q.last_error, q.last_error_at,
+               q.last_success_at
+        FROM peer_quality q JOIN peers_v3 p ON p.node_id = q.node_id;
+
+    CREATE TABLE peer_capabilities_v3 (
+        peer             INTEGER PRIMARY KEY REFERENCES peers_v3 (id) ON DELETE CASCADE,
+        os               TEXT    NOT NULL,
+        arch             TEXT    NOT NULL,
+        cpu_cores        INTEGER NOT NULL,
+        memory_bytes     INTEGER NOT NULL,
+        software_version TEXT    NOT NULL
+    );
+    INSERT INTO peer_capabilities_v3 (peer, os, arch, cpu_cores, memory_bytes, software_version)
+        SELECT p.id, c.os, c.arch, c.cpu_cores, c.memory_bytes, c.software_version
+        FROM peer_capabilities c JOIN peers_v3 p ON p.node_id = c.node_id;
+
+    -- As in v1: one row per service in the record's order, attributes as codec::encode_attributes lines.
+    CREATE TABLE peer_services_v3 (
+        peer       INTEGER NOT NULL REFERENCES peers_v3 (id) ON DELETE CASCADE,
+        position   INTEGER NOT NULL,
+        name       TEXT    NOT NULL,
+        version    TEXT    NOT NULL,
+        attributes TEXT    NOT NULL,
+        PRIMARY KEY (peer, position)
+    ) WITHOUT ROWID;
+    INSERT INTO peer_services_v3 (peer, position, name, version, attributes)
+        SELECT p.id, s.position, s.name, s.version, s.attributes
+        FROM peer_services s JOIN peers_v3 p ON p.node_id = s.node_id;
+
+    -- Children first: nothing references the old peers table when it goes, so dropping it cascades nowhere.
+    DROP TABLE peer_addresses;
+    DROP TABLE peer_topics;
+    DROP TABLE peer_quality;
+    DROP TABLE peer_capabilities;
+    DROP TABLE peer_services;
+    DROP TABLE peers;
+    ALTER TABLE peers_v3 RENAME TO peers;
+    ALTER TABLE peer_addresses_v3 RENAME TO peer_addresses;
+    ALTER TABLE peer_topics_v3 RENAME TO peer_topics;
+    ALTER TABLE peer_quality_v3 RENAME TO peer_quality;
+    ALTER TABLE peer_capabilities_v3 RENAME TO peer_capabilities;
+    ALTER TABLE peer_services_v3 RENAME TO peer_services;
+
+    CREATE INDEX peers_by_last_seen ON peers (last_seen DESC, node_id);
+    CREATE INDEX peers_by_score ON peers (score DESC, id);
+    CREATE INDEX peer_topics_by_topic ON peer_topics (topic, peer);
+    "#,
 ];
 
 /// The schema version this build creates and understands.
@@ -201,6 +309,15 @@ fn migrate(conn: &mut Connection, path: &Path) -> Result<(), StoreError> {
     // Written even when unchanged: a write under the lock is what proves the file accepts writes.
     tx.pragma_update(None, "user_version", LATEST_VERSION).map_err(open_error)?;
     tx.commit().map_err(open_error)
+}
+
+/// Creates on an empty database the schema an older build left at `version`, for tests of the upgrade from it.
+#[cfg(test)]
+pub(crate) fn create_old_version(conn: &Connection, version: u32) -> rusqlite::Result<()> {
+    for sql in &MIGRATIONS[..version as usize] {
+        conn.execute_batch(sql)?;
+    }
+    conn.pragma_update(None, "user_version", version)
 }
 
 /// `PRAGMA user_version`. SQLite keeps it as a signed 32-bit number; a negative value (never written by this

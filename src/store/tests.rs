@@ -61,7 +61,7 @@ async fn migrations_create_version_1_and_reopening_is_idempotent() {
     let dir = TempDir::new().unwrap();
     let store = open(&dir);
     let stats = store.stats().await.unwrap();
-    assert_eq!(stats.schema_version, 2);
+    assert_eq!(stats.schema_version, 3);
     assert_eq!(stats.peers, 0);
     assert!(stats.size_bytes > 0);
 
@@ -90,7 +90,7 @@ async fn migrations_create_version_1_and_reopening_is_idempotent() {
     for _ in 0..2 {
         let store = open(&dir);
         let stats = store.stats().await.unwrap();
-        assert_eq!(stats.schema_version, 2);
+        assert_eq!(stats.schema_version, 3);
         assert_eq!(stats.peers, 1);
         store.close().await.unwrap();
     }
@@ -105,7 +105,7 @@ async fn a_newer_schema_is_refused_untouched() {
         conn.pragma_update(None, "user_version", 999).unwrap();
     }
     match Store::open(StoreOptions::new(&path)) {
-        Err(error @ StoreError::NewerSchema { found: 999, supported: 2, .. }) => {
+        Err(error @ StoreError::NewerSchema { found: 999, supported: 3, .. }) => {
             let message = error.to_string();
             assert!(message.contains("newer than this build supports"), "{message}");
             assert!(message.contains(&path.display().to_string()), "{message}");
@@ -377,7 +377,8 @@ async fn list_peers_walks_every_row_once_in_both_orders_with_filters() {
     let now = now_ms();
     for index in 0..30u8 {
         let id = node(index);
-        // Ties in last_seen (every third pair) and in score (most peers score 0) exercise the node id tiebreak.
+        // Ties in last_seen (every third pair) exercise the node id tiebreak, ties in score (most peers score 0)
+        // the tiebreak by the order peers were stored in, which `node` makes unlike the node ids' order.
         let mut upsert = peer(id, 1, now - i64::from(index / 3) * 1000);
         upsert.node_type = match index % 3 {
             0 => NodeType::Public,
@@ -434,9 +435,10 @@ async fn list_peers_walks_every_row_once_in_both_orders_with_filters() {
                 .filter(|p| query.node_type.is_none_or(|n| p.node_type == n))
                 .filter(|p| query.seen_since_ms.is_none_or(|s| p.last_seen_ms >= s))
                 .collect();
+            // `all` is in the order the peers were stored, and the sort is stable: equal scores keep it.
             expected.sort_by(|a, b| match order {
                 PeerOrder::LastSeen => b.last_seen_ms.cmp(&a.last_seen_ms).then(a.node_id.cmp(&b.node_id)),
-                PeerOrder::Score => b.score.total_cmp(&a.score).then(a.node_id.cmp(&b.node_id)),
+                PeerOrder::Score => b.score.total_cmp(&a.score),
             });
             let expected: Vec<NodeId> = expected.iter().map(|p| p.node_id).collect();
             for limit in [1, 3, 7, 1000] {
@@ -757,8 +759,8 @@ async fn malformed_stored_rows_are_read_without_panicking() {
         )
         .unwrap();
         conn.execute(
-            "INSERT INTO peer_addresses (node_id, address, source, first_seen, consecutive_failures)
-             VALUES (?1, 'a:1', 42, 0, -5)",
+            "INSERT INTO peer_addresses (peer, address, source, first_seen, consecutive_failures)
+             VALUES ((SELECT id FROM peers WHERE node_id = ?1), 'a:1', 42, 0, -5)",
             [node(1).as_bytes().as_slice()],
         )
         .unwrap();
@@ -799,16 +801,14 @@ async fn record_seq_increases_across_reopen_and_respects_the_floor() {
 async fn a_version_1_database_is_upgraded_in_place() {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("peers.db");
-    let store = Store::open(StoreOptions::new(&path)).expect("open");
-    store.join_topic("kept".into(), 1).await.expect("join");
-    store.close().await.expect("close");
     // What a node of the first release left behind: the v1 schema, with its data.
     {
         let conn = rusqlite::Connection::open(&path).unwrap();
-        conn.execute_batch("DROP TABLE punch_stats; PRAGMA user_version = 1;").unwrap();
+        schema::create_old_version(&conn, 1).unwrap();
+        conn.execute("INSERT INTO joined_topics (topic, joined_at) VALUES ('kept', 1)", []).unwrap();
     }
-    let store = Store::open(StoreOptions::new(&path)).expect("reopen migrates");
-    assert_eq!(store.stats().await.unwrap().schema_version, 2);
+    let store = Store::open(StoreOptions::new(&path)).expect("opening migrates");
+    assert_eq!(store.stats().await.unwrap().schema_version, 3);
     assert_eq!(store.joined_topics().await.unwrap()[0].name, "kept");
     assert!(store.punch_stats().await.unwrap().is_empty());
     store.close().await.expect("close");
@@ -916,4 +916,253 @@ async fn the_wal_is_checkpointed_beside_the_writer() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     store.close().await.unwrap();
+}
+
+/// Copies what the database at `from` (this build's schema) holds into a new database at `to` with the schema
+/// of version 2, where every table about a peer was keyed by its node id: what a node of that release would
+/// have written for the same peers.
+fn write_as_version_2(from: &std::path::Path, to: &std::path::Path) {
+    let conn = rusqlite::Connection::open(to).unwrap();
+    schema::create_old_version(&conn, 2).unwrap();
+    conn.execute("ATTACH DATABASE ?1 AS new", [from.to_str().unwrap()]).unwrap();
+    conn.execute_batch(
+        "INSERT INTO peers (node_id, seq, record, first_seen, last_seen, node_type, nat_type, score)
+             SELECT node_id, seq, record, first_seen, last_seen, node_type, nat_type, score FROM new.peers;
+         INSERT INTO peer_addresses
+             (node_id, address, source, first_seen, last_success, last_failure, consecutive_failures)
+             SELECT p.node_id, a.address, a.source, a.first_seen, a.last_success, a.last_failure,
+                    a.consecutive_failures
+             FROM new.peer_addresses a JOIN new.peers p ON p.id = a.peer;
+         INSERT INTO peer_topics (node_id, topic)
+             SELECT p.node_id, t.topic FROM new.peer_topics t JOIN new.peers p ON p.id = t.peer;
+         INSERT INTO peer_quality
+             (node_id, rtt_ewma_us, rtt_samples, successes, failures, last_error, last_error_at, last_success_at)
+             SELECT p.node_id, q.rtt_ewma_us, q.rtt_samples, q.successes, q.failures, q.last_error,
+                    q.last_error_at, q.last_success_at
+             FROM new.peer_quality q JOIN new.peers p ON p.id = q.peer;
+         INSERT INTO peer_capabilities (node_id, os, arch, cpu_cores, memory_bytes, software_version)
+             SELECT p.node_id, c.os, c.arch, c.cpu_cores, c.memory_bytes, c.software_version
+             FROM new.peer_capabilities c JOIN new.peers p ON p.id = c.peer;
+         INSERT INTO peer_services (node_id, position, name, version, attributes)
+             SELECT p.node_id, s.position, s.name, s.version, s.attributes
+             FROM new.peer_services s JOIN new.peers p ON p.id = s.peer;
+         INSERT INTO punch_stats SELECT * FROM new.punch_stats;
+         INSERT INTO joined_topics SELECT * FROM new.joined_topics;
+         INSERT INTO node_state SELECT * FROM new.node_state;
+         DETACH DATABASE new;",
+    )
+    .unwrap();
+}
+
+/// Everything a client can read back from a store, for comparing two stores. Lists are in last-seen order:
+/// the score order breaks ties by the order peers were stored in, which an upgrade does not keep.
+async fn everything(
+    store: &Store,
+    ids: &[NodeId],
+) -> (Vec<Option<PeerDetail>>, Vec<PeerPage>, Vec<PunchStats>) {
+    let mut details = Vec::new();
+    for id in ids {
+        details.push(store.get_peer(*id).await.unwrap());
+    }
+    let mut pages = Vec::new();
+    for topic in [None, Some("red".to_owned())] {
+        let query = PeerQuery { topic, limit: 1000, ..PeerQuery::default() };
+        pages.push(store.list_peers(query).await.unwrap());
+    }
+    (details, pages, store.punch_stats().await.unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_version_2_database_is_upgraded_in_place_with_every_peer_intact() {
+    let dir = TempDir::new().unwrap();
+    let now = now_ms();
+    // Peers with everything a peer can have, first seen in an order unlike their node ids' (the upgrade
+    // numbers them by first_seen), written through this build's store.
+    let ids: Vec<NodeId> = (0..40u8).map(node).collect();
+    let store = open(&dir);
+    for (index, id) in ids.iter().enumerate() {
+        let index = index as i64;
+        let mut upsert = peer(*id, 3, now - (index * 7919) % 40_000);
+        upsert.topics = match index % 3 {
+            0 => topics(&["red"]),
+            1 => topics(&["red", "blue"]),
+            _ => Vec::new(),
+        };
+        upsert.node_type = if index % 2 == 0 { NodeType::Public } else { NodeType::Private };
+        upsert.nat_type = NatType::EndpointDependent;
+        upsert.addresses =
+            (0..index % 4).map(|a| (format!("10.0.{index}.{a}:1"), AddressSource::PeerExchange)).collect();
+        if index % 2 == 1 {
+            upsert.capabilities = Some(Capabilities {
+                os: "linux".into(),
+                arch: "aarch64".into(),
+                cpu_cores: index as u32,
+                memory_bytes: 1 << 33,
+                software_version: "0.2.0".into(),
+            });
+            upsert.services = vec![
+                ServiceEntry {
+                    name: "b".into(),
+                    version: "1".into(),
+                    attributes: vec![("k".into(), "v".into())],
+                },
+                ServiceEntry { name: "a".into(), version: "2".into(), attributes: Vec::new() },
+            ];
+        }
+        store.upsert_peer(upsert).await.unwrap();
+        if index % 3 != 2 {
+            let outcome =
+                if index % 5 == 0 { Err("refused".to_owned()) } else { Ok(Some(Duration::from_millis(30))) };
+            let address = (index % 4 > 0).then(|| format!("10.0.{index}.0:1"));
+            store.record_quality(*id, QualitySample { at_ms: now, address, outcome }).await.unwrap();
+        }
+    }
+    store.join_topic("red".into(), now).await.unwrap();
+    store.next_record_seq(77).await.unwrap();
+    let punch = PunchOutcome {
+        our_nat: 2,
+        their_nat: 3,
+        at_ms: now,
+        time_to_connected_ms: Some(120),
+        detail: "direct".into(),
+    };
+    store.record_punch(punch).await.unwrap();
+    let expected = everything(&store, &ids).await;
+    let expected_topics = store.joined_topics().await.unwrap();
+    let current = store.path().to_path_buf();
+    store.close().await.unwrap();
+    // The fixture covers every table.
+    assert!(expected.0.iter().flatten().any(|d| d.capabilities.is_some() && d.services.len() == 2));
+    assert!(expected.0.iter().flatten().any(|d| d.quality.failures > 0 && d.addresses.len() == 3));
+    assert!(expected.0.iter().flatten().any(|d| d.summary.score > 0.0));
+
+    let old = dir.path().join("v2.db");
+    write_as_version_2(&current, &old);
+    let store = Store::open(StoreOptions::new(&old)).expect("opening a version 2 database migrates it");
+    let stats = store.stats().await.unwrap();
+    assert_eq!(stats.schema_version, 3);
+    assert_eq!(stats.peers, ids.len() as u64);
+    assert_eq!(everything(&store, &ids).await, expected);
+    // Upgraded peers were numbered by first_seen, so equal scores list the peer first seen first.
+    let mut by_score: Vec<&PeerSummary> = expected.0.iter().flatten().map(|d| &d.summary).collect();
+    by_score.sort_by(|a, b| {
+        b.score
+            .total_cmp(&a.score)
+            .then(a.first_seen_ms.cmp(&b.first_seen_ms))
+            .then(a.node_id.cmp(&b.node_id))
+    });
+    let query = PeerQuery { order: PeerOrder::Score, limit: 7, ..PeerQuery::default() };
+    let walked = walk(&store, query, 7, ids.len() as u64).await;
+    assert_eq!(walked, by_score.iter().map(|p| p.node_id).collect::<Vec<_>>());
+    assert_eq!(store.joined_topics().await.unwrap(), expected_topics);
+    assert_eq!(store.next_record_seq(0).await.unwrap(), 78);
+    {
+        let conn = raw_connection(&store);
+        // Ids follow first_seen, and the renamed tables' foreign keys name the new peers table.
+        let by_id: Vec<i64> = conn
+            .prepare("SELECT first_seen FROM peers ORDER BY id")
+            .unwrap()
+            .query_map([], |row| row.get(0))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert!(by_id.windows(2).all(|w| w[0] <= w[1]), "{by_id:?}");
+        let dangling: i64 =
+            conn.query_row("SELECT COUNT(*) FROM pragma_foreign_key_check", [], |row| row.get(0)).unwrap();
+        assert_eq!(dangling, 0);
+        let old_tables: i64 = conn
+            .query_row(
+                "SELECT COUNT(*) FROM sqlite_master WHERE name LIKE '%v3%' OR sql LIKE '%v3%'",
+                [],
+                |row| row.get(0),
+            )
+            .unwrap();
+        assert_eq!(old_tables, 0);
+    }
+
+    // Writes work on the upgraded file: forgetting still cascades, a new peer gets a fresh id.
+    assert!(store.forget_peer(ids[1]).await.unwrap());
+    assert_eq!(store.upsert_peer(peer(node(200), 1, now)).await.unwrap(), UpsertOutcome::Added);
+    let conn = raw_connection(&store);
+    for table in ["peer_addresses", "peer_topics", "peer_quality", "peer_capabilities", "peer_services"] {
+        let orphans: i64 = conn
+            .query_row(
+                &format!("SELECT COUNT(*) FROM {table} WHERE peer NOT IN (SELECT id FROM peers)"),
+                [],
+                |row| row.get(0),
+            )
+            .unwrap();
+        assert_eq!(orphans, 0, "{table} kept rows of a forgotten peer");
+    }
+    assert_eq!(store.stats().await.unwrap().peers, ids.len() as u64);
+    store.close().await.unwrap();
+}
+
+/// Applies `steps` (upsert, then optional quality) through `upsert_verified` on one store and through
+/// `upsert_peer` then `record_quality` on another, and checks both end with the same state and events.
+#[tokio::test(flavor = "multi_thread")]
+async fn upsert_verified_is_an_upsert_then_its_quality_in_one_write() {
+    let now = now_ms();
+    let id = node(1);
+    let mut first = peer(id, 5, now);
+    first.topics = topics(&["a"]);
+    first.addresses = vec![("10.0.0.1:1".to_owned(), AddressSource::Inbound)];
+    let success = |address: &str, rtt_ms| QualitySample {
+        at_ms: now,
+        address: Some(address.to_owned()),
+        outcome: Ok(Some(Duration::from_millis(rtt_ms))),
+    };
+    let mut newer = peer(id, 6, now + 10);
+    newer.addresses = vec![("10.0.0.2:1".to_owned(), AddressSource::Inbound)];
+    let mut stale = peer(id, 4, now + 20);
+    stale.addresses = vec![("10.0.0.3:1".to_owned(), AddressSource::Inbound)];
+    let steps = vec![
+        (first, Some(success("10.0.0.1:1", 40)), UpsertOutcome::Added),
+        (peer(id, 5, now + 5), None, UpsertOutcome::Updated),
+        (newer, Some(success("10.0.0.2:1", 80)), UpsertOutcome::Updated),
+        // A replayed record: neither it nor its connection counts.
+        (stale, Some(success("10.0.0.3:1", 1)), UpsertOutcome::Stale { stored_seq: 6 }),
+    ];
+
+    let (one_dir, two_dir) = (TempDir::new().unwrap(), TempDir::new().unwrap());
+    let (one, two) = (open(&one_dir), open(&two_dir));
+    let (mut one_events, mut two_events) = (one.subscribe(), two.subscribe());
+    let writes_before = one.stats().await.unwrap().writes_committed;
+    for (upsert, quality, outcome) in steps.clone() {
+        assert_eq!(one.upsert_verified(upsert, quality).await.unwrap(), outcome);
+    }
+    // One command per call.
+    assert_eq!(one.stats().await.unwrap().writes_committed - writes_before, steps.len() as u64);
+    for (upsert, quality, outcome) in steps {
+        let got = two.upsert_peer(upsert).await.unwrap();
+        assert_eq!(got, outcome);
+        if let (Some(sample), false) = (quality, matches!(got, UpsertOutcome::Stale { .. })) {
+            two.record_quality(id, sample).await.unwrap();
+        }
+    }
+
+    let stored = detail(&one, id).await;
+    assert_eq!(stored, detail(&two, id).await);
+    assert_eq!(stored.summary.seq, 6);
+    assert_eq!((stored.quality.successes, stored.quality.rtt_samples), (2, 2));
+    assert!(stored.summary.score > 0.0);
+    let address = |a: &str| stored.addresses.iter().find(|row| row.address == a).unwrap().clone();
+    assert_eq!(address("10.0.0.1:1").last_success_ms, Some(now));
+    assert_eq!(stored.addresses.len(), 2, "a stale upsert stored its address");
+
+    let mut events = (Vec::new(), Vec::new());
+    while let Ok(event) = one_events.try_recv() {
+        events.0.push(event);
+    }
+    while let Ok(event) = two_events.try_recv() {
+        events.1.push(event);
+    }
+    assert_eq!(events.0, events.1);
+    assert!(matches!(events.0[..], [PeerEvent::Added(_), PeerEvent::Updated(_), ..]), "{:?}", events.0);
+
+    // A sample for a peer the upsert just added lands too (nothing stored before the call).
+    let id = node(2);
+    let outcome = one.upsert_verified(peer(id, 1, now), Some(success("10.9.9.9:1", 10))).await.unwrap();
+    assert_eq!(outcome, UpsertOutcome::Added);
+    assert_eq!(detail(&one, id).await.quality.successes, 1);
 }

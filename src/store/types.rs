@@ -137,8 +137,11 @@ pub enum PeerOrder {
 /// Where a page starts: the sort key of the last row of the previous page.
 #[derive(Debug, Clone, PartialEq)]
 pub enum PeerCursor {
+    /// Peers seen at the same millisecond are ordered by node id.
     LastSeen { last_seen_ms: i64, node_id: NodeId },
-    Score { score: f64, node_id: NodeId },
+    /// Peers with the same score (every peer never reached scores 0) are ordered by `stored`, the number the
+    /// store gave the peer when it first stored it: the peer stored first comes first.
+    Score { score: f64, stored: i64 },
 }
 
 #[derive(Debug, Clone, PartialEq, Default)]

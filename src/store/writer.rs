@@ -44,6 +44,13 @@ pub(crate) enum Command {
         upsert: Box<PeerUpsert>,
         reply: Reply<UpsertOutcome>,
     },
+    /// An upsert and, unless it turns out stale, the quality of the connection that brought it: one command,
+    /// so one round trip to the writer and one entry of its batch instead of two.
+    UpsertVerified {
+        upsert: Box<PeerUpsert>,
+        quality: Option<QualitySample>,
+        reply: Reply<UpsertOutcome>,
+    },
     RecordQuality {
         node_id: NodeId,
         sample: QualitySample,
@@ -81,6 +88,11 @@ pub(crate) enum Command {
         reply: Reply<()>,
     },
 }
+
+/// A peer's integer id: the rowid of its `peers` row, which every table about the peer is keyed by (see the
+/// v3 migration in `schema.rs`). Found once per command from the node id, then used for every statement.
+#[derive(Debug, Clone, Copy)]
+struct PeerId(i64);
 
 /// The bounds the writer enforces, taken from [`super::StoreOptions`].
 pub(crate) struct WriterConfig {
@@ -266,8 +278,14 @@ impl Command {
     /// The command as a [`Job`] of its batch, with the bounds it needs from `config`.
     fn into_job(self, config: &WriterConfig) -> Box<dyn Job> {
         match self {
-            Command::Upsert { upsert, reply } => {
-                job(Some(reply), move |conn, wants_events| apply_upsert(conn, &upsert, wants_events))
+            Command::Upsert { upsert, reply } => job(Some(reply), move |conn, wants_events| {
+                let (outcome, _, events) = apply_upsert(conn, &upsert, wants_events)?;
+                Ok((outcome, events))
+            }),
+            Command::UpsertVerified { upsert, quality, reply } => {
+                job(Some(reply), move |conn, wants_events| {
+                    apply_upsert_verified(conn, &upsert, quality.as_ref(), wants_events)
+                })
             }
             Command::RecordQuality { node_id, sample, reply } => {
                 job(Some(reply), move |conn, wants_events| {
@@ -493,7 +511,8 @@ pub(crate) fn describe_write_failure(error: &rusqlite::Error) -> String {
     format!("{error}; {advice}")
 }
 
-/// Inserts a new peer or merges into the stored one according to seq (see [`PeerUpsert::seq`]).
+/// Inserts a new peer or merges into the stored one according to seq (see [`PeerUpsert::seq`]). Returns the
+/// peer's id with the outcome.
 ///
 /// The insert is tried first: in a burst of discoveries most peers are new, and for those the INSERT alone
 /// both checks and writes (a SELECT first would look the peer up twice).
@@ -501,8 +520,8 @@ fn apply_upsert(
     conn: &Connection,
     upsert: &PeerUpsert,
     wants_events: bool,
-) -> Result<(UpsertOutcome, Vec<PeerEvent>), StoreError> {
-    let id = upsert.node_id.as_bytes().as_slice();
+) -> Result<(UpsertOutcome, PeerId, Vec<PeerEvent>), StoreError> {
+    let node_id = upsert.node_id.as_bytes().as_slice();
     let seq = u64_to_stored(upsert.seq);
     let inserted = conn
         .prepare_cached(
@@ -510,7 +529,7 @@ fn apply_upsert(
              VALUES (?1, ?2, ?3, ?4, ?4, ?5, ?6, 0) ON CONFLICT (node_id) DO NOTHING",
         )?
         .execute(params![
-            id,
+            node_id,
             seq,
             upsert.record,
             upsert.seen_at_ms,
@@ -518,8 +537,10 @@ fn apply_upsert(
             upsert.nat_type as i64
         ])?;
     if inserted == 1 {
-        let topics = insert_record_details(conn, upsert)?;
-        merge_addresses(conn, upsert, true)?;
+        // The connection runs nothing else in between: this is the id the INSERT just assigned.
+        let id = PeerId(conn.last_insert_rowid());
+        let topics = insert_record_details(conn, id, upsert)?;
+        merge_addresses(conn, id, upsert, true)?;
         // Everything the summary shows was just written from the upsert: no need to read it back.
         let events = if wants_events {
             vec![PeerEvent::Added(PeerSummary {
@@ -535,26 +556,28 @@ fn apply_upsert(
         } else {
             Vec::new()
         };
-        return Ok((UpsertOutcome::Added, events));
+        return Ok((UpsertOutcome::Added, id, events));
     }
 
-    let stored_seq: i64 =
-        conn.prepare_cached("SELECT seq FROM peers WHERE node_id = ?1")?.query_row([id], |row| row.get(0))?;
+    let (id, stored_seq): (i64, i64) = conn
+        .prepare_cached("SELECT id, seq FROM peers WHERE node_id = ?1")?
+        .query_row([node_id], |row| Ok((row.get(0)?, row.get(1)?)))?;
+    let id = PeerId(id);
     match u64_from_stored(stored_seq) {
         stored_seq if stored_seq > upsert.seq => {
-            return Ok((UpsertOutcome::Stale { stored_seq }, Vec::new()));
+            return Ok((UpsertOutcome::Stale { stored_seq }, id, Vec::new()));
         }
         stored_seq if stored_seq == upsert.seq => {
-            conn.prepare_cached("UPDATE peers SET last_seen = max(last_seen, ?2) WHERE node_id = ?1")?
-                .execute(params![id, upsert.seen_at_ms])?;
+            conn.prepare_cached("UPDATE peers SET last_seen = max(last_seen, ?2) WHERE id = ?1")?
+                .execute(params![id.0, upsert.seen_at_ms])?;
         }
         _ => {
             conn.prepare_cached(
                 "UPDATE peers SET seq = ?2, record = ?3, last_seen = max(last_seen, ?4), node_type = ?5,
-                 nat_type = ?6 WHERE node_id = ?1",
+                 nat_type = ?6 WHERE id = ?1",
             )?
             .execute(params![
-                id,
+                id.0,
                 seq,
                 upsert.record,
                 upsert.seen_at_ms,
@@ -562,33 +585,55 @@ fn apply_upsert(
                 upsert.nat_type as i64
             ])?;
             for sql in [
-                "DELETE FROM peer_topics WHERE node_id = ?1",
-                "DELETE FROM peer_capabilities WHERE node_id = ?1",
-                "DELETE FROM peer_services WHERE node_id = ?1",
+                "DELETE FROM peer_topics WHERE peer = ?1",
+                "DELETE FROM peer_capabilities WHERE peer = ?1",
+                "DELETE FROM peer_services WHERE peer = ?1",
             ] {
-                conn.prepare_cached(sql)?.execute([id])?;
+                conn.prepare_cached(sql)?.execute([id.0])?;
             }
-            insert_record_details(conn, upsert)?;
+            insert_record_details(conn, id, upsert)?;
         }
     }
-    merge_addresses(conn, upsert, false)?;
+    merge_addresses(conn, id, upsert, false)?;
 
     let events = if wants_events {
         read::peer_summary(conn, &upsert.node_id)?.map(PeerEvent::Updated).into_iter().collect()
     } else {
         Vec::new()
     };
-    Ok((UpsertOutcome::Updated, events))
+    Ok((UpsertOutcome::Updated, id, events))
+}
+
+/// An upsert followed, unless it was stale, by its connection's quality sample: the same changes and events
+/// as the two commands one after the other, without looking the peer up again.
+fn apply_upsert_verified(
+    conn: &Connection,
+    upsert: &PeerUpsert,
+    quality: Option<&QualitySample>,
+    wants_events: bool,
+) -> Result<(UpsertOutcome, Vec<PeerEvent>), StoreError> {
+    let (outcome, id, mut events) = apply_upsert(conn, upsert, wants_events)?;
+    if let Some(sample) = quality
+        && !matches!(outcome, UpsertOutcome::Stale { .. })
+    {
+        let ((), quality_events) = apply_known_quality(conn, id, &upsert.node_id, sample, wants_events)?;
+        events.extend(quality_events);
+    }
+    Ok((outcome, events))
 }
 
 /// Writes what a record carries (topics, capabilities and services) for a peer that has none stored. Returns
 /// the topics as stored: valid ones, sorted, without duplicates.
-fn insert_record_details(conn: &Connection, upsert: &PeerUpsert) -> Result<Vec<String>, StoreError> {
-    let id = upsert.node_id.as_bytes().as_slice();
+fn insert_record_details(
+    conn: &Connection,
+    id: PeerId,
+    upsert: &PeerUpsert,
+) -> Result<Vec<String>, StoreError> {
+    let id = id.0;
 
     let mut topics: Vec<String> = Vec::with_capacity(upsert.topics.len());
     let mut insert_topic =
-        conn.prepare_cached("INSERT OR IGNORE INTO peer_topics (node_id, topic) VALUES (?1, ?2)")?;
+        conn.prepare_cached("INSERT OR IGNORE INTO peer_topics (peer, topic) VALUES (?1, ?2)")?;
     for topic in &upsert.topics {
         // Listing joins topics with U+001F, which the topic rule excludes; a topic breaking the rule would
         // corrupt that, so it is dropped here whatever let it through.
@@ -604,7 +649,7 @@ fn insert_record_details(conn: &Connection, upsert: &PeerUpsert) -> Result<Vec<S
 
     if let Some(capabilities) = &upsert.capabilities {
         conn.prepare_cached(
-            "INSERT INTO peer_capabilities (node_id, os, arch, cpu_cores, memory_bytes, software_version)
+            "INSERT INTO peer_capabilities (peer, os, arch, cpu_cores, memory_bytes, software_version)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
         )?
         .execute(params![
@@ -619,7 +664,7 @@ fn insert_record_details(conn: &Connection, upsert: &PeerUpsert) -> Result<Vec<S
 
     if !upsert.services.is_empty() {
         let mut insert_service = conn.prepare_cached(
-            "INSERT INTO peer_services (node_id, position, name, version, attributes) VALUES (?1, ?2, ?3, ?4, ?5)",
+            "INSERT INTO peer_services (peer, position, name, version, attributes) VALUES (?1, ?2, ?3, ?4, ?5)",
         )?;
         for (position, service) in upsert.services.iter().enumerate() {
             let mut attributes = service.attributes.clone();
@@ -639,8 +684,8 @@ fn insert_record_details(conn: &Connection, upsert: &PeerUpsert) -> Result<Vec<S
 /// Deletes a peer's addresses beyond the [`MAX_ADDRESSES_PER_PEER`] best. The bound is written into the SQL
 /// rather than bound as a parameter: SQLite re-prepares a statement whenever a parameter of its LIMIT is bound
 /// again, which cost a full parse and plan on every upsert (a test checks the two numbers agree).
-const TRIM_ADDRESSES_SQL: &str = "DELETE FROM peer_addresses WHERE node_id = ?1 AND address NOT IN (
-     SELECT address FROM peer_addresses WHERE node_id = ?1
+const TRIM_ADDRESSES_SQL: &str = "DELETE FROM peer_addresses WHERE peer = ?1 AND address NOT IN (
+     SELECT address FROM peer_addresses WHERE peer = ?1
      ORDER BY last_success IS NULL, last_success DESC, consecutive_failures ASC, first_seen DESC, address
      LIMIT 32)";
 
@@ -650,14 +695,19 @@ const TRIM_ADDRESSES_SQL: &str = "DELETE FROM peer_addresses WHERE node_id = ?1 
 /// made-up addresses can only displace addresses that never worked, and known-good ones survive it.
 ///
 /// `new_peer` says the peer had no addresses before, so the rows inserted here are all it has.
-fn merge_addresses(conn: &Connection, upsert: &PeerUpsert, new_peer: bool) -> Result<(), StoreError> {
+fn merge_addresses(
+    conn: &Connection,
+    id: PeerId,
+    upsert: &PeerUpsert,
+    new_peer: bool,
+) -> Result<(), StoreError> {
     if upsert.addresses.is_empty() {
         return Ok(());
     }
-    let id = upsert.node_id.as_bytes().as_slice();
+    let id = id.0;
     let mut insert = conn.prepare_cached(
-        "INSERT INTO peer_addresses (node_id, address, source, first_seen) VALUES (?1, ?2, ?3, ?4)
-         ON CONFLICT (node_id, address) DO UPDATE SET source = excluded.source
+        "INSERT INTO peer_addresses (peer, address, source, first_seen) VALUES (?1, ?2, ?3, ?4)
+         ON CONFLICT (peer, address) DO UPDATE SET source = excluded.source
          WHERE peer_addresses.source = 0",
     )?;
     let mut inserted = 0i64;
@@ -668,7 +718,7 @@ fn merge_addresses(conn: &Connection, upsert: &PeerUpsert, new_peer: bool) -> Re
     let stored = if new_peer {
         inserted
     } else {
-        conn.prepare_cached("SELECT COUNT(*) FROM peer_addresses WHERE node_id = ?1")?
+        conn.prepare_cached("SELECT COUNT(*) FROM peer_addresses WHERE peer = ?1")?
             .query_row([id], |row| row.get(0))?
     };
     if stored > MAX_ADDRESSES_PER_PEER {
@@ -709,39 +759,49 @@ fn apply_quality(
     sample: &QualitySample,
     wants_events: bool,
 ) -> Result<((), Vec<PeerEvent>), StoreError> {
-    let id = node_id.as_bytes().as_slice();
-    let known = conn
-        .prepare_cached("SELECT 1 FROM peers WHERE node_id = ?1")?
-        .query_row([id], |_| Ok(()))
-        .optional()?
-        .is_some();
-    if !known {
+    let id = conn
+        .prepare_cached("SELECT id FROM peers WHERE node_id = ?1")?
+        .query_row([node_id.as_bytes().as_slice()], |row| row.get(0))
+        .optional()?;
+    let Some(id) = id else {
         return Ok(((), Vec::new()));
-    }
-    conn.prepare_cached("INSERT OR IGNORE INTO peer_quality (node_id) VALUES (?1)")?.execute([id])?;
+    };
+    apply_known_quality(conn, PeerId(id), node_id, sample, wants_events)
+}
+
+/// [`apply_quality`] for a peer known to be stored under `id`.
+fn apply_known_quality(
+    conn: &Connection,
+    id: PeerId,
+    node_id: &NodeId,
+    sample: &QualitySample,
+    wants_events: bool,
+) -> Result<((), Vec<PeerEvent>), StoreError> {
+    let id = id.0;
+    conn.prepare_cached("INSERT OR IGNORE INTO peer_quality (peer) VALUES (?1)")?.execute([id])?;
 
     match &sample.outcome {
         Ok(rtt) => {
             if let Some(rtt) = rtt {
                 let previous: Option<i64> = conn
-                    .prepare_cached("SELECT rtt_ewma_us FROM peer_quality WHERE node_id = ?1")?
+                    .prepare_cached("SELECT rtt_ewma_us FROM peer_quality WHERE peer = ?1")?
                     .query_row([id], |row| row.get(0))?;
                 let ewma = next_rtt_ewma_us(previous, duration_to_micros(*rtt));
                 conn.prepare_cached(
-                    "UPDATE peer_quality SET rtt_ewma_us = ?2, rtt_samples = rtt_samples + 1 WHERE node_id = ?1",
+                    "UPDATE peer_quality SET rtt_ewma_us = ?2, rtt_samples = rtt_samples + 1 WHERE peer = ?1",
                 )?
                 .execute(params![id, ewma])?;
             }
             // max(): samples may arrive out of order; the latest success is what matters.
             conn.prepare_cached(
                 "UPDATE peer_quality SET successes = successes + 1,
-                 last_success_at = max(coalesce(last_success_at, ?2), ?2) WHERE node_id = ?1",
+                 last_success_at = max(coalesce(last_success_at, ?2), ?2) WHERE peer = ?1",
             )?
             .execute(params![id, sample.at_ms])?;
             if let Some(address) = &sample.address {
                 conn.prepare_cached(
                     "UPDATE peer_addresses SET last_success = max(coalesce(last_success, ?3), ?3),
-                     consecutive_failures = 0 WHERE node_id = ?1 AND address = ?2",
+                     consecutive_failures = 0 WHERE peer = ?1 AND address = ?2",
                 )?
                 .execute(params![id, address, sample.at_ms])?;
             }
@@ -750,13 +810,13 @@ fn apply_quality(
             let message = truncate_on_char_boundary(message, MAX_ERROR_BYTES);
             conn.prepare_cached(
                 "UPDATE peer_quality SET failures = failures + 1, last_error = ?2, last_error_at = ?3
-                 WHERE node_id = ?1",
+                 WHERE peer = ?1",
             )?
             .execute(params![id, message, sample.at_ms])?;
             if let Some(address) = &sample.address {
                 conn.prepare_cached(
                     "UPDATE peer_addresses SET last_failure = max(coalesce(last_failure, ?3), ?3),
-                     consecutive_failures = consecutive_failures + 1 WHERE node_id = ?1 AND address = ?2",
+                     consecutive_failures = consecutive_failures + 1 WHERE peer = ?1 AND address = ?2",
                 )?
                 .execute(params![id, address, sample.at_ms])?;
             }
@@ -764,14 +824,14 @@ fn apply_quality(
     }
 
     let (successes, failures, rtt_us): (i64, i64, Option<i64>) = conn
-        .prepare_cached("SELECT successes, failures, rtt_ewma_us FROM peer_quality WHERE node_id = ?1")?
+        .prepare_cached("SELECT successes, failures, rtt_ewma_us FROM peer_quality WHERE peer = ?1")?
         .query_row([id], |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)))?;
     let score = score(
         codec::count_from_stored(successes),
         codec::count_from_stored(failures),
         rtt_us.map(duration_from_micros),
     );
-    conn.prepare_cached("UPDATE peers SET score = ?2 WHERE node_id = ?1")?.execute(params![id, score])?;
+    conn.prepare_cached("UPDATE peers SET score = ?2 WHERE id = ?1")?.execute(params![id, score])?;
 
     if !wants_events {
         return Ok(((), Vec::new()));
@@ -882,8 +942,8 @@ fn apply_prune(
     if excess > 0 {
         removed.extend(delete_returning_ids(
             conn,
-            "DELETE FROM peers WHERE node_id IN (
-                 SELECT node_id FROM peers ORDER BY last_seen ASC, node_id ASC LIMIT ?1)
+            "DELETE FROM peers WHERE id IN (
+                 SELECT id FROM peers ORDER BY last_seen ASC, node_id ASC LIMIT ?1)
              RETURNING node_id",
             i64::try_from(excess).unwrap_or(i64::MAX),
         )?);
