@@ -15,12 +15,16 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use super::tasks::{self, AnnounceJob, LookupJob, TaskContext, TaskEvent};
-use super::{DhtOptions, DhtStatus, Discovery, Shared, topic_infohash};
+use super::own_node::OwnNode;
+use super::tasks::{self, AnnounceJob, AnnounceReport, LookupJob, LookupReport, TaskContext, TaskEvent};
+use super::{DhtOptions, DhtStatus, DhtTopicStatus, Discovery, Shared, topic_infohash};
 
 /// First retry delay for a topic that has shown no peers yet, or whose last announce failed; doubled on
 /// each retry up to the regular interval. Short because a node that just joined wants its first peers fast.
 const FIRST_RETRY_DELAY: Duration = Duration::from_secs(5);
+/// How often mainline's routing table size is read: the contact count `ListTopics` explains, and the watch
+/// that looks up and announces every topic again the moment a node that had no contacts gets some.
+const CONTACTS_CHECK: Duration = Duration::from_secs(2);
 
 pub(super) enum Command {
     Join(String),
@@ -28,6 +32,7 @@ pub(super) enum Command {
     SetAnnouncePort(u16),
     LookupNow(String),
     Status(oneshot::Sender<DhtStatus>),
+    Topics(oneshot::Sender<Vec<DhtTopicStatus>>),
 }
 
 /// A lookup or announce task of one topic. `generation` tells its end report from that of a task it replaced.
@@ -48,6 +53,9 @@ struct TopicState {
     /// `None` while an announce runs or while the announce port is unknown.
     next_announce: Option<Instant>,
     announce_retry_delay: Duration,
+    /// Outcomes of the last finished lookup and announce, with when they ended (ms since the epoch).
+    last_lookup: Option<(i64, LookupReport)>,
+    last_announce: Option<(i64, AnnounceReport)>,
 }
 
 impl TopicState {
@@ -71,6 +79,9 @@ pub(super) struct Actor {
     next_generation: u64,
     events: mpsc::UnboundedSender<TaskEvent>,
     event_receiver: mpsc::UnboundedReceiver<TaskEvent>,
+    own: OwnNode,
+    /// mainline's routing table size at the last check; `None` before the first.
+    contacts: Option<usize>,
 }
 
 impl Actor {
@@ -81,6 +92,11 @@ impl Actor {
         shared: Arc<Shared>,
     ) -> Actor {
         let (events, event_receiver) = mpsc::unbounded_channel();
+        let own = OwnNode::new(match shared.local_addr {
+            std::net::SocketAddr::V4(local) => local,
+            // Dht::start refuses IPv6 listen addresses.
+            std::net::SocketAddr::V6(_) => std::net::SocketAddrV4::new(std::net::Ipv4Addr::LOCALHOST, 0),
+        });
         Actor {
             dht,
             shared,
@@ -94,6 +110,8 @@ impl Actor {
             next_generation: 0,
             events,
             event_receiver,
+            own,
+            contacts: None,
         }
     }
 
@@ -106,6 +124,8 @@ impl Actor {
         let _stopped = self.shared.stopped.clone().drop_guard();
         let bootstrap_log =
             tokio::spawn(tasks::log_bootstrap(self.dht.clone(), self.has_bootstrap).in_current_span());
+        let mut contacts_check = tokio::time::interval(CONTACTS_CHECK);
+        contacts_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
 
         loop {
             let next_deadline = self.next_deadline();
@@ -119,6 +139,9 @@ impl Actor {
                 },
                 Some(event) = self.event_receiver.recv() => self.handle_event(event),
                 () = sleep_until_deadline(next_deadline) => self.start_due_work(),
+                _ = contacts_check.tick() => {
+                    tokio::spawn(tasks::report_contacts(self.dht.clone(), self.events.clone()));
+                }
             }
         }
 
@@ -158,6 +181,9 @@ impl Actor {
             Command::Status(reply) => {
                 tokio::spawn(tasks::report_status(self.dht.clone(), self.shared.local_addr, reply));
             }
+            Command::Topics(reply) => {
+                let _ = reply.send(self.topic_statuses());
+            }
         }
     }
 
@@ -179,6 +205,8 @@ impl Actor {
                 announce: None,
                 next_announce: None,
                 announce_retry_delay: FIRST_RETRY_DELAY.min(self.announce_interval),
+                last_lookup: None,
+                last_announce: None,
             },
         );
         self.start_lookup(&topic);
@@ -212,14 +240,15 @@ impl Actor {
     fn handle_event(&mut self, event: TaskEvent) {
         let now = Instant::now();
         match event {
-            TaskEvent::LookupFinished { topic, generation, delivered_peers } => {
+            TaskEvent::LookupFinished { topic, generation, report } => {
                 let lookup_interval = self.lookup_interval;
                 let Some(state) = self.topics.get_mut(&topic) else { return };
                 if state.lookup.as_ref().map(|task| task.generation) != Some(generation) {
                     return; // a lookup that was replaced in the meantime
                 }
                 state.lookup = None;
-                state.found_peers |= delivered_peers > 0;
+                state.found_peers |= report.delivered_peers > 0;
+                state.last_lookup = Some((crate::clock::now_ms(), report));
                 let delay = if state.found_peers {
                     lookup_interval
                 } else {
@@ -229,14 +258,14 @@ impl Actor {
                 };
                 state.next_lookup = Some(now + jittered(delay));
             }
-            TaskEvent::AnnounceFinished { topic, generation, succeeded } => {
+            TaskEvent::AnnounceFinished { topic, generation, report } => {
                 let announce_interval = self.announce_interval;
                 let Some(state) = self.topics.get_mut(&topic) else { return };
                 if state.announce.as_ref().map(|task| task.generation) != Some(generation) {
                     return;
                 }
                 state.announce = None;
-                let delay = if succeeded {
+                let delay = if report.stored_remotely {
                     state.announce_retry_delay = FIRST_RETRY_DELAY.min(announce_interval);
                     announce_interval
                 } else {
@@ -244,9 +273,67 @@ impl Actor {
                     state.announce_retry_delay = (delay * 2).min(announce_interval);
                     delay
                 };
+                state.last_announce = Some((crate::clock::now_ms(), report));
                 state.next_announce = Some(now + jittered(delay));
             }
+            TaskEvent::Contacts { routing_table_size } => {
+                let had_none = self.contacts.is_some_and(|size| size == 0);
+                self.contacts = Some(routing_table_size);
+                if had_none && routing_table_size > 0 {
+                    // Contacts came back (a bootstrap node answered at last, or a node that had lost every
+                    // contact found one): whatever failed for want of them is worth doing now, not after its
+                    // backoff, which may have grown to the full interval meanwhile.
+                    tracing::info!(
+                        routing_table_size,
+                        "DHT has contacts again; looking up and announcing every topic"
+                    );
+                    self.refresh_all_topics();
+                }
+            }
         }
+    }
+
+    /// Starts a lookup and an announce of every topic at once, with their retry delays reset.
+    fn refresh_all_topics(&mut self) {
+        let topics: Vec<String> = self.topics.keys().cloned().collect();
+        for topic in topics {
+            if let Some(state) = self.topics.get_mut(&topic) {
+                state.lookup_retry_delay = FIRST_RETRY_DELAY.min(self.lookup_interval);
+                state.announce_retry_delay = FIRST_RETRY_DELAY.min(self.announce_interval);
+            }
+            self.start_lookup(&topic);
+            self.start_announce(&topic);
+        }
+    }
+
+    /// What `ListTopics` tells of each joined topic, from the actor's own state (no DHT round trip).
+    fn topic_statuses(&self) -> Vec<DhtTopicStatus> {
+        let now = Instant::now();
+        let mut statuses: Vec<DhtTopicStatus> = self
+            .topics
+            .iter()
+            .map(|(topic, state)| DhtTopicStatus {
+                topic: topic.clone(),
+                contacts: self.contacts,
+                lookup_running: state.lookup.is_some(),
+                last_lookup_ms: state.last_lookup.map(|(at, _)| at),
+                last_lookup_peers: state.last_lookup.map(|(_, report)| report.delivered_peers),
+                nodes_with_our_announce: state.last_lookup.map(|(_, report)| report.nodes_with_our_announce),
+                announce_port: self.announce_port,
+                announce_running: state.announce.is_some(),
+                last_announce_ms: state.last_announce.as_ref().map(|(at, _)| *at),
+                announce_stored_remotely: state
+                    .last_announce
+                    .as_ref()
+                    .is_some_and(|(_, r)| r.stored_remotely),
+                announce_stored_here: state.last_announce.as_ref().is_some_and(|(_, r)| r.stored_here),
+                announce_error: state.last_announce.as_ref().and_then(|(_, r)| r.error.clone()),
+                next_lookup_in: state.next_lookup.map(|at| at.saturating_duration_since(now)),
+                has_bootstrap: self.has_bootstrap,
+            })
+            .collect();
+        statuses.sort_by(|a, b| a.topic.cmp(&b.topic));
+        statuses
     }
 
     fn next_deadline(&self) -> Option<Instant> {
@@ -274,7 +361,12 @@ impl Actor {
     }
 
     fn context(&self) -> TaskContext {
-        TaskContext { dht: self.dht.clone(), shared: Arc::clone(&self.shared), events: self.events.clone() }
+        TaskContext {
+            dht: self.dht.clone(),
+            shared: Arc::clone(&self.shared),
+            events: self.events.clone(),
+            own: self.own.clone(),
+        }
     }
 
     fn start_lookup(&mut self, topic: &str) {

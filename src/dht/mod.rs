@@ -10,6 +10,7 @@
 //! OS thread and UDP socket (IPv4 only).
 
 mod actor;
+mod own_node;
 mod tasks;
 #[cfg(test)]
 mod tests;
@@ -126,6 +127,75 @@ pub struct DhtStatus {
     /// Whether we currently answer other nodes' queries.
     pub server_mode: bool,
     pub local_addr: SocketAddr,
+}
+
+/// Where the discovery of one joined topic stands, for operators (`ListTopics`, `rnctl topics list`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DhtTopicStatus {
+    pub topic: String,
+    /// Nodes in mainline's routing table (for the whole DHT node, not only this topic); `None` before the first
+    /// check, a second or two after start.
+    pub contacts: Option<usize>,
+    pub has_bootstrap: bool,
+    pub lookup_running: bool,
+    /// When the last lookup ended (ms since the Unix epoch) and what it found.
+    pub last_lookup_ms: Option<i64>,
+    /// Peer addresses the last lookup handed to the dialer.
+    pub last_lookup_peers: Option<usize>,
+    /// DHT nodes whose answers in the last lookup held our own announce (our own node included).
+    pub nodes_with_our_announce: Option<usize>,
+    pub next_lookup_in: Option<Duration>,
+    /// The QUIC port announced; `None` until known (nothing is announced before).
+    pub announce_port: Option<u16>,
+    pub announce_running: bool,
+    pub last_announce_ms: Option<i64>,
+    /// The last announce was stored by at least one other DHT node.
+    pub announce_stored_remotely: bool,
+    /// The last announce was stored at our own node (only while it serves the DHT).
+    pub announce_stored_here: bool,
+    /// Why the last announce failed at other nodes, in mainline's words.
+    pub announce_error: Option<String>,
+}
+
+impl DhtTopicStatus {
+    /// One sentence on why the topic finds peers or not, for people.
+    pub fn explanation(&self) -> String {
+        let contacts = self.contacts.unwrap_or(0);
+        if self.announce_port.is_none() {
+            return "not announced yet: our QUIC port is not known".to_owned();
+        }
+        if self.last_lookup_ms.is_none() && self.last_announce_ms.is_none() {
+            return "first lookup and announce running".to_owned();
+        }
+        let found = self.last_lookup_peers.unwrap_or(0);
+        let findable = match (self.announce_stored_remotely, self.announce_stored_here) {
+            (true, _) => match self.nodes_with_our_announce {
+                Some(nodes) if nodes > 0 => format!("our announce is stored on {nodes} DHT node(s)"),
+                _ => "our announce is stored".to_owned(),
+            },
+            (false, true) => "our announce is stored only at our own DHT node".to_owned(),
+            (false, false) => format!(
+                "our announce is stored nowhere ({})",
+                self.announce_error.as_deref().unwrap_or("not tried yet")
+            ),
+        };
+        if contacts == 0 {
+            let why = if self.has_bootstrap {
+                "no DHT node knows us yet: 0 contacts (the bootstrap nodes do not answer)"
+            } else {
+                "no DHT node knows us yet: 0 contacts (started without bootstrap nodes: waiting for others to bootstrap from us)"
+            };
+            return format!("{why}; {findable}");
+        }
+        if found == 0 {
+            return format!(
+                "the last lookup found nobody: no peer has announced this topic to the {contacts} DHT node(s) we know; {findable}"
+            );
+        }
+        format!(
+            "the last lookup found {found} peer address(es) through {contacts} DHT contact(s); {findable}"
+        )
+    }
 }
 
 /// A snapshot of the DHT adapter's counters since start.
@@ -338,6 +408,14 @@ impl Dht {
 
     pub fn counters(&self) -> DhtCounters {
         self.shared.counters.snapshot()
+    }
+
+    /// Where the discovery of each joined topic stands, sorted by topic. Answered from the actor's state: no
+    /// DHT round trip.
+    pub async fn topics(&self) -> Vec<DhtTopicStatus> {
+        let (reply, answer) = oneshot::channel();
+        self.send(Command::Topics(reply));
+        answer.await.unwrap_or_default()
     }
 
     /// Announces started for `topic` since start, including after it was left.

@@ -15,6 +15,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_stream::StreamExt;
 use tracing::Instrument;
 
+use super::own_node::OwnNode;
 use super::{DhtStatus, Discovery, Shared};
 
 /// How long a lookup may wait for room in the dialer's queue before the batch is dropped: long enough to ride
@@ -35,12 +36,45 @@ pub(super) struct TaskContext {
     pub(super) dht: AsyncDht,
     pub(super) shared: Arc<Shared>,
     pub(super) events: mpsc::UnboundedSender<TaskEvent>,
+    pub(super) own: OwnNode,
 }
 
 /// End-of-task reports to the actor.
 pub(super) enum TaskEvent {
-    LookupFinished { topic: String, generation: u64, delivered_peers: usize },
-    AnnounceFinished { topic: String, generation: u64, succeeded: bool },
+    LookupFinished {
+        topic: String,
+        generation: u64,
+        report: LookupReport,
+    },
+    AnnounceFinished {
+        topic: String,
+        generation: u64,
+        report: AnnounceReport,
+    },
+    /// What mainline says of its routing table, read every few seconds.
+    Contacts {
+        routing_table_size: usize,
+    },
+}
+
+/// What one lookup found.
+#[derive(Debug, Clone, Copy, Default)]
+pub(super) struct LookupReport {
+    /// Addresses handed to the dialer (not ours, each once).
+    pub(super) delivered_peers: usize,
+    /// DHT nodes whose answer held our own announce (our own node included): where we are findable.
+    pub(super) nodes_with_our_announce: usize,
+}
+
+/// How one announce went.
+#[derive(Debug, Clone, Default)]
+pub(super) struct AnnounceReport {
+    /// mainline stored it on at least one other DHT node.
+    pub(super) stored_remotely: bool,
+    /// Our own node stores it (only while it serves the DHT).
+    pub(super) stored_here: bool,
+    /// Why mainline's announce failed, if it did.
+    pub(super) error: Option<String>,
 }
 
 pub(super) struct LookupJob {
@@ -58,47 +92,75 @@ pub(super) struct AnnounceJob {
     pub(super) port: u16,
 }
 
-/// Walks the DHT towards the topic's infohash and hands each new batch of peers to the dialer as it arrives.
+/// Walks the DHT towards the topic's infohash and hands each new batch of peers to the dialer as it arrives;
+/// while our node serves the DHT, first hands over what others announced at our own node.
 pub(super) async fn run_lookup(context: TaskContext, job: LookupJob, discoveries: mpsc::Sender<Discovery>) {
     let span = tracing::info_span!("dht.get_peers", topic = %job.topic, infohash = %job.infohash);
-    let delivered_peers = async {
+    let report = async {
         context.shared.counters.lookups_started.fetch_add(1, Ordering::Relaxed);
-        let own_addresses = own_announce_addresses(&context, job.announce_port).await;
+        // Sent before anything else, so the walk runs while we read our own node.
+        let mut batches = context.dht.get_peers(job.infohash);
+        let info = context.dht.info().await;
+        let own_addresses = own_announce_addresses(&context, info.public_address(), job.announce_port);
         let delivery = Delivery { shared: &context.shared, discoveries: &discoveries, topic: &job.topic };
         let mut delivered = HashSet::new();
-        let mut batches = context.dht.get_peers(job.infohash);
+        let mut report = LookupReport::default();
+        let mut take_batch = async |batch: Vec<SocketAddrV4>, report: &mut LookupReport| {
+            if batch.iter().any(|peer| own_addresses.contains(peer)) {
+                report.nodes_with_our_announce += 1;
+            }
+            let fresh: Vec<SocketAddrV4> = batch
+                .into_iter()
+                .filter(|peer| !own_addresses.contains(peer) && !delivered.contains(peer))
+                .collect::<HashSet<_>>()
+                .into_iter()
+                .collect();
+            if fresh.is_empty() {
+                return true;
+            }
+            match delivery.send(&fresh).await {
+                Delivered::Yes => {
+                    delivered.extend(fresh);
+                    true
+                }
+                // Not marked delivered: the next batch that carries them gets another chance.
+                Delivered::Dropped => true,
+                Delivered::DialerGone => false,
+            }
+        };
+        let mut dialer_gone = false;
+        if info.server_mode() {
+            match context.own.stored_peers(&job.infohash).await {
+                Ok(stored) => {
+                    tracing::debug!(peers = stored.len(), "read the announces stored at our own DHT node");
+                    dialer_gone = !take_batch(stored, &mut report).await;
+                }
+                Err(error) => tracing::debug!(%error, "could not read our own DHT node's announces"),
+            }
+        }
         let walk = async {
-            while let Some(batch) = batches.next().await {
-                let fresh: Vec<SocketAddrV4> = batch
-                    .into_iter()
-                    .filter(|peer| !own_addresses.contains(peer) && !delivered.contains(peer))
-                    .collect::<HashSet<_>>()
-                    .into_iter()
-                    .collect();
-                if fresh.is_empty() {
-                    continue;
-                }
-                match delivery.send(&fresh).await {
-                    Delivered::Yes => delivered.extend(fresh),
-                    // Not marked delivered: the next batch that carries them gets another chance.
-                    Delivered::Dropped => {}
-                    Delivered::DialerGone => break,
-                }
+            while !dialer_gone && let Some(batch) = batches.next().await {
+                dialer_gone = !take_batch(batch, &mut report).await;
             }
         };
         if tokio::time::timeout(LOOKUP_DEADLINE, walk).await.is_err() {
             tracing::warn!(deadline = ?LOOKUP_DEADLINE, "DHT lookup did not end in time; abandoned");
         }
         context.shared.counters.lookups_finished.fetch_add(1, Ordering::Relaxed);
-        tracing::debug!(peers = delivered.len(), "DHT lookup finished");
-        delivered.len()
+        report.delivered_peers = delivered.len();
+        tracing::debug!(
+            peers = report.delivered_peers,
+            nodes_with_our_announce = report.nodes_with_our_announce,
+            "DHT lookup finished"
+        );
+        report
     }
     .instrument(span)
     .await;
     let _ = context.events.send(TaskEvent::LookupFinished {
         topic: job.topic,
         generation: job.generation,
-        delivered_peers,
+        report,
     });
 }
 
@@ -147,13 +209,18 @@ impl Delivery<'_> {
     }
 }
 
-/// Addresses under which DHT nodes would list our own announce: our public IP (as other nodes report it)
-/// and our bound IP, each with the announced port. Unknown port or IP means nothing to skip.
-async fn own_announce_addresses(context: &TaskContext, announce_port: Option<u16>) -> HashSet<SocketAddrV4> {
+/// Addresses under which DHT nodes would list our own announce: our public IP (as other nodes report it), our
+/// bound IP and the IPs our own node stores our announce under, each with the announced port. Unknown port
+/// means nothing to skip.
+fn own_announce_addresses(
+    context: &TaskContext,
+    public_address: Option<SocketAddrV4>,
+    announce_port: Option<u16>,
+) -> HashSet<SocketAddrV4> {
     let Some(port) = announce_port else { return HashSet::new() };
-    let info = context.dht.info().await;
-    let mut own = HashSet::new();
-    if let Some(public) = info.public_address() {
+    let mut own: HashSet<SocketAddrV4> =
+        context.own.announce_ips().into_iter().map(|ip| SocketAddrV4::new(ip, port)).collect();
+    if let Some(public) = public_address {
         own.insert(SocketAddrV4::new(*public.ip(), port));
     }
     if let SocketAddr::V4(local) = context.shared.local_addr
@@ -164,44 +231,70 @@ async fn own_announce_addresses(context: &TaskContext, announce_port: Option<u16
     own
 }
 
-/// Announces our port under the topic's infohash to the nodes closest to it.
+/// Announces our port under the topic's infohash to the nodes closest to it, and, while our node serves the
+/// DHT, at our own node too.
 pub(super) async fn run_announce(context: TaskContext, job: AnnounceJob) {
     let span =
         tracing::info_span!("dht.announce", topic = %job.topic, infohash = %job.infohash, port = job.port);
-    let succeeded = async {
+    let report = async {
         context.shared.counters.count_announce(&job.topic);
         // announce_peer needs a token from each target node, so mainline first walks towards the infohash.
         // Left alone it walks with `get_value`, and a `get_peers` lookup of the same infohash started meanwhile
         // would join that walk and never see a peer (mainline merges queries per target). Opening a
         // `get_peers` walk first makes the announce reuse it instead; its answers are the lookup's business.
         let walk = context.dht.get_peers(job.infohash);
-        let announce = context.dht.announce_peer(job.infohash, Some(job.port));
-        let result = tokio::time::timeout(ANNOUNCE_DEADLINE, announce).await;
+        let announce = tokio::time::timeout(ANNOUNCE_DEADLINE, context.dht.announce_peer(job.infohash, Some(job.port)));
+        let (result, stored_here) = tokio::join!(announce, announce_here(&context, &job));
         drop(walk);
+        let mut report = AnnounceReport { stored_here, ..AnnounceReport::default() };
         match result {
             Ok(Ok(_)) => {
-                tracing::debug!("DHT announce stored");
-                true
+                tracing::debug!(stored_here, "DHT announce stored");
+                report.stored_remotely = true;
             }
-            Ok(Err(error)) => {
-                context.shared.counters.announces_failed.fetch_add(1, Ordering::Relaxed);
+            Ok(Err(error)) => report.error = Some(error.to_string()),
+            Err(_) => report.error = Some(format!("no answer within {ANNOUNCE_DEADLINE:?}")),
+        }
+        if let Some(error) = &report.error {
+            context.shared.counters.announces_failed.fetch_add(1, Ordering::Relaxed);
+            if stored_here {
+                // A lone seed, or a node whose DHT contacts are all read-only: findable by whoever bootstraps
+                // from it, which is what such a network has.
+                tracing::info!(%error, "DHT announce stored only at our own DHT node: no other node stores it");
+            } else {
                 tracing::warn!(%error, "DHT announce failed");
-                false
-            }
-            Err(_) => {
-                context.shared.counters.announces_failed.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(deadline = ?ANNOUNCE_DEADLINE, "DHT announce did not end in time; abandoned");
-                false
             }
         }
+        report
     }
     .instrument(span)
     .await;
     let _ = context.events.send(TaskEvent::AnnounceFinished {
         topic: job.topic,
         generation: job.generation,
-        succeeded,
+        report,
     });
+}
+
+/// Stores our announce at our own node under each IP others reach us on; whether any of them took it.
+async fn announce_here(context: &TaskContext, job: &AnnounceJob) -> bool {
+    if !context.dht.info().await.server_mode() {
+        return false;
+    }
+    let mut stored = false;
+    for ip in context.own.announce_ips() {
+        match context.own.announce(ip, &job.infohash, job.port).await {
+            Ok(()) => stored = true,
+            Err(error) => tracing::debug!(%ip, %error, "could not store our announce at our own DHT node"),
+        }
+    }
+    stored
+}
+
+/// Reads the size of mainline's routing table for the actor's contact watch.
+pub(super) async fn report_contacts(dht: AsyncDht, events: mpsc::UnboundedSender<TaskEvent>) {
+    let routing_table_size = dht.to_bootstrap().await.len();
+    let _ = events.send(TaskEvent::Contacts { routing_table_size });
 }
 
 /// Answers a status request from mainline's own view of itself.

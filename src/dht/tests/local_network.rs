@@ -207,6 +207,47 @@ async fn a_client_answers_no_queries() {
     drop(network);
 }
 
+/// A lone seed whose only DHT contacts are read-only clients (nodes behind NATs): no other node stores its
+/// announce and its own lookups reach nobody who stores theirs. Its own node has to do both: the clients find
+/// the seed's port there, and the seed finds theirs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lone_seed_among_clients_is_found_and_finds_them() {
+    let mut seed = Adapter::start(adapter_options(Vec::new(), 40101));
+    let seed_address = seed.dht.local_addr().to_string();
+    let mut clients: Vec<Adapter> = [40102, 40103]
+        .into_iter()
+        .map(|port| {
+            let mut options = adapter_options(vec![seed_address.clone()], port);
+            options.mode = DhtMode::Client;
+            Adapter::start(options)
+        })
+        .collect();
+    for adapter in std::iter::once(&seed).chain(&clients) {
+        adapter.dht.join("lone");
+    }
+
+    for client in &mut clients {
+        client.wait_for_ports("lone", &[40101]).await;
+    }
+    seed.wait_for_ports("lone", &[40102, 40103]).await;
+    let status = tokio::time::timeout(PATIENCE, async {
+        loop {
+            let topics = seed.dht.topics().await;
+            if let Some(status) =
+                topics.into_iter().find(|t| t.topic == "lone" && t.last_announce_ms.is_some())
+            {
+                return status;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+    .expect("the seed's first announce never ended");
+    assert!(status.announce_stored_here, "{status:?}");
+    assert!(!status.announce_stored_remotely, "a read-only client stored the seed's announce: {status:?}");
+    assert!(status.explanation().contains("only at our own DHT node"), "{}", status.explanation());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn startup_errors_say_what_is_wrong() {
     let start = |listen: SocketAddr, bootstrap: Vec<String>| {
