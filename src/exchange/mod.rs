@@ -256,6 +256,9 @@ const HAIRPIN_TIMEOUT: Duration = Duration::from_secs(3);
 /// How long a punch has before a relay circuit is tried beside it: punches through endpoint-independent NATs
 /// finish within a few round trips, and one that needs longer is unlikely to succeed at all.
 const RELAY_AFTER: Duration = Duration::from_secs(2);
+/// How long a plain dial of a peer of undecided NAT gets before a punch is tried: a reachable peer answers in
+/// one round trip, and a dial into a NAT's filter only ends at the dial timeout.
+const UNDECIDED_PEER_GRACE: Duration = Duration::from_secs(3);
 
 /// Destinations remembered; the oldest sample goes first.
 const MAX_MAPPING_SAMPLES: usize = 64;
@@ -854,6 +857,7 @@ impl Inner {
                 // A node behind a NAT lets in only what it expects: a punch (or relay) instead of a dial.
                 if !self.reach_if_private(&verified) {
                     candidates.extend(record::dialable_addresses(&verified));
+                    self.punch_if_dial_fails(&verified);
                 }
                 // A stale record (lower seq than stored) is simply not newer: nothing to do.
                 let upsert = upsert_from_record(&verified, None, now_ms());
@@ -893,6 +897,35 @@ impl Inner {
             }
         });
         true
+    }
+
+    /// For a peer learnt by peer exchange whose record does not say where it stands (its NAT verdict is still
+    /// open: too few witnesses, as in a network with one public node): the plain dial goes first, and if no
+    /// session exists after [`UNDECIDED_PEER_GRACE`], a punch (a relay if that fails). An open verdict never
+    /// blocks a punch; a reachable peer is connected long before the grace ends and costs nothing more.
+    fn punch_if_dial_fails(self: &Arc<Self>, record: &VerifiedRecord) {
+        if record.body.node_type != pb::NodeType::Unknown as i32 {
+            return;
+        }
+        let inner = Arc::downgrade(self);
+        let peer = record.node_id;
+        let shutdown = self.shutdown.clone();
+        tokio::spawn(async move {
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                () = tokio::time::sleep(UNDECIDED_PEER_GRACE) => {}
+            }
+            let Some(inner) = inner.upgrade() else { return };
+            if inner.sessions.get(&peer).is_some() || !inner.punch.auto_punch_due(peer) {
+                return;
+            }
+            match inner.punch_or_relay(peer).await {
+                Ok(session) => {
+                    tracing::info!(%peer, path = ?session.path(), "connected to a peer the plain dial did not reach")
+                }
+                Err(e) => tracing::info!(%peer, error = %e, "could not reach a peer of undecided NAT"),
+            }
+        });
     }
 
     /// Dials a known peer on its stored addresses, best first, pinning its node id.

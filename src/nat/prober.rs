@@ -270,14 +270,8 @@ impl NatProber {
     /// that others know whom to ask for an introduction (hole punching) or a relay circuit, and reserves a
     /// relay slot with each; names none once we are reachable.
     async fn maintain_rendezvous(&self) {
-        let private = self.lock().verdict.as_ref().is_some_and(|v| {
-            matches!(
-                v.reachability,
-                classify::Reachability::PrivatePunchable | classify::Reachability::PrivateHard
-            )
-        });
         let mut rendezvous = Vec::new();
-        if private {
+        if self.behind_nat() {
             let exchange = &self.inner.exchange;
             // In node id order, so the choice only changes when sessions do (each change re-signs the record
             // and pushes it to every peer), and no further than needed through a large session table.
@@ -287,11 +281,18 @@ impl NatProber {
                 if rendezvous.len() >= RENDEZVOUS_PEERS {
                     break;
                 }
-                let public = matches!(
-                    self.inner.store.get_peer(peer).await,
-                    Ok(Some(detail)) if detail.summary.node_type == NodeType::Public
-                );
-                if let (true, Some(session)) = (public, exchange.session_info(&peer)) {
+                let Some(session) = exchange.session_info(&peer) else { continue };
+                let node_type = match self.inner.store.get_peer(peer).await {
+                    Ok(Some(detail)) => detail.summary.node_type,
+                    _ => continue,
+                };
+                // A peer that says it is public, or one whose own verdict is still open but that we reached by
+                // dialing its address: from behind our NAT, that is what a public peer looks like.
+                let public = node_type == NodeType::Public
+                    || (node_type == NodeType::Unknown
+                        && session.direction == crate::exchange::table::Direction::Outbound
+                        && session.path == crate::exchange::ConnectionPath::Direct);
+                if public {
                     // A punch may not get through the NATs on both sides: the rendezvous also relays.
                     match exchange.reserve_relay(peer).await {
                         Ok(true) => {}
@@ -303,6 +304,23 @@ impl NatProber {
             }
         }
         self.inner.exchange.publisher().set_rendezvous(rendezvous).await;
+    }
+
+    /// Whether others need a rendezvous to reach us: the verdict says so, or, while it is still open (too few
+    /// witnesses, as in a network with a single public node), a peer saw our packets come from an address that
+    /// is none of our interfaces'. An open verdict must not keep a node behind a NAT unreachable.
+    fn behind_nat(&self) -> bool {
+        let reachability = self.lock().verdict.as_ref().map(|v| v.reachability);
+        match reachability {
+            Some(classify::Reachability::PrivatePunchable | classify::Reachability::PrivateHard) => true,
+            Some(classify::Reachability::Public) => false,
+            Some(classify::Reachability::Unknown) | None => {
+                let interfaces: Vec<std::net::IpAddr> = if_addrs::get_if_addrs()
+                    .map(|list| list.iter().map(|i| i.ip()).collect())
+                    .unwrap_or_default();
+                self.inner.exchange.mapping_samples().iter().any(|s| !interfaces.contains(&s.observed.ip()))
+            }
+        }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, NatKnowledge> {
