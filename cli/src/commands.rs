@@ -4,8 +4,9 @@
 use std::time::SystemTime;
 
 use std::collections::BTreeSet;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
+use remote_network::api::control::topic_service_client::TopicServiceClient;
 use remote_network::api::control::{
     ConnectPeerRequest, ForgetPeerRequest, GetNatStatusRequest, GetNodeInfoRequest, GetPeerRequest,
     JoinTopicRequest, LeaveTopicRequest, ListPeersRequest, ListPeersResponse, ListTopicsRequest, NodeType,
@@ -15,7 +16,7 @@ use remote_network::api::names::NodeId;
 use tokio::signal::unix::{SignalKind, signal};
 
 use crate::args::{DaemonCommand, ListPeersArgs, NatCommand, NodeCommand, PeersCommand, TopicsCommand};
-use crate::daemon::Daemon;
+use crate::daemon::{AuthChannel, Daemon};
 use crate::exit::Failure;
 use crate::output::Printer;
 use crate::render;
@@ -197,8 +198,14 @@ async fn join_topic(daemon: &Daemon, printer: &mut Printer, topic: String) -> Re
     })
 }
 
+/// How often `topics join --wait` reads the topic's discovery status to report its progress.
+const DISCOVERY_POLL: Duration = Duration::from_millis(500);
+
 /// Joins, then follows the topic's peers until `wanted` of them are verified: every peer added or updated after
 /// the join started counts (a stored peer from an earlier run counts only once it is verified again).
+///
+/// While it waits, the topic's discovery explanation (from `ListTopics`) goes to stderr each time it changes, so
+/// a wait that takes long says why ("0 contacts", "the last lookup found nobody") and stdout stays as it was.
 async fn join_and_wait(
     daemon: &Daemon,
     printer: &mut Printer,
@@ -230,21 +237,36 @@ async fn join_and_wait(
         ),
     )?;
     let deadline = daemon.deadline().map(|d| started + d);
+    let timed_out = async {
+        match deadline {
+            Some(deadline) => tokio::time::sleep_until(deadline.into()).await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::pin!(timed_out);
+    let mut poll = tokio::time::interval(DISCOVERY_POLL);
+    poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut explanation = String::new();
     let mut verified = BTreeSet::new();
     while verified.len() < wanted as usize {
-        let wait = deadline.map(|d| d.saturating_duration_since(Instant::now()));
-        let next = match wait {
-            Some(wait) => match tokio::time::timeout(wait, stream.message()).await {
-                Ok(next) => next?,
-                Err(_) => {
-                    return Err(Failure::Status(tonic::Status::deadline_exceeded(format!(
-                        "{} of {wanted} peers of {topic} verified within {}s (see --timeout)",
-                        verified.len(),
-                        daemon.deadline().unwrap_or_default().as_secs()
-                    ))));
+        let next = tokio::select! {
+            next = stream.message() => next?,
+            _ = poll.tick() => {
+                if let Some(now_explained) = discovery_explanation(&mut topics, &topic).await
+                    && now_explained != explanation
+                {
+                    eprintln!("discovery: {now_explained}");
+                    explanation = now_explained;
                 }
-            },
-            None => stream.message().await?,
+                continue;
+            }
+            () = &mut timed_out => {
+                return Err(Failure::Status(tonic::Status::deadline_exceeded(format!(
+                    "{} of {wanted} peers of {topic} verified within {}s (see --timeout)",
+                    verified.len(),
+                    daemon.deadline().unwrap_or_default().as_secs()
+                ))));
+            }
         };
         let Some(event) = next else {
             return Err(Failure::Status(tonic::Status::unavailable("the daemon ended the watch")));
@@ -270,6 +292,21 @@ async fn join_and_wait(
             elapsed.as_secs_f64()
         ))
     }
+}
+
+/// The topic's discovery explanation, or `None` when the daemon has none yet or does not answer in time: progress
+/// is best effort and never fails the wait.
+async fn discovery_explanation(topics: &mut TopicServiceClient<AuthChannel>, topic: &str) -> Option<String> {
+    let listing =
+        tokio::time::timeout(DISCOVERY_POLL, topics.list_topics(ListTopicsRequest {})).await.ok()?.ok()?;
+    listing
+        .into_inner()
+        .topics
+        .into_iter()
+        .find(|t| t.name == topic)
+        .and_then(|t| t.discovery)
+        .map(|d| d.explanation)
+        .filter(|e| !e.is_empty())
 }
 
 async fn nat(daemon: &Daemon, printer: &mut Printer, command: NatCommand) -> Result<(), Failure> {

@@ -138,4 +138,31 @@ mod tests {
         assert_eq!(value["peer"]["topics"], json!(["chat"]));
         assert_eq!(value["peer"]["score"], 0.0);
     }
+
+    #[test]
+    fn unknown_discovery_counts_are_absent_and_a_known_zero_is_zero() {
+        let json = ProtoJson::new().expect("descriptor set decodes");
+        let listing = control::ListTopicsResponse {
+            topics: vec![
+                control::Topic {
+                    name: "lone".into(),
+                    discovery: Some(control::TopicDiscovery {
+                        dht_contacts: Some(0),
+                        explanation: "no DHT node knows us yet: 0 contacts".into(),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                },
+                control::Topic { name: "new".into(), ..Default::default() },
+            ],
+        };
+        let value = parse(&json.pretty(&listing).expect("serializes"));
+        let lone = &value["topics"][0]["discovery"];
+        assert_eq!(lone["dhtContacts"], 0, "a zero that is known is printed: {lone}");
+        assert!(lone.get("lastLookupPeers").is_none(), "an unknown count is absent: {lone}");
+        assert!(lone.get("lastLookupAt").is_none(), "{lone}");
+        assert_eq!(lone["lookupRunning"], false);
+        assert_eq!(lone["explanation"], "no DHT node knows us yet: 0 contacts");
+        assert!(value["topics"][1].get("discovery").is_none(), "no discovery yet: {value}");
+    }
 }

@@ -343,23 +343,81 @@ pub fn peer_event_line(event: &control::PeerEvent, now: i64, snapshot_peers: u64
     format!("{time}  {kind:<EVENT_KIND_WIDTH$}  {detail}")
 }
 
-/// `rnctl topics list`: one row per joined topic.
+/// `rnctl topics list`: one row per joined topic with where its discovery stands (DHT contacts, the last lookup
+/// and what it found, the next one, where our announce is stored), then one line per topic saying in words why it
+/// finds peers or not.
 pub fn topic_table(topics: &[control::Topic], now: i64) -> String {
     let mut table = Table::new(&[
         ("TOPIC", Align::Left),
         ("PEERS", Align::Right),
         ("JOINED", Align::Left),
+        ("CONTACTS", Align::Right),
+        ("LAST LOOKUP", Align::Left),
+        ("FOUND", Align::Right),
+        ("NEXT LOOKUP", Align::Left),
+        ("OUR ANNOUNCE", Align::Left),
         ("INFOHASH", Align::Left),
     ]);
+    let mut explanations = String::new();
     for topic in topics {
-        table.push_row(vec![
-            topic.name.clone(),
-            topic.peers.to_string(),
-            age(topic.joined_at.as_ref(), now),
-            topic.infohash.clone(),
-        ]);
+        let mut row = vec![topic.name.clone(), topic.peers.to_string(), age(topic.joined_at.as_ref(), now)];
+        match &topic.discovery {
+            Some(discovery) => {
+                row.extend(discovery_cells(discovery, now));
+                explanations.push_str(&format!("{}: {}\n", topic.name, or_unknown(&discovery.explanation)));
+            }
+            None => {
+                row.extend(std::iter::repeat_n(NONE.to_owned(), 5));
+                explanations.push_str(&format!("{}: the DHT has not taken this topic up yet\n", topic.name));
+            }
+        }
+        row.push(topic.infohash.clone());
+        table.push_row(row);
     }
-    table.render()
+    format!("{}\n{explanations}", table.render())
+}
+
+/// The CONTACTS, LAST LOOKUP, FOUND, NEXT LOOKUP and OUR ANNOUNCE cells of a topic row.
+fn discovery_cells(discovery: &control::TopicDiscovery, now: i64) -> [String; 5] {
+    let count = |value: Option<u32>| value.map_or_else(|| NONE.to_owned(), |n| n.to_string());
+    let last_lookup = if discovery.lookup_running {
+        "running".to_owned()
+    } else {
+        age(discovery.last_lookup_at.as_ref(), now)
+    };
+    let next_lookup = match &discovery.next_lookup_in {
+        Some(wait) if wait.seconds <= 0 => "due".to_owned(),
+        Some(wait) => format!("in {}", format_proto_duration(wait)),
+        None => NONE.to_owned(),
+    };
+    [
+        count(discovery.dht_contacts),
+        last_lookup,
+        count(discovery.last_lookup_peers),
+        next_lookup,
+        announce_text(discovery),
+    ]
+}
+
+/// Where our announce is: `on 3 nodes`, `here only` (our own DHT node), `not stored`, or not yet tried.
+fn announce_text(discovery: &control::TopicDiscovery) -> String {
+    if discovery.announce_port.is_none() {
+        return "not yet".to_owned();
+    }
+    if discovery.announce_stored_remotely {
+        return match discovery.nodes_with_our_announce {
+            Some(nodes) if nodes > 0 => format!("on {}", plural(u64::from(nodes), "node", "nodes")),
+            _ => "stored".to_owned(),
+        };
+    }
+    if discovery.announce_stored_here {
+        return "here only".to_owned();
+    }
+    match (&discovery.last_announce_at, discovery.announce_running) {
+        (None, true) => "running".to_owned(),
+        (None, false) => "not yet".to_owned(),
+        (Some(_), _) => "not stored".to_owned(),
+    }
 }
 
 /// `rnctl nat status`: the verdicts, the evidence for each, observed addresses and dial-backs.
@@ -598,13 +656,81 @@ mod tests {
     }
 
     #[test]
-    fn topic_rows() {
-        let topic =
-            control::Topic { name: "chat".into(), joined_at: at(7200), peers: 12, infohash: "aa".repeat(20) };
-        let text = topic_table(&[topic], NOW);
+    fn topic_rows_show_discovery_and_why() {
+        let found = control::Topic {
+            name: "chat".into(),
+            joined_at: at(7200),
+            peers: 12,
+            infohash: "aa".repeat(20),
+            discovery: Some(control::TopicDiscovery {
+                dht_contacts: Some(8),
+                last_lookup_at: at(5),
+                last_lookup_peers: Some(3),
+                nodes_with_our_announce: Some(4),
+                next_lookup_in: Some(prost_reflect::prost_types::Duration { seconds: 55, nanos: 0 }),
+                announce_port: Some(30906),
+                last_announce_at: at(60),
+                announce_stored_remotely: true,
+                explanation: "the last lookup found 3 peer address(es)".into(),
+                ..Default::default()
+            }),
+        };
+        let lone = control::Topic {
+            name: "lone".into(),
+            joined_at: at(60),
+            infohash: "bb".repeat(20),
+            discovery: Some(control::TopicDiscovery {
+                dht_contacts: Some(0),
+                lookup_running: true,
+                announce_port: Some(30906),
+                last_announce_at: at(30),
+                announce_stored_here: true,
+                explanation: "no DHT node knows us yet: 0 contacts".into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let fresh = control::Topic {
+            name: "new".into(),
+            joined_at: at(0),
+            infohash: "cc".repeat(20),
+            ..Default::default()
+        };
+        let text = topic_table(&[found, lone, fresh], NOW);
+        let (aa, bb, cc) = ("aa".repeat(20), "bb".repeat(20), "cc".repeat(20));
         assert_eq!(
             text,
-            format!("TOPIC  PEERS  JOINED  INFOHASH\nchat      12  2h ago  {}\n", "aa".repeat(20))
+            format!(
+                "TOPIC  PEERS  JOINED    CONTACTS  LAST LOOKUP  FOUND  NEXT LOOKUP  OUR ANNOUNCE  INFOHASH\n\
+                 chat      12  2h ago           8  5s ago           3  in 55s       on 4 nodes    {aa}\n\
+                 lone       0  1m ago           0  running          -  -            here only     {bb}\n\
+                 new        0  just now         -  -                -  -            -             {cc}\n\
+                 \n\
+                 chat: the last lookup found 3 peer address(es)\n\
+                 lone: no DHT node knows us yet: 0 contacts\n\
+                 new: the DHT has not taken this topic up yet\n"
+            )
+        );
+    }
+
+    #[test]
+    fn our_announce_says_where_it_is_stored() {
+        let discovery = |edit: fn(&mut control::TopicDiscovery)| {
+            let mut d = control::TopicDiscovery { announce_port: Some(1), ..Default::default() };
+            edit(&mut d);
+            announce_text(&d)
+        };
+        assert_eq!(discovery(|d| d.announce_port = None), "not yet");
+        assert_eq!(discovery(|_| {}), "not yet");
+        assert_eq!(discovery(|d| d.announce_running = true), "running");
+        assert_eq!(discovery(|d| d.last_announce_at = at(1)), "not stored");
+        assert_eq!(discovery(|d| d.announce_stored_remotely = true), "stored");
+        assert_eq!(
+            discovery(|d| {
+                d.announce_stored_remotely = true;
+                d.nodes_with_our_announce = Some(1);
+            }),
+            "on 1 node"
         );
     }
 }

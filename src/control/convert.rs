@@ -192,6 +192,30 @@ pub fn topic(t: &store::JoinedTopic) -> pb::Topic {
         joined_at: Some(timestamp(t.joined_at_ms)),
         peers: t.peers,
         infohash: topic_infohash(&t.name),
+        discovery: None,
+    }
+}
+
+/// Where a topic's discovery stands, as the DHT actor reports it.
+pub fn topic_discovery(s: &crate::dht::DhtTopicStatus) -> pb::TopicDiscovery {
+    // Counts are bounded far below u32::MAX in practice (routing tables, lookup answers); saturate anyway rather
+    // than wrap.
+    let count = |n: usize| u32::try_from(n).unwrap_or(u32::MAX);
+    pb::TopicDiscovery {
+        dht_contacts: s.contacts.map(count),
+        has_bootstrap: s.has_bootstrap,
+        lookup_running: s.lookup_running,
+        last_lookup_at: optional_timestamp(s.last_lookup_ms),
+        last_lookup_peers: s.last_lookup_peers.map(count),
+        nodes_with_our_announce: s.nodes_with_our_announce.map(count),
+        next_lookup_in: s.next_lookup_in.map(duration),
+        announce_port: s.announce_port.map(u32::from),
+        announce_running: s.announce_running,
+        last_announce_at: optional_timestamp(s.last_announce_ms),
+        announce_stored_remotely: s.announce_stored_remotely,
+        announce_stored_here: s.announce_stored_here,
+        announce_error: s.announce_error.clone().unwrap_or_default(),
+        explanation: s.explanation(),
     }
 }
 
