@@ -1,7 +1,8 @@
 //! Discovery and exchange end to end: real daemons on loopback find each other through a local Mainline DHT
 //! (one of them serving it, nothing else contacted), verify each other's signed records over QUIC and store
-//! them; leaving a topic stops its announces; a restart keeps the record seq increasing; `remote-network
-//! devnet` brings a whole network up in one command.
+//! them; `topics list` says how each topic's discovery goes and why it finds nobody; leaving a topic stops its
+//! announces; a restart keeps the record seq increasing; `remote-network devnet` brings a whole network up in one
+//! command.
 
 mod common;
 
@@ -187,6 +188,68 @@ async fn join_wait_shows_progress_until_peers_are_verified() {
     assert!(out.status.success(), "{}\n{}", stdout(&out), stderr(&out));
     let text = stdout(&out);
     assert!(text.contains("verified 1/2") && text.contains("verified 2/2"), "{text}");
+    // How discovery goes is shown on stderr while waiting.
+    assert!(stderr(&out).contains("discovery: "), "{}", stderr(&out));
+}
+
+/// The `discovery` of `topic` in `rnctl -o json topics list` on `dir`; JSON null while it is absent.
+fn discovery_of(dir: &NodeDir, topic: &str) -> serde_json::Value {
+    let out = dir.rnctl(&["-o", "json", "topics", "list"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    json(&out)["topics"]
+        .as_array()
+        .expect("topics")
+        .iter()
+        .find(|t| t["name"] == topic)
+        .map(|t| t["discovery"].clone())
+        .unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn topics_list_says_why_a_lone_node_finds_nobody_and_what_lookups_find_once_another_joins() {
+    let first = NodeDir::new().dht_server();
+    let _first_node = first.start();
+    let out = first.rnctl(&["topics", "join", "seen"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let mut discovery = serde_json::Value::Null;
+    wait_until("the lone node explains that no DHT node knows it", async || {
+        discovery = discovery_of(&first, "seen");
+        discovery["explanation"].as_str().is_some_and(|e| e.contains("0 contacts"))
+    })
+    .await;
+    assert_eq!(discovery["dhtContacts"], 0, "{discovery}");
+    assert_eq!(discovery["hasBootstrap"], false, "{discovery}");
+    // Serving the DHT, it keeps its own announce, so a node that bootstraps from it can find it.
+    assert_eq!(discovery["announceStoredHere"], true, "{discovery}");
+    let text = stdout(&first.rnctl(&["topics", "list"]));
+    assert!(text.contains("seen: no DHT node knows us yet: 0 contacts"), "{text}");
+
+    // Waiting says why nothing comes, on stderr; stdout keeps only what it always printed. Nobody else is in the
+    // topic yet, so this wait can only end at its deadline.
+    let out = first.rnctl(&["--timeout", "5", "topics", "join", "seen", "--wait"]);
+    assert!(!out.status.success(), "{}", stdout(&out));
+    assert!(stderr(&out).contains("discovery: no DHT node knows us yet: 0 contacts"), "{}", stderr(&out));
+    assert!(stderr(&out).contains("0 of 1 peers of seen verified"), "{}", stderr(&out));
+    assert_eq!(stdout(&out), "already in seen; waiting for 1 verified peer(s)\n");
+
+    let bootstrap = node_info(&first).await.listen.expect("listen").dht;
+    let second = NodeDir::new().dht_server().with_bootstrap(&bootstrap);
+    let _second_node = second.start();
+    let out = second.rnctl(&["topics", "join", "seen"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    for (name, dir) in [("first", &first), ("second", &second)] {
+        wait_until(&format!("the {name} node lists a finished lookup that found a peer"), async || {
+            discovery = discovery_of(dir, "seen");
+            discovery["lastLookupAt"].is_string()
+                && discovery["lastLookupPeers"].as_u64().is_some_and(|n| n >= 1)
+        })
+        .await;
+        assert!(discovery["dhtContacts"].as_u64().is_some_and(|n| n >= 1), "{name}: {discovery}");
+        let explanation = discovery["explanation"].as_str().unwrap_or_default();
+        assert!(explanation.contains("the last lookup found"), "{name}: {discovery}");
+        let text = stdout(&dir.rnctl(&["topics", "list"]));
+        assert!(text.contains("seen: the last lookup found"), "{name}: {text}");
+    }
 }
 
 #[test]
