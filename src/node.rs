@@ -21,6 +21,7 @@ use crate::control::{ControlListeners, ControlServer, NodeContext, TransportErro
 use crate::dht::{self, Dht, DhtError, DhtOptions};
 use crate::exchange::record::RecordPublisher;
 use crate::exchange::relay::RelayOptions;
+use crate::exchange::warm_start;
 use crate::exchange::{Exchange, ExchangeOptions};
 use crate::identity::{self, Identity, IdentityError};
 use crate::lifecycle::{self, ExclusiveLock, LockError};
@@ -231,9 +232,40 @@ async fn start_network(
     let endpoint = QuicEndpoint::bind(config.quic_listen, identity.signing_key(), limits)?;
     let quic_addr = endpoint.local_addr()?;
     let topics: Vec<String> = store.joined_topics().await?.into_iter().map(|t| t.name).collect();
-    let publisher =
-        RecordPublisher::start(identity.signing_key().clone(), store.clone(), quic_addr, topics.clone())
-            .await?;
+    // The store is a bootstrap of its own: peers verified before are dialed again, and their DHT sockets join
+    // the configured bootstrap nodes (which may be gone after a restart).
+    let known_peers = warm_start::known_contacts(store).await;
+
+    let (discoveries, mut found) = tokio::sync::mpsc::channel::<dht::Discovery>(256);
+    let mut bootstrap = config.dht.bootstrap.clone();
+    for dht_address in known_peers.iter().filter_map(|peer| peer.dht) {
+        let entry = dht_address.to_string();
+        if dht_address != config.dht.listen && !bootstrap.contains(&entry) {
+            bootstrap.push(entry);
+        }
+    }
+    let options = DhtOptions {
+        listen: config.dht.listen,
+        bootstrap,
+        mode: match config.dht.mode {
+            DhtMode::Auto => dht::DhtMode::Auto,
+            DhtMode::Server => dht::DhtMode::Server,
+            DhtMode::Client => dht::DhtMode::Client,
+        },
+        announce_port: Some(quic_addr.port()),
+        announce_interval: config.dht.announce_interval,
+        lookup_interval: config.dht.lookup_interval,
+    };
+    let dht = Dht::start(options, discoveries, shutdown.clone())?;
+
+    let publisher = RecordPublisher::start(
+        identity.signing_key().clone(),
+        store.clone(),
+        quic_addr,
+        topics.clone(),
+        dht.local_addr().port(),
+    )
+    .await?;
     let as_usize = |n: u64| usize::try_from(n).unwrap_or(usize::MAX);
     let options = ExchangeOptions {
         relay: RelayOptions {
@@ -246,21 +278,6 @@ async fn start_network(
         ..ExchangeOptions::default()
     };
     let exchange = Exchange::start(endpoint, store.clone(), publisher, options, shutdown.clone());
-
-    let (discoveries, mut found) = tokio::sync::mpsc::channel::<dht::Discovery>(256);
-    let options = DhtOptions {
-        listen: config.dht.listen,
-        bootstrap: config.dht.bootstrap.clone(),
-        mode: match config.dht.mode {
-            DhtMode::Auto => dht::DhtMode::Auto,
-            DhtMode::Server => dht::DhtMode::Server,
-            DhtMode::Client => dht::DhtMode::Client,
-        },
-        announce_port: Some(quic_addr.port()),
-        announce_interval: config.dht.announce_interval,
-        lookup_interval: config.dht.lookup_interval,
-    };
-    let dht = Dht::start(options, discoveries, shutdown.clone())?;
     for topic in &topics {
         dht.join(topic);
     }
@@ -270,6 +287,7 @@ async fn start_network(
             dialer.dial_candidates(discovery.peers, AddressSource::Dht);
         }
     });
+    tokio::spawn(warm_start::reconnect(exchange.clone(), known_peers, shutdown.clone()));
     Ok((exchange, dht))
 }
 

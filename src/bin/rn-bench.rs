@@ -352,7 +352,7 @@ impl LocalNode {
         let key = new_key();
         let endpoint = QuicEndpoint::bind(loopback(), &key, QuicLimits::default())?;
         let publisher =
-            RecordPublisher::start(key, store.clone(), endpoint.local_addr()?, Vec::new()).await?;
+            RecordPublisher::start(key, store.clone(), endpoint.local_addr()?, Vec::new(), 0).await?;
         let shutdown = CancellationToken::new();
         let exchange =
             Exchange::start(endpoint, store.clone(), publisher, ExchangeOptions::default(), shutdown.clone());

@@ -15,6 +15,7 @@ pub mod relay;
 pub mod session;
 pub mod table;
 pub mod traversal;
+pub mod warm_start;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

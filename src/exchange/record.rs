@@ -31,6 +31,8 @@ struct Facts {
     /// What the NAT prober concluded (unknown until it has).
     node_type: Option<pb::NodeType>,
     nat: pb::NatInfo,
+    /// Port of our DHT socket, 0 if none.
+    dht_port: u16,
 }
 
 /// Builds, signs and hands out the node's current record.
@@ -51,12 +53,14 @@ struct PublisherInner {
 }
 
 impl RecordPublisher {
-    /// Signs the first record: `quic` is the bound QUIC address, `topics` the joined topics.
+    /// Signs the first record: `quic` is the bound QUIC address, `topics` the joined topics, `dht_port` the
+    /// port of our DHT socket (0 if none).
     pub async fn start(
         key: SigningKey,
         store: Store,
         quic: SocketAddr,
         mut topics: Vec<String>,
+        dht_port: u16,
     ) -> Result<Self, StoreError> {
         topics.sort();
         let node_id = NodeId(key.verifying_key().to_bytes());
@@ -67,6 +71,7 @@ impl RecordPublisher {
             rendezvous: Vec::new(),
             node_type: None,
             nat: pb::NatInfo::default(),
+            dht_port,
         };
         let first = sign(&key, node_id, next_seq(&store).await?, &facts);
         let (current, _) = watch::channel(Arc::new(first));
@@ -227,6 +232,7 @@ fn sign(key: &SigningKey, node_id: NodeId, seq: u64, facts: &Facts) -> pb::Signe
         capabilities: Some(capabilities()),
         services: Vec::new(),
         protocol_versions: vec![wire::PROTOCOL_VERSION],
+        dht_port: u32::from(facts.dht_port),
     };
     wire::sign_record(&body, key)
 }

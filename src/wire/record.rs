@@ -119,6 +119,8 @@ pub enum RecordError {
     )]
     /// `address` is quoted from the record, shortened if long; `reason` is the part of the rule it breaks.
     Address { node_id: NodeId, index: usize, address: String, reason: &'static str },
+    #[error("record of node {node_id} names DHT port {port}; a port is at most 65535")]
+    DhtPort { node_id: NodeId, port: u32 },
     #[error(
         "record seq {seq} is lower than seq {stored} already held for this node: an old record replayed, \
          or a node that lost its persisted seq"
@@ -257,6 +259,9 @@ fn check_content(node_id: NodeId, body: &pb::RecordBody, policy: &VerifyPolicy) 
             address: quote(&address.address),
             reason,
         })?;
+    }
+    if u16::try_from(body.dht_port).is_err() {
+        return Err(RecordError::DhtPort { node_id, port: body.dht_port });
     }
     Ok(())
 }
@@ -533,6 +538,9 @@ mod tests {
         for good in ["192.0.2.1:1", "[::1]:65535", "[fe80::1]:4433"] {
             assert!(verify(&signed_with(|b| b.addresses[0].address = good.into()), None).is_ok(), "{good}");
         }
+        assert!(verify(&signed_with(|b| b.dht_port = 30609), None).is_ok());
+        let err = verify(&signed_with(|b| b.dht_port = 65536), None).unwrap_err();
+        assert!(matches!(err, RecordError::DhtPort { port: 65536, .. }), "{err}");
         // Unknown enum values (from newer nodes) are kept, not refused.
         let newer = signed_with(|b| b.addresses[0].kind = 1000);
         assert_eq!(verify(&newer, None).map(|v| v.body.addresses[0].kind), Ok(1000));
