@@ -189,7 +189,9 @@ const SETTINGS: &[Setting] = &[
         env: "RN_MONITORING_LISTEN",
         flag: Some("--monitoring-listen"),
         kind: Kind::Addr,
-        doc: "HTTP address of the metrics and profiling endpoints. Keep it on loopback unless protected.",
+        doc: "HTTP address of the metrics and profiling endpoints. Keep it on loopback unless protected. When \
+              the default 127.0.0.1:6060 is taken (a second node on the machine), another loopback port is \
+              used with a warning; an address set here that is taken stops the node.",
     },
     Setting {
         key: "store.retention",
@@ -272,6 +274,9 @@ pub struct Config {
     pub quic_max_connections: u64,
     pub dht: DhtConfig,
     pub monitoring_listen: SocketAddr,
+    /// Where `monitoring_listen` came from: only the built-in default may be replaced by another port when it is
+    /// taken (a second node on the machine); an address the operator chose is kept or the node does not start.
+    pub monitoring_listen_source: Source,
     pub store: StoreConfig,
     pub relay: RelayConfig,
 }
@@ -359,6 +364,13 @@ pub enum Source {
     File(PathBuf),
     Env(String),
     Flag(&'static str),
+}
+
+impl Source {
+    /// The value is a built-in default (possibly derived from the environment), not one the operator gave.
+    pub fn is_default(&self) -> bool {
+        matches!(self, Self::Default | Self::DefaultFrom(_))
+    }
 }
 
 impl fmt::Display for Source {
@@ -612,6 +624,18 @@ impl Resolver<'_> {
         default: impl FnOnce() -> Result<(T, Source), ConfigError>,
         show: impl Fn(&T) -> String,
     ) -> Result<T, ConfigError> {
+        self.value_and_source(key, parse, default, show).map(|(value, _)| value)
+    }
+
+    /// [`Self::value`], also returning where the value came from, for a setting whose behaviour depends on
+    /// whether the operator chose it.
+    fn value_and_source<T>(
+        &mut self,
+        key: &'static str,
+        parse: impl Fn(&Raw) -> Result<T, String>,
+        default: impl FnOnce() -> Result<(T, Source), ConfigError>,
+        show: impl Fn(&T) -> String,
+    ) -> Result<(T, Source), ConfigError> {
         let setting = setting(key).ok_or_else(|| ConfigError::Invalid(format!("no setting {key}")))?;
         let (value, source) = match self.given(setting) {
             Some((raw, source)) => match parse(&raw) {
@@ -627,8 +651,8 @@ impl Resolver<'_> {
             },
             None => default()?,
         };
-        self.shown.push((key, show(&value), source));
-        Ok(value)
+        self.shown.push((key, show(&value), source.clone()));
+        Ok((value, source))
     }
 
     fn resolve(mut self) -> Result<(Config, Shown), ConfigError> {
@@ -711,7 +735,7 @@ impl Resolver<'_> {
             || Ok((Duration::from_secs(60), Source::Default)),
             show_duration,
         )?;
-        let monitoring_listen = self.value(
+        let (monitoring_listen, monitoring_listen_source) = self.value_and_source(
             "monitoring.listen",
             parse_addr,
             || Ok((SocketAddr::from(([127, 0, 0, 1], 6060)), Source::Default)),
@@ -796,6 +820,7 @@ impl Resolver<'_> {
                 lookup_interval,
             },
             monitoring_listen,
+            monitoring_listen_source,
             store: StoreConfig { retention, max_peers, max_joined_topics },
             relay: RelayConfig {
                 enabled: relay_enabled,
@@ -1087,6 +1112,37 @@ mod tests {
     }
 
     #[test]
+    fn the_monitoring_address_knows_whether_the_operator_chose_it() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let home = [("HOME", "/home/u")];
+        let source = |file: Option<&Path>, env_pairs: &[(&str, &str)], flags: &FlagValues| {
+            let loaded = load(file, &env(env_pairs), flags).expect("load");
+            (loaded.config.monitoring_listen.to_string(), loaded.config.monitoring_listen_source)
+        };
+        let (addr, from) = source(None, &home, &FlagValues::default());
+        assert_eq!(addr, "127.0.0.1:6060");
+        assert!(from.is_default(), "{from}");
+
+        // The default's own value, given explicitly, is the operator's choice all the same.
+        let mut flags = FlagValues::default();
+        flags.set("monitoring.listen", Some("127.0.0.1:6060".into()));
+        let (_, from) = source(None, &home, &flags);
+        assert_eq!(from, Source::Flag("--monitoring-listen"));
+        assert!(!from.is_default());
+        let (_, from) = source(
+            None,
+            &[("HOME", "/home/u"), ("RN_MONITORING_LISTEN", "127.0.0.1:6060")],
+            &FlagValues::default(),
+        );
+        assert_eq!(from, Source::Env("RN_MONITORING_LISTEN".into()));
+        assert!(!from.is_default());
+        let file = write(dir.path(), "[monitoring]\nlisten = \"127.0.0.1:6060\"\n");
+        let (_, from) = source(Some(&file), &home, &FlagValues::default());
+        assert_eq!(from, Source::File(file.clone()));
+        assert!(!from.is_default());
+    }
+
+    #[test]
     fn systemd_directories_win_over_xdg() {
         let e = env(&[
             ("HOME", "/home/u"),
@@ -1138,7 +1194,11 @@ mod tests {
         let second =
             load(Some(&file), &env(&[("HOME", "/h"), ("RN_CONTROL_TOKEN", "tok")]), &FlagValues::default())
                 .expect("rendered config loads");
-        assert_eq!(format!("{:?}", first.config), format!("{:?}", second.config));
+        // Every value is explicit in the rendered file: the values are the same, only their sources differ.
+        assert_eq!(second.config.monitoring_listen_source, Source::File(file.clone()));
+        let mut second_config = second.config.clone();
+        second_config.monitoring_listen_source = first.config.monitoring_listen_source.clone();
+        assert_eq!(format!("{:?}", first.config), format!("{second_config:?}"));
         assert!(second.render(false).contains("# file "));
     }
 

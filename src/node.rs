@@ -115,8 +115,15 @@ impl Node {
         let serving = Arc::new(AtomicBool::new(false));
         let registry = node_metrics(&store, &exchange, &dht);
         let readiness = node_readiness(&store, &serving);
+        // Only the built-in default may give way to another port: an address the operator chose is kept or the
+        // node does not start.
+        let monitoring_listen = if config.monitoring_listen_source.is_default() {
+            telemetry::MonitoringListen::Default(config.monitoring_listen)
+        } else {
+            telemetry::MonitoringListen::Configured(config.monitoring_listen)
+        };
         let monitoring =
-            match telemetry::serve(config.monitoring_listen, registry, readiness, shutdown.clone()).await {
+            match telemetry::serve(monitoring_listen, registry, readiness, shutdown.clone()).await {
                 Ok(monitoring) => monitoring,
                 Err(e) => {
                     abandon_start(&shutdown, &exchange, &store).await;
@@ -156,6 +163,7 @@ impl Node {
             control_tcp = %ctx.listen.control_tcp,
             quic = %ctx.listen.quic,
             dht = %ctx.listen.dht,
+            monitoring = %ctx.listen.monitoring,
             data_dir = %config.data_dir.display(),
             "node started"
         );

@@ -37,6 +37,25 @@ pub enum MonitoringError {
     Bind { addr: SocketAddr, source: std::io::Error },
 }
 
+/// Where the monitoring server listens, and so what an address already in use means.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MonitoringListen {
+    /// An address the operator configured (flag, environment or file): whatever scrapes the node expects it
+    /// there, so if it is taken the node does not start.
+    Configured(SocketAddr),
+    /// The built-in default. A second node on the same machine finds it taken by the first; it then listens on
+    /// a free port of the same IP and warns which, rather than refusing to start over an address nobody chose.
+    Default(SocketAddr),
+}
+
+impl MonitoringListen {
+    pub fn addr(self) -> SocketAddr {
+        match self {
+            Self::Configured(addr) | Self::Default(addr) => addr,
+        }
+    }
+}
+
 /// A running monitoring server. It stops when the `shutdown` token given to [`serve`] is cancelled.
 #[derive(Debug)]
 pub struct Monitoring {
@@ -61,22 +80,36 @@ struct AppState {
     local_addr: SocketAddr,
 }
 
-/// Binds `listen` and serves the monitoring endpoints until `shutdown` is cancelled.
+/// Binds `listen` and serves the monitoring endpoints until `shutdown` is cancelled. The address actually
+/// bound is [`Monitoring::local_addr`]; it differs from the one asked for when port 0 was asked for, or when the
+/// default was taken (see [`MonitoringListen::Default`]).
 ///
 /// The default address is loopback; a wider one is the operator's explicit choice but is logged as a warning,
 /// because `/debug/pprof/heap` reveals code addresses and memory usage and nothing here authenticates.
 pub async fn serve(
-    listen: SocketAddr,
+    listen: MonitoringListen,
     registry: Arc<Registry>,
     readiness: Readiness,
     shutdown: CancellationToken,
 ) -> Result<Monitoring, MonitoringError> {
-    let listener = TcpListener::bind(listen).await.map_err(|source| match source.kind() {
-        std::io::ErrorKind::AddrInUse => MonitoringError::AddrInUse(listen),
-        _ => MonitoringError::Bind { addr: listen, source },
-    })?;
+    let listener = match (bind(listen.addr()).await, listen) {
+        (Err(MonitoringError::AddrInUse(taken)), MonitoringListen::Default(_)) => {
+            let listener = bind(SocketAddr::new(taken.ip(), 0)).await?;
+            let instead =
+                listener.local_addr().map_err(|source| MonitoringError::Bind { addr: taken, source })?;
+            tracing::warn!(
+                %taken,
+                %instead,
+                "the default monitoring address {taken} is already in use (another node or program listens \
+                 on it); listening on {instead} instead. Set monitoring.listen / RN_MONITORING_LISTEN / \
+                 --monitoring-listen to choose the address"
+            );
+            listener
+        }
+        (bound, _) => bound?,
+    };
     let local_addr =
-        listener.local_addr().map_err(|source| MonitoringError::Bind { addr: listen, source })?;
+        listener.local_addr().map_err(|source| MonitoringError::Bind { addr: listen.addr(), source })?;
     if !local_addr.ip().is_loopback() {
         tracing::warn!(
             %local_addr,
@@ -93,6 +126,13 @@ pub async fn serve(
     });
     tracing::info!(%local_addr, "monitoring endpoints listening (/metrics, /healthz, /readyz, /debug/pprof/heap)");
     Ok(Monitoring { local_addr, task })
+}
+
+async fn bind(addr: SocketAddr) -> Result<TcpListener, MonitoringError> {
+    TcpListener::bind(addr).await.map_err(|source| match source.kind() {
+        std::io::ErrorKind::AddrInUse => MonitoringError::AddrInUse(addr),
+        _ => MonitoringError::Bind { addr, source },
+    })
 }
 
 fn router(state: AppState) -> Router {

@@ -1,5 +1,6 @@
 //! Operator-facing monitoring: Prometheus metrics, liveness and readiness probes, and jemalloc heap profiles,
-//! served over HTTP on `monitoring.listen` (default `127.0.0.1:6060`).
+//! served over HTTP on `monitoring.listen` (default `127.0.0.1:6060`; when that default is taken, as by a second
+//! node on the machine, another loopback port with a warning).
 //!
 //! | endpoint | answer |
 //! |---|---|
@@ -17,7 +18,8 @@
 //! telemetry::register_process_metrics(&registry);
 //! telemetry::register_allocator_metrics(&registry);
 //! // ... module metrics and collectors ...
-//! let monitoring = telemetry::serve(addr, registry, readiness, shutdown.clone()).await?;
+//! let listen = MonitoringListen::Configured(addr);
+//! let monitoring = telemetry::serve(listen, registry, readiness, shutdown.clone()).await?;
 //! // on stop: cancel `shutdown`, then `monitoring.wait().await`
 //! ```
 //!
@@ -37,7 +39,7 @@ pub use heap::{
     AllocatorStats, HeapProfileError, HeapProfiling, heap_profile_pprof, heap_profiling,
     jemalloc_is_global_allocator, register_allocator_metrics, set_heap_profiling,
 };
-pub use http::{Monitoring, MonitoringError, Readiness, serve};
+pub use http::{Monitoring, MonitoringError, MonitoringListen, Readiness, serve};
 pub use metrics::{
     Collector, Counter, Gauge, Histogram, HistogramSnapshot, MetricKind, Registry, SampleValue, SampleWriter,
     Snapshot, exponential_buckets, linear_buckets,

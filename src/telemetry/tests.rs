@@ -106,9 +106,9 @@ impl Server {
 
 async fn start(registry: Arc<Registry>, readiness: Readiness) -> Server {
     let shutdown = CancellationToken::new();
-    let monitoring = serve("127.0.0.1:0".parse().expect("addr"), registry, readiness, shutdown.clone())
-        .await
-        .expect("bind loopback port 0");
+    let listen = MonitoringListen::Configured("127.0.0.1:0".parse().expect("addr"));
+    let monitoring =
+        serve(listen, registry, readiness, shutdown.clone()).await.expect("bind loopback port 0");
     Server { monitoring, shutdown }
 }
 
@@ -534,9 +534,14 @@ async fn stops_on_cancel_and_reports_port_in_use() {
     let server = start(Arc::new(Registry::new()), always_ready()).await;
     let addr = server.addr();
 
-    let err = serve(addr, Arc::new(Registry::new()), always_ready(), CancellationToken::new())
-        .await
-        .expect_err("the port is taken");
+    let err = serve(
+        MonitoringListen::Configured(addr),
+        Arc::new(Registry::new()),
+        always_ready(),
+        CancellationToken::new(),
+    )
+    .await
+    .expect_err("the port is taken");
     assert!(matches!(err, MonitoringError::AddrInUse(a) if a == addr), "{err}");
     assert!(err.to_string().contains("monitoring.listen"), "says which setting to change: {err}");
 
@@ -549,4 +554,25 @@ async fn stops_on_cancel_and_reports_port_in_use() {
 
     server.stop().await;
     assert!(TcpStream::connect(addr).await.is_err(), "listener closed after shutdown");
+}
+
+#[tokio::test]
+async fn a_taken_default_address_gives_way_to_another_port_of_the_same_ip() {
+    let first = start(Arc::new(Registry::new()), always_ready()).await;
+    let taken = first.addr();
+
+    let shutdown = CancellationToken::new();
+    let second =
+        serve(MonitoringListen::Default(taken), Arc::new(Registry::new()), always_ready(), shutdown.clone())
+            .await
+            .expect("the default gives way");
+    assert_eq!(second.local_addr.ip(), taken.ip());
+    assert_ne!(second.local_addr.port(), taken.port());
+    assert_ne!(second.local_addr.port(), 0, "reports the port it got");
+    let reply = request(second.local_addr, "GET", "/healthz").await;
+    assert_eq!((reply.status, reply.text()), (200, "ok\n"));
+
+    shutdown.cancel();
+    second.wait().await;
+    first.stop().await;
 }
