@@ -73,6 +73,8 @@ pub struct NodeDir {
     dht_server: bool,
     quic_listen: String,
     dht_listen: String,
+    /// `--monitoring-listen`; `None` leaves the daemon its built-in default.
+    monitoring_listen: Option<String>,
 }
 
 impl NodeDir {
@@ -88,8 +90,16 @@ impl NodeDir {
             bootstrap: None,
             dht_server: false,
             quic_listen: loopback.clone(),
+            // An ephemeral port, so that daemons of tests running at once never compete for the default.
+            monitoring_listen: Some(loopback.clone()),
             dht_listen: loopback,
         }
+    }
+
+    /// Starts the daemon without `--monitoring-listen`, so it uses its built-in default monitoring address.
+    pub fn with_default_monitoring(mut self) -> Self {
+        self.monitoring_listen = None;
+        self
     }
 
     /// Listens for QUIC (and dials) on `address` instead of an ephemeral loopback port.
@@ -164,9 +174,11 @@ impl NodeDir {
             .arg("--control-socket")
             .arg(self.socket())
             .args(["--quic-listen", &self.quic_listen, "--dht-listen", &self.dht_listen])
-            .args(["--monitoring-listen", "127.0.0.1:0"])
             .env("HOME", self.path())
             .env("RUST_LOG", "info");
+        if let Some(address) = &self.monitoring_listen {
+            cmd.args(["--monitoring-listen", address]);
+        }
         match &self.bootstrap {
             Some(address) => cmd.args(["--bootstrap", address]),
             None => cmd.arg("--no-bootstrap"),
