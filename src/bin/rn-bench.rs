@@ -69,6 +69,8 @@ struct Sizes {
     list_repeats: usize,
     dht_nodes: usize,
     full_nodes: usize,
+    /// Fresh pairs of daemons per join order.
+    fresh_pair_rounds: usize,
 }
 
 impl Sizes {
@@ -85,6 +87,7 @@ impl Sizes {
                 list_repeats: 15,
                 dht_nodes: 20,
                 full_nodes: 5,
+                fresh_pair_rounds: 3,
             }
         } else {
             Self {
@@ -98,6 +101,7 @@ impl Sizes {
                 list_repeats: 30,
                 dht_nodes: 50,
                 full_nodes: 10,
+                fresh_pair_rounds: 7,
             }
         }
     }
@@ -229,6 +233,26 @@ async fn run_in(sizes: &Sizes, work: &Path, only: Option<Section>) -> anyhow::Re
         figures.push(Figure {
             key: "bare_get_peers_first_batch_ms",
             value: join.bare_ms,
+            goal: "-",
+            met: None,
+        });
+        let fresh = fresh_pair_join(sizes, work, &daemon).await.context("fresh pair")?;
+        let slower = fresh.seed_first_ms.max(fresh.seed_last_ms);
+        figures.push(Figure {
+            key: "fresh_join_first_peer_ms",
+            value: slower,
+            goal: "<= 1000",
+            met: Some(slower <= 1000.0),
+        });
+        figures.push(Figure {
+            key: "fresh_join_seed_first_ms",
+            value: fresh.seed_first_ms,
+            goal: "-",
+            met: None,
+        });
+        figures.push(Figure {
+            key: "fresh_join_seed_last_ms",
+            value: fresh.seed_last_ms,
             goal: "-",
             met: None,
         });
@@ -1211,6 +1235,63 @@ async fn join_to_first_peer(sizes: &Sizes, work: &Path, binary: &Path) -> anyhow
     drop(full);
     drop(plain);
     Ok(Discovery { first_ms, all_ms, bare_ms })
+}
+
+/// Medians over rounds of the user's first case: two fresh daemons, started as the README shows (one serving a
+/// DHT of its own, the other bootstrapping from it), then `JoinTopic` on one and, once that returned, on the
+/// other; the time from the second join until the second daemon stores the first as a verified peer.
+struct FreshPair {
+    /// The seed joins first, the node that bootstrapped from it second.
+    seed_first_ms: f64,
+    /// The other way round.
+    seed_last_ms: f64,
+}
+
+async fn fresh_pair_join(sizes: &Sizes, work: &Path, binary: &Path) -> anyhow::Result<FreshPair> {
+    let topic = "rn-bench-fresh";
+    let mut seed_first = Vec::new();
+    let mut seed_last = Vec::new();
+    for round in 0..sizes.fresh_pair_rounds {
+        // Alternating, so that a machine getting busier or quieter shifts both orders alike.
+        for seed_joins_first in [round % 2 == 0, round % 2 != 0] {
+            let dir = work.join(format!("fresh-{round}-{seed_joins_first}"));
+            let seed = start_daemon(binary, &dir.join("seed"), None).await?;
+            let node = start_daemon(binary, &dir.join("node"), Some(&seed.dht)).await?;
+            // Both DHTs settled (the node's first walk went through the seed), as after a user's two commands.
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while node_info(&node).await?.dht.unwrap_or_default().routing_table_size == 0 {
+                anyhow::ensure!(Instant::now() < deadline, "the node's DHT did not bootstrap from the seed");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            let (first, second) = if seed_joins_first { (&seed, &node) } else { (&node, &seed) };
+            let join = |daemon: &Daemon| {
+                let mut client = TopicServiceClient::new(daemon.channel.clone());
+                async move { client.join_topic(JoinTopicRequest { topic: topic.to_owned() }).await }
+            };
+            join(first).await?;
+            let started = Instant::now();
+            join(second).await?;
+            let deadline = Instant::now() + Duration::from_secs(60);
+            while peers_in_topic(second, topic).await? == 0 {
+                anyhow::ensure!(Instant::now() < deadline, "the second daemon found no peer within 60 s");
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            let ms = started.elapsed().as_secs_f64() * 1000.0;
+            if seed_joins_first { seed_first.push(ms) } else { seed_last.push(ms) }
+        }
+    }
+    let spread = |values: &[f64]| {
+        let min = values.iter().copied().fold(f64::INFINITY, f64::min);
+        let max = values.iter().copied().fold(0.0, f64::max);
+        format!("{min:.0}-{max:.0}")
+    };
+    println!(
+        "  fresh pair, join -> first verified peer: seed joins first {} ms, seed joins last {} ms ({} rounds each)",
+        spread(&seed_first),
+        spread(&seed_last),
+        seed_first.len()
+    );
+    Ok(FreshPair { seed_first_ms: median(&mut seed_first), seed_last_ms: median(&mut seed_last) })
 }
 
 /// The size of the first non-empty batch a `get_peers` stream yields (0 if it ends without one).

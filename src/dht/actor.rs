@@ -19,9 +19,12 @@ use super::own_node::OwnNode;
 use super::tasks::{self, AnnounceJob, AnnounceReport, LookupJob, LookupReport, TaskContext, TaskEvent};
 use super::{DhtOptions, DhtStatus, DhtTopicStatus, Discovery, Shared, topic_infohash};
 
-/// First retry delay for a topic that has shown no peers yet, or whose last announce failed; doubled on
-/// each retry up to the regular interval. Short because a node that just joined wants its first peers fast.
+/// First retry delay for an announce that failed; doubled on each retry up to the regular interval.
 const FIRST_RETRY_DELAY: Duration = Duration::from_secs(5);
+/// First retry delay for a lookup of a topic that has shown no peers yet; doubled on each retry up to the
+/// regular interval. Shorter than an announce's: a node that just joined wants its first peers fast, and a peer
+/// that joined a moment before us may have been announcing while our first lookup ran.
+const FIRST_LOOKUP_RETRY_DELAY: Duration = Duration::from_secs(1);
 /// How often mainline's routing table size is read: the contact count `ListTopics` explains, and the watch
 /// that looks up and announces every topic again the moment a node that had no contacts gets some.
 const CONTACTS_CHECK: Duration = Duration::from_secs(2);
@@ -46,7 +49,7 @@ struct TopicState {
     lookup: Option<RunningTask>,
     /// `None` while a lookup runs: the next one is scheduled when it ends.
     next_lookup: Option<Instant>,
-    /// Set once any lookup delivered a peer; until then lookups back off from FIRST_RETRY_DELAY.
+    /// Set once any lookup delivered a peer; until then lookups back off from FIRST_LOOKUP_RETRY_DELAY.
     found_peers: bool,
     lookup_retry_delay: Duration,
     announce: Option<RunningTask>,
@@ -201,7 +204,7 @@ impl Actor {
                 lookup: None,
                 next_lookup: None,
                 found_peers: false,
-                lookup_retry_delay: FIRST_RETRY_DELAY.min(self.lookup_interval),
+                lookup_retry_delay: FIRST_LOOKUP_RETRY_DELAY.min(self.lookup_interval),
                 announce: None,
                 next_announce: None,
                 announce_retry_delay: FIRST_RETRY_DELAY.min(self.announce_interval),
@@ -298,7 +301,7 @@ impl Actor {
         let topics: Vec<String> = self.topics.keys().cloned().collect();
         for topic in topics {
             if let Some(state) = self.topics.get_mut(&topic) {
-                state.lookup_retry_delay = FIRST_RETRY_DELAY.min(self.lookup_interval);
+                state.lookup_retry_delay = FIRST_LOOKUP_RETRY_DELAY.min(self.lookup_interval);
                 state.announce_retry_delay = FIRST_RETRY_DELAY.min(self.announce_interval);
             }
             self.start_lookup(&topic);

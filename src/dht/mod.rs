@@ -87,7 +87,7 @@ pub struct DhtOptions {
     /// Time between announces of a topic (±20% jitter).
     pub announce_interval: Duration,
     /// Time between lookups of a topic that has shown peers (±20% jitter); topics without peers yet are looked
-    /// up sooner, from 5 s doubling up to this interval.
+    /// up sooner, from 1 s doubling up to this interval.
     pub lookup_interval: Duration,
     /// The QUIC port to announce; `None` until known, and nothing is announced until then.
     pub announce_port: Option<u16>,

@@ -93,7 +93,8 @@ pub(super) struct AnnounceJob {
 }
 
 /// Walks the DHT towards the topic's infohash and hands each new batch of peers to the dialer as it arrives;
-/// while our node serves the DHT, first hands over what others announced at our own node.
+/// while our node serves the DHT, also hands over what others announced at our own node, read before the walk
+/// (known at once) and again after it (a peer that joined just before us may have announced here meanwhile).
 pub(super) async fn run_lookup(context: TaskContext, job: LookupJob, discoveries: mpsc::Sender<Discovery>) {
     let span = tracing::info_span!("dht.get_peers", topic = %job.topic, infohash = %job.infohash);
     let report = async {
@@ -101,53 +102,30 @@ pub(super) async fn run_lookup(context: TaskContext, job: LookupJob, discoveries
         // Sent before anything else, so the walk runs while we read our own node.
         let mut batches = context.dht.get_peers(job.infohash);
         let info = context.dht.info().await;
-        let own_addresses = own_announce_addresses(&context, info.public_address(), job.announce_port);
-        let delivery = Delivery { shared: &context.shared, discoveries: &discoveries, topic: &job.topic };
-        let mut delivered = HashSet::new();
-        let mut report = LookupReport::default();
-        let mut take_batch = async |batch: Vec<SocketAddrV4>, report: &mut LookupReport| {
-            if batch.iter().any(|peer| own_addresses.contains(peer)) {
-                report.nodes_with_our_announce += 1;
-            }
-            let fresh: Vec<SocketAddrV4> = batch
-                .into_iter()
-                .filter(|peer| !own_addresses.contains(peer) && !delivered.contains(peer))
-                .collect::<HashSet<_>>()
-                .into_iter()
-                .collect();
-            if fresh.is_empty() {
-                return true;
-            }
-            match delivery.send(&fresh).await {
-                Delivered::Yes => {
-                    delivered.extend(fresh);
-                    true
-                }
-                // Not marked delivered: the next batch that carries them gets another chance.
-                Delivered::Dropped => true,
-                Delivered::DialerGone => false,
-            }
+        let mut collector = Collector {
+            own_addresses: own_announce_addresses(&context, info.public_address(), job.announce_port),
+            delivery: Delivery { shared: &context.shared, discoveries: &discoveries, topic: &job.topic },
+            delivered: HashSet::new(),
+            report: LookupReport::default(),
+            own_node_holds_ours: false,
         };
-        let mut dialer_gone = false;
-        if info.server_mode() {
-            match context.own.stored_peers(&job.infohash).await {
-                Ok(stored) => {
-                    tracing::debug!(peers = stored.len(), "read the announces stored at our own DHT node");
-                    dialer_gone = !take_batch(stored, &mut report).await;
-                }
-                Err(error) => tracing::debug!(%error, "could not read our own DHT node's announces"),
-            }
-        }
+        let serving = info.server_mode();
+        let mut go_on = !serving || collector.read_own_node(&context.own, &job.infohash).await;
         let walk = async {
-            while !dialer_gone && let Some(batch) = batches.next().await {
-                dialer_gone = !take_batch(batch, &mut report).await;
+            while go_on && let Some(batch) = batches.next().await {
+                go_on = collector.take(batch).await;
             }
         };
         if tokio::time::timeout(LOOKUP_DEADLINE, walk).await.is_err() {
             tracing::warn!(deadline = ?LOOKUP_DEADLINE, "DHT lookup did not end in time; abandoned");
         }
+        if go_on && serving {
+            collector.read_own_node(&context.own, &job.infohash).await;
+        }
         context.shared.counters.lookups_finished.fetch_add(1, Ordering::Relaxed);
-        report.delivered_peers = delivered.len();
+        let mut report = collector.report;
+        report.delivered_peers = collector.delivered.len();
+        report.nodes_with_our_announce += usize::from(collector.own_node_holds_ours);
         tracing::debug!(
             peers = report.delivered_peers,
             nodes_with_our_announce = report.nodes_with_our_announce,
@@ -162,6 +140,62 @@ pub(super) async fn run_lookup(context: TaskContext, job: LookupJob, discoveries
         generation: job.generation,
         report,
     });
+}
+
+/// What one lookup gathers from its batches.
+struct Collector<'a> {
+    own_addresses: HashSet<SocketAddrV4>,
+    delivery: Delivery<'a>,
+    delivered: HashSet<SocketAddrV4>,
+    /// Counts remote nodes holding our announce; our own node is [`Collector::own_node_holds_ours`].
+    report: LookupReport,
+    own_node_holds_ours: bool,
+}
+
+impl Collector<'_> {
+    /// One DHT node's answer: counts whether it holds our announce, hands the new addresses to the dialer.
+    /// False once the dialer is gone (the lookup can stop).
+    async fn take(&mut self, batch: Vec<SocketAddrV4>) -> bool {
+        if batch.iter().any(|peer| self.own_addresses.contains(peer)) {
+            self.report.nodes_with_our_announce += 1;
+        }
+        self.deliver(batch).await
+    }
+
+    async fn read_own_node(&mut self, own: &OwnNode, infohash: &mainline::Id) -> bool {
+        match own.stored_peers(infohash).await {
+            Ok(stored) => {
+                tracing::debug!(peers = stored.len(), "read the announces stored at our own DHT node");
+                self.own_node_holds_ours |= stored.iter().any(|peer| self.own_addresses.contains(peer));
+                self.deliver(stored).await
+            }
+            Err(error) => {
+                tracing::debug!(%error, "could not read our own DHT node's announces");
+                true
+            }
+        }
+    }
+
+    async fn deliver(&mut self, batch: Vec<SocketAddrV4>) -> bool {
+        let fresh: Vec<SocketAddrV4> = batch
+            .into_iter()
+            .filter(|peer| !self.own_addresses.contains(peer) && !self.delivered.contains(peer))
+            .collect::<HashSet<_>>()
+            .into_iter()
+            .collect();
+        if fresh.is_empty() {
+            return true;
+        }
+        match self.delivery.send(&fresh).await {
+            Delivered::Yes => {
+                self.delivered.extend(fresh);
+                true
+            }
+            // Not marked delivered: the next batch that carries them gets another chance.
+            Delivered::Dropped => true,
+            Delivered::DialerGone => false,
+        }
+    }
 }
 
 struct Delivery<'a> {

@@ -46,6 +46,7 @@ pub(crate) fn sample_body(key: &SigningKey, seq: u64, timestamp_ms: i64) -> pb::
         }),
         services: vec![],
         protocol_versions: vec![PROTOCOL_VERSION],
+        dht_port: 30609,
     }
 }
 
