@@ -254,7 +254,16 @@ fn init_logging(
         Ok(None) => (None, None, None),
         Err(e) => (None, None, Some(e)),
     };
-    tracing_subscriber::registry().with(fmt.with_filter(filter)).with(otel).init();
+    // mainline logs "Could not bootstrap the routing table" at ERROR each time its bootstrap nodes fail to
+    // answer, every 2 s while its routing table is empty (its only ERROR event). The DHT adapter reports that
+    // state itself, with backoff and with what to do (`remote_network::dht::actor`), so the repetition is dropped.
+    let repeated_bootstrap_error = tracing_subscriber::filter::filter_fn(|metadata| {
+        !(metadata.target() == "mainline::rpc" && *metadata.level() == tracing::Level::ERROR)
+    });
+    tracing_subscriber::registry()
+        .with(fmt.with_filter(filter).with_filter(repeated_bootstrap_error))
+        .with(otel)
+        .init();
     if let Some(e) = otel_error {
         tracing::warn!("{e}; traces are not exported");
     }

@@ -28,6 +28,10 @@ const FIRST_LOOKUP_RETRY_DELAY: Duration = Duration::from_secs(1);
 /// How often mainline's routing table size is read: the contact count `ListTopics` explains, and the watch
 /// that looks up and announces every topic again the moment a node that had no contacts gets some.
 const CONTACTS_CHECK: Duration = Duration::from_secs(2);
+/// How long an empty routing table goes unreported (a bootstrap takes a moment), and the longest gap between
+/// two reports of it.
+const FIRST_NO_CONTACTS_REPORT: Duration = Duration::from_secs(10);
+const MAX_NO_CONTACTS_REPORT: Duration = Duration::from_secs(30 * 60);
 
 pub(super) enum Command {
     Join(String),
@@ -85,6 +89,18 @@ pub(super) struct Actor {
     own: OwnNode,
     /// mainline's routing table size at the last check; `None` before the first.
     contacts: Option<usize>,
+    /// Set while the routing table is empty: when to warn about it next.
+    no_contacts: Option<NoContacts>,
+    /// The resolved bootstrap nodes, for the warning.
+    bootstrap: Vec<String>,
+}
+
+struct NoContacts {
+    since: Instant,
+    next: Instant,
+    interval: Duration,
+    /// A warning went out, so the end of this state is worth a line too.
+    reported: bool,
 }
 
 impl Actor {
@@ -115,6 +131,8 @@ impl Actor {
             event_receiver,
             own,
             contacts: None,
+            no_contacts: None,
+            bootstrap: options.bootstrap.clone(),
         }
     }
 
@@ -282,6 +300,7 @@ impl Actor {
             TaskEvent::Contacts { routing_table_size } => {
                 let had_none = self.contacts.is_some_and(|size| size == 0);
                 self.contacts = Some(routing_table_size);
+                self.report_missing_contacts(routing_table_size == 0, now);
                 if had_none && routing_table_size > 0 {
                     // Contacts came back (a bootstrap node answered at last, or a node that had lost every
                     // contact found one): whatever failed for want of them is worth doing now, not after its
@@ -293,6 +312,45 @@ impl Actor {
                     self.refresh_all_topics();
                 }
             }
+        }
+    }
+
+    /// Warns while the routing table stays empty, first after [`FIRST_NO_CONTACTS_REPORT`] and then at
+    /// doubling intervals (up to [`MAX_NO_CONTACTS_REPORT`]), and says when contacts are back: a dead bootstrap
+    /// is never fatal, but an operator must hear of it without a line every two seconds.
+    fn report_missing_contacts(&mut self, empty: bool, now: Instant) {
+        if !empty {
+            if self.no_contacts.take().is_some_and(|report| report.reported) {
+                tracing::info!("DHT contacts found: the routing table is no longer empty");
+            }
+            return;
+        }
+        let report = self.no_contacts.get_or_insert(NoContacts {
+            since: now,
+            next: now + FIRST_NO_CONTACTS_REPORT,
+            interval: FIRST_NO_CONTACTS_REPORT,
+            reported: false,
+        });
+        if now < report.next {
+            return;
+        }
+        report.reported = true;
+        report.interval = (report.interval * 2).min(MAX_NO_CONTACTS_REPORT);
+        report.next = now + report.interval;
+        let for_secs = now.duration_since(report.since).as_secs();
+        if self.has_bootstrap {
+            tracing::warn!(
+                for_secs,
+                bootstrap = ?self.bootstrap,
+                "DHT has no contacts: none of its bootstrap nodes answers (they are asked again every 2 s). \
+                 Check the addresses and that UDP reaches them; topics still work through peers that bootstrap \
+                 from this node or that it knows from its store"
+            );
+        } else {
+            tracing::info!(
+                for_secs,
+                "DHT has no contacts yet: started without bootstrap nodes, it waits for others to bootstrap from it"
+            );
         }
     }
 

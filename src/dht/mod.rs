@@ -164,7 +164,7 @@ impl DhtTopicStatus {
         if self.announce_port.is_none() {
             return "not announced yet: our QUIC port is not known".to_owned();
         }
-        if self.last_lookup_ms.is_none() && self.last_announce_ms.is_none() {
+        if self.last_lookup_ms.is_none() && self.last_announce_ms.is_none() && self.contacts != Some(0) {
             return "first lookup and announce running".to_owned();
         }
         let found = self.last_lookup_peers.unwrap_or(0);
@@ -174,9 +174,10 @@ impl DhtTopicStatus {
                 _ => "our announce is stored".to_owned(),
             },
             (false, true) => "our announce is stored only at our own DHT node".to_owned(),
+            (false, false) if self.last_announce_ms.is_none() => "our first announce is running".to_owned(),
             (false, false) => format!(
                 "our announce is stored nowhere ({})",
-                self.announce_error.as_deref().unwrap_or("not tried yet")
+                self.announce_error.as_deref().unwrap_or("no node answered")
             ),
         };
         if contacts == 0 {
