@@ -91,6 +91,22 @@ fn a_first_node_with_a_dead_bootstrap_joins_the_network_built_through_it() {
     let dirs: Vec<&NodeDir> = std::iter::once(&first).chain(&others).collect();
     let nodes: Vec<&TestNode> = std::iter::once(&first_node).chain(&other_nodes).collect();
     wait_all_connected(&dirs, &nodes);
+    // The first node's DHT gets contacts too: it is rebuilt with the nodes that query it as bootstrap nodes.
+    wait_for_dht_contacts(&first, &first_node);
+}
+
+/// Waits until the node's DHT routing table holds a node.
+fn wait_for_dht_contacts(dir: &NodeDir, node: &TestNode) {
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let out = dir.rnctl(&["-o", "json", "node", "info"]);
+        let size = json(&out)["node"]["dht"]["routingTableSize"].as_u64().unwrap_or(0);
+        if size > 0 {
+            return;
+        }
+        assert!(Instant::now() < deadline, "the DHT never got a contact:\n{}", node.stderr());
+        std::thread::sleep(Duration::from_millis(250));
+    }
 }
 
 /// Three nodes meet; all stop; two restart with the first (their bootstrap) gone and a bootstrap address that
@@ -138,17 +154,8 @@ fn restarted_nodes_find_each_other_from_their_stores() {
     wait_all_connected(&pair, &running);
 
     // The DHT found its way back too: each knows the other's DHT socket from the record it stored.
-    for dir in &second_lives {
-        let deadline = Instant::now() + PATIENCE;
-        loop {
-            let out = dir.rnctl(&["-o", "json", "node", "info"]);
-            let size = json(&out)["node"]["dht"]["routingTableSize"].as_u64().unwrap_or(0);
-            if size > 0 {
-                break;
-            }
-            assert!(Instant::now() < deadline, "the restarted DHT never got a contact: {}", stderr(&out));
-            std::thread::sleep(Duration::from_millis(250));
-        }
+    for (dir, node) in second_lives.iter().zip(&restarted) {
+        wait_for_dht_contacts(dir, node);
     }
 }
 

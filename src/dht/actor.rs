@@ -15,6 +15,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
+use super::mainline_node::NodeBuilder;
 use super::own_node::OwnNode;
 use super::tasks::{self, AnnounceJob, AnnounceReport, LookupJob, LookupReport, TaskContext, TaskEvent};
 use super::{DhtOptions, DhtStatus, DhtTopicStatus, Discovery, Shared, topic_infohash};
@@ -32,6 +33,11 @@ const CONTACTS_CHECK: Duration = Duration::from_secs(2);
 /// two reports of it.
 const FIRST_NO_CONTACTS_REPORT: Duration = Duration::from_secs(10);
 const MAX_NO_CONTACTS_REPORT: Duration = Duration::from_secs(30 * 60);
+/// How long the routing table must stay empty, while nodes query us, before the mainline node is built again
+/// with them as bootstrap nodes (see `super::mainline_node`); then the least time between two such rebuilds,
+/// doubling up to the maximum while they do not help.
+const FIRST_REBUILD_AFTER: Duration = Duration::from_secs(10);
+const MAX_REBUILD_INTERVAL: Duration = Duration::from_secs(10 * 60);
 
 pub(super) enum Command {
     Join(String),
@@ -74,7 +80,17 @@ impl TopicState {
 }
 
 pub(super) struct Actor {
-    dht: AsyncDht,
+    /// The mainline node; `None` only between dropping an old node and building its replacement, or after a
+    /// rebuild failed (retried at each contacts check).
+    dht: Option<AsyncDht>,
+    builder: NodeBuilder,
+    /// The bootstrap nodes added to the configured ones by the last rebuild.
+    extra_bootstrap: Vec<std::net::SocketAddrV4>,
+    /// The earliest time of the next rebuild, and the wait after it.
+    next_rebuild: Option<(Instant, Duration)>,
+    /// A rebuild decided while handling an event, run by the loop (it awaits).
+    pending_rebuild: Option<Vec<std::net::SocketAddrV4>>,
+    bootstrap_log: Option<JoinHandle<()>>,
     shared: Arc<Shared>,
     discoveries: mpsc::Sender<Discovery>,
     announce_interval: Duration,
@@ -106,6 +122,7 @@ struct NoContacts {
 impl Actor {
     pub(super) fn new(
         dht: AsyncDht,
+        builder: NodeBuilder,
         options: &DhtOptions,
         discoveries: mpsc::Sender<Discovery>,
         shared: Arc<Shared>,
@@ -117,7 +134,12 @@ impl Actor {
             std::net::SocketAddr::V6(_) => std::net::SocketAddrV4::new(std::net::Ipv4Addr::LOCALHOST, 0),
         });
         Actor {
-            dht,
+            dht: Some(dht),
+            builder,
+            extra_bootstrap: Vec::new(),
+            next_rebuild: None,
+            pending_rebuild: None,
+            bootstrap_log: None,
             shared,
             discoveries,
             // A zero interval would make the actor spin; a millisecond is as good as "right away".
@@ -143,8 +165,10 @@ impl Actor {
     ) {
         // Whatever way this task ends (even a panic), waiters on `Dht::stopped` are released.
         let _stopped = self.shared.stopped.clone().drop_guard();
-        let bootstrap_log =
-            tokio::spawn(tasks::log_bootstrap(self.dht.clone(), self.has_bootstrap).in_current_span());
+        if let Some(dht) = self.dht.clone() {
+            let log = tasks::log_bootstrap(dht, self.has_bootstrap).in_current_span();
+            self.bootstrap_log = Some(tokio::spawn(log));
+        }
         let mut contacts_check = tokio::time::interval(CONTACTS_CHECK);
         contacts_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
 
@@ -160,31 +184,93 @@ impl Actor {
                 },
                 Some(event) = self.event_receiver.recv() => self.handle_event(event),
                 () = sleep_until_deadline(next_deadline) => self.start_due_work(),
-                _ = contacts_check.tick() => {
-                    tokio::spawn(tasks::report_contacts(self.dht.clone(), self.events.clone()));
-                }
+                _ = contacts_check.tick() => match self.dht.clone() {
+                    Some(dht) => {
+                        tokio::spawn(tasks::report_contacts(dht, self.events.clone()));
+                    }
+                    None => self.pending_rebuild = Some(self.extra_bootstrap.clone()),
+                },
+            }
+            if let Some(extra) = self.pending_rebuild.take() {
+                self.rebuild(extra).await;
             }
         }
 
-        self.stop(bootstrap_log).await;
+        self.release_node().await;
+        tracing::info!("DHT stopped");
     }
 
-    async fn stop(mut self, bootstrap_log: JoinHandle<()>) {
-        bootstrap_log.abort();
-        let mut handles = vec![bootstrap_log];
+    /// Stops every task that holds the mainline node and drops ours, so that its thread exits and frees the
+    /// socket. Lookups and announces are left unscheduled: the caller schedules them again.
+    async fn release_node(&mut self) {
+        let mut handles: Vec<JoinHandle<()>> = self.bootstrap_log.take().into_iter().collect();
         for topic in self.topics.values_mut() {
             for task in [topic.lookup.take(), topic.announce.take()].into_iter().flatten() {
-                task.handle.abort();
                 handles.push(task.handle);
             }
         }
         // Aborted tasks drop their mainline handles only once they are gone; wait so that dropping ours below
         // really is the last one and the mainline thread exits.
         for handle in handles {
+            handle.abort();
             let _ = handle.await;
         }
-        drop(self.dht);
-        tracing::info!("DHT stopped");
+        self.dht = None;
+    }
+
+    /// Builds the mainline node again with `extra` bootstrap nodes (the nodes that queried us), then looks up
+    /// and announces every topic.
+    async fn rebuild(&mut self, extra: Vec<std::net::SocketAddrV4>) {
+        self.release_node().await;
+        match self.builder.rebuild(&extra).await {
+            Ok(node) => {
+                tracing::info!(
+                    bootstrap = ?extra,
+                    "DHT routing table stayed empty while other nodes queried us: restarted the DHT node with \
+                     them as bootstrap nodes"
+                );
+                let dht = node.as_async();
+                self.bootstrap_log =
+                    Some(tokio::spawn(tasks::log_bootstrap(dht.clone(), true).in_current_span()));
+                self.dht = Some(dht);
+                self.has_bootstrap = true;
+                self.bootstrap =
+                    self.builder.bootstrap.iter().chain(&extra).map(ToString::to_string).collect();
+                self.extra_bootstrap = extra;
+                self.contacts = None;
+                for state in self.topics.values_mut() {
+                    state.next_lookup = None;
+                    state.next_announce = None;
+                }
+                self.refresh_all_topics();
+            }
+            Err(error) => {
+                tracing::error!(%error, "could not restart the DHT node; trying again shortly");
+                self.extra_bootstrap = extra;
+            }
+        }
+    }
+
+    /// The nodes to rebuild with, when a rebuild is due: the table has been empty for a while, nodes queried
+    /// us that the current node was not given as bootstrap nodes, and the last rebuild is long enough ago.
+    fn rebuild_due(&mut self, now: Instant) -> Option<Vec<std::net::SocketAddrV4>> {
+        let empty_since = self.no_contacts.as_ref()?.since;
+        if now.duration_since(empty_since) < FIRST_REBUILD_AFTER {
+            return None;
+        }
+        if self.next_rebuild.is_some_and(|(at, _)| now < at) {
+            return None;
+        }
+        let known: Vec<std::net::SocketAddrV4> =
+            self.builder.bootstrap.iter().chain(&self.extra_bootstrap).copied().collect();
+        let requesters = self.builder.requesters.recent();
+        if requesters.iter().all(|address| known.contains(address)) {
+            return None;
+        }
+        let wait =
+            self.next_rebuild.map_or(FIRST_REBUILD_AFTER, |(_, wait)| (wait * 2).min(MAX_REBUILD_INTERVAL));
+        self.next_rebuild = Some((now + wait, wait));
+        Some(requesters)
     }
 
     fn handle_command(&mut self, command: Command) {
@@ -200,7 +286,10 @@ impl Actor {
                 }
             }
             Command::Status(reply) => {
-                tokio::spawn(tasks::report_status(self.dht.clone(), self.shared.local_addr, reply));
+                // Without a node (mid-rebuild) the reply is dropped and the caller reports "not bootstrapped".
+                if let Some(dht) = self.dht.clone() {
+                    tokio::spawn(tasks::report_status(dht, self.shared.local_addr, reply));
+                }
             }
             Command::Topics(reply) => {
                 let _ = reply.send(self.topic_statuses());
@@ -301,6 +390,11 @@ impl Actor {
                 let had_none = self.contacts.is_some_and(|size| size == 0);
                 self.contacts = Some(routing_table_size);
                 self.report_missing_contacts(routing_table_size == 0, now);
+                if routing_table_size == 0 {
+                    self.pending_rebuild = self.rebuild_due(now);
+                } else {
+                    self.next_rebuild = None;
+                }
                 if had_none && routing_table_size > 0 {
                     // Contacts came back (a bootstrap node answered at last, or a node that had lost every
                     // contact found one): whatever failed for want of them is worth doing now, not after its
@@ -421,18 +515,18 @@ impl Actor {
         }
     }
 
-    fn context(&self) -> TaskContext {
-        TaskContext {
-            dht: self.dht.clone(),
+    fn context(&self) -> Option<TaskContext> {
+        Some(TaskContext {
+            dht: self.dht.clone()?,
             shared: Arc::clone(&self.shared),
             events: self.events.clone(),
             own: self.own.clone(),
-        }
+        })
     }
 
     fn start_lookup(&mut self, topic: &str) {
         let generation = self.next_generation();
-        let context = self.context();
+        let Some(context) = self.context() else { return };
         let discoveries = self.discoveries.clone();
         let announce_port = self.announce_port;
         let Some(state) = self.topics.get_mut(topic) else { return };
@@ -448,7 +542,7 @@ impl Actor {
     fn start_announce(&mut self, topic: &str) {
         let Some(port) = self.announce_port else { return };
         let generation = self.next_generation();
-        let context = self.context();
+        let Some(context) = self.context() else { return };
         let Some(state) = self.topics.get_mut(topic) else { return };
         if let Some(previous) = state.announce.take() {
             previous.handle.abort();

@@ -10,6 +10,7 @@
 //! OS thread and UDP socket (IPv4 only).
 
 mod actor;
+mod mainline_node;
 mod own_node;
 mod tasks;
 #[cfg(test)]
@@ -17,8 +18,7 @@ mod tests;
 
 use std::collections::HashMap;
 use std::fmt;
-use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, ToSocketAddrs, UdpSocket};
-use std::panic::AssertUnwindSafe;
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, ToSocketAddrs};
 use std::str::FromStr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -335,38 +335,27 @@ impl Dht {
             SocketAddr::V6(_) => return Err(DhtError::Ipv6Listen(options.listen)),
         };
         let bootstrap = resolve_bootstrap(&options.bootstrap)?;
-
-        let mut builder = mainline::Dht::builder();
-        builder.bind_address(*listen.ip()).port(listen.port()).bootstrap(&bootstrap);
-        match options.mode {
-            DhtMode::Auto => {}
-            DhtMode::Server => {
-                builder.server_mode();
-            }
-            DhtMode::Client => {
-                builder.server_settings(mainline::ServerSettings {
-                    filter: Box::new(AnswerNothing),
-                    ..Default::default()
-                });
-            }
-        }
-        // mainline reports a failed bind from its own thread, and when that thread fails before our first
-        // message reaches it, `build` panics instead of returning the error: find bind problems here first.
-        if listen.port() != 0 {
-            UdpSocket::bind(listen).map_err(|source| bind_error(options.listen, source))?;
-        }
-        let node = std::panic::catch_unwind(AssertUnwindSafe(|| builder.build()))
-            .map_err(|_| DhtError::NodeStart(options.listen))?
-            .map_err(|source| bind_error(options.listen, source))?;
+        let mut builder = mainline_node::NodeBuilder {
+            listen,
+            mode: options.mode,
+            bootstrap,
+            requesters: mainline_node::Requesters::default(),
+        };
+        let node = builder.build(&[])?;
         // The only synchronous call on the node: port 0 means only the mainline thread knows the real port.
         #[allow(deprecated)]
         let local_addr = SocketAddr::V4(node.info().local_addr());
+        // A rebuild must come back on the same port: peers know us there.
+        if let SocketAddr::V4(bound) = local_addr {
+            builder.listen = bound;
+        }
+        let bootstrap = &builder.bootstrap;
         tracing::info!(%local_addr, mode = %options.mode, bootstrap_nodes = bootstrap.len(), "DHT node started");
 
         let shared =
             Arc::new(Shared { counters: Counters::default(), local_addr, stopped: CancellationToken::new() });
         let (commands, command_receiver) = mpsc::unbounded_channel();
-        let actor = actor::Actor::new(node.as_async(), &options, discoveries, Arc::clone(&shared));
+        let actor = actor::Actor::new(node.as_async(), builder, &options, discoveries, Arc::clone(&shared));
         runtime.spawn(actor.run(command_receiver, shutdown));
         Ok(Dht { commands, shared })
     }
@@ -439,17 +428,6 @@ impl Dht {
         if self.commands.send(command).is_err() {
             tracing::debug!("DHT command ignored: the DHT has shut down");
         }
-    }
-}
-
-/// Request filter of [`DhtMode::Client`]: mainline has no "never serve" switch (its adaptive mode turns into a
-/// server after ~15 minutes if reachable), so a client drops every incoming query instead.
-#[derive(Debug, Clone)]
-struct AnswerNothing;
-
-impl mainline::RequestFilter for AnswerNothing {
-    fn allow_request(&self, _request: &mainline::RequestSpecific, _from: SocketAddrV4) -> bool {
-        false
     }
 }
 
