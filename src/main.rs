@@ -205,7 +205,7 @@ fn run(loaded: Loaded) -> anyhow::Result<()> {
         .thread_name("remote-network")
         .build()
         .context("cannot start the async runtime")?;
-    runtime.block_on(async {
+    let result = runtime.block_on(async {
         if let Some(file) = &loaded.file {
             tracing::info!(file = %file.display(), "configuration loaded");
         }
@@ -225,8 +225,15 @@ fn run(loaded: Loaded) -> anyhow::Result<()> {
                 )
             })?
             .context("store did not close cleanly")
-    })
+    });
+    // Dropping a runtime waits for every blocking task without limit (a store read queued behind a busy pool
+    // waits up to the pool's timeout); the node has stopped or given up by now, so the process exits promptly.
+    runtime.shutdown_timeout(RUNTIME_EXIT_GRACE);
+    result
 }
+
+/// How long blocking tasks still running after the node stopped may hold the process's exit.
+const RUNTIME_EXIT_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Logs go to stderr. Under systemd (JOURNAL_STREAM is set) journald adds its own timestamps and shows no
 /// colours, so neither is written; JSON lines carry their own timestamp for shippers that read them raw.

@@ -260,6 +260,9 @@ const RELAY_AFTER: Duration = Duration::from_secs(2);
 /// How long a plain dial of a peer of undecided NAT gets before a punch is tried: a reachable peer answers in
 /// one round trip, and a dial into a NAT's filter only ends at the dial timeout.
 const UNDECIDED_PEER_GRACE: Duration = Duration::from_secs(3);
+/// Waits between further attempts to reach a peer behind a NAT after a failed punch and relay.
+const REACH_RETRY_DELAYS: [Duration; 4] =
+    [Duration::from_secs(5), Duration::from_secs(10), Duration::from_secs(20), Duration::from_secs(40)];
 
 /// Destinations remembered; the oldest sample goes first.
 const MAX_MAPPING_SAMPLES: usize = 64;
@@ -887,16 +890,9 @@ impl Inner {
         if !self.punch.auto_punch_due(record.node_id) {
             return true;
         }
-        let inner = self.clone();
+        let inner = Arc::downgrade(self);
         let peer = record.node_id;
-        tokio::spawn(async move {
-            match inner.punch_or_relay(peer).await {
-                Ok(session) => {
-                    tracing::info!(%peer, path = ?session.path(), "connected to a peer behind a NAT")
-                }
-                Err(e) => tracing::info!(%peer, error = %e, "could not reach a peer behind a NAT"),
-            }
-        });
+        tokio::spawn(reach_behind_nat(inner, peer, Duration::ZERO, self.shutdown.clone()));
         true
     }
 
@@ -908,25 +904,11 @@ impl Inner {
         if record.body.node_type != pb::NodeType::Unknown as i32 {
             return;
         }
+        if !self.punch.auto_punch_due(record.node_id) {
+            return;
+        }
         let inner = Arc::downgrade(self);
-        let peer = record.node_id;
-        let shutdown = self.shutdown.clone();
-        tokio::spawn(async move {
-            tokio::select! {
-                () = shutdown.cancelled() => return,
-                () = tokio::time::sleep(UNDECIDED_PEER_GRACE) => {}
-            }
-            let Some(inner) = inner.upgrade() else { return };
-            if inner.sessions.get(&peer).is_some() || !inner.punch.auto_punch_due(peer) {
-                return;
-            }
-            match inner.punch_or_relay(peer).await {
-                Ok(session) => {
-                    tracing::info!(%peer, path = ?session.path(), "connected to a peer the plain dial did not reach")
-                }
-                Err(e) => tracing::info!(%peer, error = %e, "could not reach a peer of undecided NAT"),
-            }
-        });
+        tokio::spawn(reach_behind_nat(inner, record.node_id, UNDECIDED_PEER_GRACE, self.shutdown.clone()));
     }
 
     /// Dials a known peer on its stored addresses, best first, pinning its node id.
@@ -993,6 +975,44 @@ impl Inner {
             outcome: Err(error.to_string()),
         };
         let _ = self.store.record_quality(peer, sample).await;
+    }
+}
+
+/// Waits `grace`, then punches to `peer` (a relay if the punch is not done soon) unless a direct session exists
+/// by then, and again after [`REACH_RETRY_DELAYS`] while there is none: a first try often comes before the other
+/// side has a rendezvous or a relay reservation, or before either side's NAT verdict is decided (a punch then
+/// only dials, where the birthday strategy might have worked), and waiting for the next peer exchange or for
+/// the auto-punch interval would leave the pair apart, or relayed, for minutes. Over a relayed session only the
+/// punch is tried again: a success replaces the relay.
+async fn reach_behind_nat(
+    inner: std::sync::Weak<Inner>,
+    peer: NodeId,
+    grace: Duration,
+    shutdown: CancellationToken,
+) {
+    for wait in std::iter::once(grace).chain(REACH_RETRY_DELAYS) {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = tokio::time::sleep(wait) => {}
+        }
+        let Some(inner) = inner.upgrade() else { return };
+        if inner.direct_session(&peer).is_some() {
+            return;
+        }
+        let attempt = match inner.sessions.get(&peer) {
+            Some(_relayed) => inner.punch_to(peer).await,
+            None => inner.punch_or_relay(peer).await,
+        };
+        match attempt {
+            Ok(session) if session.path() != ConnectionPath::Relayed => {
+                tracing::info!(%peer, path = ?session.path(), "connected to a peer behind a NAT");
+                return;
+            }
+            Ok(_) => {
+                tracing::info!(%peer, "reached a peer behind a NAT through a relay; a punch is tried again later")
+            }
+            Err(e) => tracing::info!(%peer, error = %e, "could not reach a peer behind a NAT yet"),
+        }
     }
 }
 

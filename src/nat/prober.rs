@@ -282,16 +282,14 @@ impl NatProber {
                     break;
                 }
                 let Some(session) = exchange.session_info(&peer) else { continue };
-                let node_type = match self.inner.store.get_peer(peer).await {
-                    Ok(Some(detail)) => detail.summary.node_type,
-                    _ => continue,
-                };
-                // A peer that says it is public, or one whose own verdict is still open but that we reached by
-                // dialing its address: from behind our NAT, that is what a public peer looks like.
-                let public = node_type == NodeType::Public
-                    || (node_type == NodeType::Unknown
-                        && session.direction == crate::exchange::table::Direction::Outbound
-                        && session.path == crate::exchange::ConnectionPath::Direct);
+                let Ok(Some(detail)) = self.inner.store.get_peer(peer).await else { continue };
+                // A peer that says it is public, or one whose own verdict is still open but whose packets come
+                // from an address its record names as one of its interfaces': nothing translates its address,
+                // which from behind our NAT is what a public peer looks like (whoever dialed whom).
+                let public = detail.summary.node_type == NodeType::Public
+                    || (detail.summary.node_type == NodeType::Unknown
+                        && session.path == crate::exchange::ConnectionPath::Direct
+                        && own_interface_address(&detail.record, session.remote));
                 if public {
                     // A punch may not get through the NATs on both sides: the rendezvous also relays.
                     match exchange.reserve_relay(peer).await {
@@ -326,6 +324,16 @@ impl NatProber {
     fn lock(&self) -> std::sync::MutexGuard<'_, NatKnowledge> {
         self.inner.knowledge.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
+}
+
+/// Whether `remote` is an address the signed `record` lists as one of its node's public interface addresses.
+fn own_interface_address(record: &[u8], remote: SocketAddr) -> bool {
+    use prost::Message;
+    let Ok(signed) = pb::SignedRecord::decode(record) else { return false };
+    let Ok(body) = pb::RecordBody::decode(signed.body.as_slice()) else { return false };
+    body.addresses.iter().any(|address| {
+        address.kind == pb::AddressKind::InterfacePublic as i32 && address.address.parse() == Ok(remote)
+    })
 }
 
 /// Whether the external port is stable enough to announce: it is the same for every peer.
