@@ -17,14 +17,12 @@
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::time::Duration;
 
-use serde::Deserialize;
-use serde_bytes::ByteBuf;
 use tokio::net::UdpSocket;
+
+use crate::wire::{self, KrpcReply, KrpcResponse};
 
 /// Our node answers within its socket poll; more than this means it does not answer at all (not a server).
 const REPLY_TIMEOUT: Duration = Duration::from_millis(500);
-/// Larger than any KRPC reply mainline sends (it never sends more than its 2048-byte MTU).
-const MAX_REPLY_BYTES: usize = 4096;
 
 #[derive(Debug, thiserror::Error)]
 pub(super) enum OwnNodeError {
@@ -90,13 +88,13 @@ impl OwnNode {
         let socket = bind(from).await?;
         let token = {
             let tid = transaction_id();
-            let reply =
-                exchange(&socket, to, &get_peers_query(tid, &self.requester_id, info_hash), tid).await?;
-            reply.checked("get_peers")?.token.ok_or(OwnNodeError::NoToken { query: "get_peers" })?
+            let query = wire::get_peers_query(tid, &self.requester_id, info_hash.as_bytes());
+            let reply = exchange(&socket, to, &query, tid).await?;
+            checked(reply, "get_peers")?.token.ok_or(OwnNodeError::NoToken { query: "get_peers" })?
         };
         let tid = transaction_id();
-        let query = announce_query(tid, &self.requester_id, info_hash, port, &token);
-        exchange(&socket, to, &query, tid).await?.checked("announce_peer")?;
+        let query = wire::announce_query(tid, &self.requester_id, info_hash.as_bytes(), port, &token);
+        checked(exchange(&socket, to, &query, tid).await?, "announce_peer")?;
         Ok(())
     }
 
@@ -109,8 +107,8 @@ impl OwnNode {
         let to = self.address_from(from);
         let socket = bind(from).await?;
         let tid = transaction_id();
-        let reply = exchange(&socket, to, &get_peers_query(tid, &self.requester_id, info_hash), tid).await?;
-        Ok(reply.checked("get_peers")?.values.iter().filter_map(|value| compact_peer(value)).collect())
+        let query = wire::get_peers_query(tid, &self.requester_id, info_hash.as_bytes());
+        Ok(checked(exchange(&socket, to, &query, tid).await?, "get_peers")?.values)
     }
 
     /// Our node as seen from a socket on `from`: a wildcard-bound node is reached on the sender's own IP.
@@ -129,21 +127,21 @@ async fn exchange(
     to: SocketAddrV4,
     query: &[u8],
     tid: [u8; 4],
-) -> Result<Reply, OwnNodeError> {
+) -> Result<KrpcReply, OwnNodeError> {
     socket.send_to(query, to).await.map_err(|source| OwnNodeError::Send { to, source })?;
     let query_name =
         if query.windows(13).any(|w| w == b"announce_peer") { "announce_peer" } else { "get_peers" };
     let wait = async {
-        let mut buffer = vec![0u8; MAX_REPLY_BYTES];
+        let mut buffer = vec![0u8; wire::MAX_KRPC_REPLY_BYTES];
         loop {
             let Ok((len, sender)) = socket.recv_from(&mut buffer).await else { continue };
             if sender != SocketAddr::V4(to) {
                 continue;
             }
-            match serde_bencode::from_bytes::<Reply>(&buffer[..len]) {
-                Ok(reply) if reply.t.as_slice() == tid => return reply,
-                Ok(_) => {}
-                Err(error) => tracing::debug!(%error, "undecodable reply from our own DHT node; ignored"),
+            match wire::parse_krpc_reply(&buffer[..len]) {
+                Some(reply) if reply.transaction_id == tid => return reply,
+                Some(_) => {}
+                None => tracing::debug!("undecodable reply from our own DHT node; ignored"),
             }
         }
     };
@@ -156,121 +154,11 @@ fn transaction_id() -> [u8; 4] {
     tid
 }
 
-/// The part of a KRPC reply we read. Keys we do not name (`ip`, `v`, `nodes`, `id`) are skipped.
-#[derive(Debug, Deserialize)]
-struct Reply {
-    t: ByteBuf,
-    y: ByteBuf,
-    #[serde(default)]
-    r: Option<ReplyArguments>,
-    #[serde(default)]
-    e: Option<(i64, ByteBuf)>,
-}
-
-#[derive(Debug, Default, Deserialize)]
-struct ReplyArguments {
-    #[serde(default)]
-    token: Option<ByteBuf>,
-    #[serde(default)]
-    values: Vec<ByteBuf>,
-}
-
-impl Reply {
-    fn checked(self, query: &'static str) -> Result<ReplyArguments, OwnNodeError> {
-        match (self.y.as_slice(), self.r, self.e) {
-            (b"r", Some(arguments), _) => Ok(arguments),
-            (_, _, Some((code, message))) => Err(OwnNodeError::Refused {
-                query,
-                code,
-                message: String::from_utf8_lossy(&message).into_owned(),
-            }),
-            _ => Err(OwnNodeError::Refused {
-                query,
-                code: 0,
-                message: "a reply that is neither r nor e".into(),
-            }),
-        }
-    }
-}
-
-/// BEP 5 compact peer info: 4 bytes of IPv4 address and 2 of port, big-endian.
-fn compact_peer(value: &[u8]) -> Option<SocketAddrV4> {
-    let [a, b, c, d, high, low]: [u8; 6] = value.try_into().ok()?;
-    Some(SocketAddrV4::new(Ipv4Addr::new(a, b, c, d), u16::from_be_bytes([high, low])))
-}
-
-/// A bencoded byte string: `<length>:<bytes>`.
-fn byte_string(out: &mut Vec<u8>, bytes: &[u8]) {
-    out.extend_from_slice(bytes.len().to_string().as_bytes());
-    out.push(b':');
-    out.extend_from_slice(bytes);
-}
-
-/// `get_peers` (BEP 5). Dictionary keys are written in sorted order, as bencode requires.
-fn get_peers_query(tid: [u8; 4], id: &[u8; 20], info_hash: &mainline::Id) -> Vec<u8> {
-    let mut out = b"d1:ad2:id".to_vec();
-    byte_string(&mut out, id);
-    out.extend_from_slice(b"9:info_hash");
-    byte_string(&mut out, info_hash.as_bytes());
-    out.extend_from_slice(b"e1:q9:get_peers1:t");
-    byte_string(&mut out, &tid);
-    out.extend_from_slice(b"1:y1:qe");
-    out
-}
-
-/// `announce_peer` (BEP 5) with an explicit port (`implied_port` 0): the QUIC port, not this socket's.
-fn announce_query(tid: [u8; 4], id: &[u8; 20], info_hash: &mainline::Id, port: u16, token: &[u8]) -> Vec<u8> {
-    let mut out = b"d1:ad2:id".to_vec();
-    byte_string(&mut out, id);
-    out.extend_from_slice(b"12:implied_porti0e9:info_hash");
-    byte_string(&mut out, info_hash.as_bytes());
-    out.extend_from_slice(format!("4:porti{port}e5:token").as_bytes());
-    byte_string(&mut out, token);
-    out.extend_from_slice(b"e1:q13:announce_peer1:t");
-    byte_string(&mut out, &tid);
-    out.extend_from_slice(b"1:y1:qe");
-    out
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn queries_are_bencoded_with_sorted_keys() {
-        let id = [b'i'; 20];
-        let info_hash = mainline::Id::from_bytes([b'h'; 20]).expect("20 bytes");
-        let query = get_peers_query(*b"tttt", &id, &info_hash);
-        assert_eq!(
-            query,
-            b"d1:ad2:id20:iiiiiiiiiiiiiiiiiiii9:info_hash20:hhhhhhhhhhhhhhhhhhhhe1:q9:get_peers1:t4:tttt1:y1:qe"
-        );
-        let announce = announce_query(*b"tttt", &id, &info_hash, 30906, b"tok");
-        assert_eq!(
-            announce,
-            &b"d1:ad2:id20:iiiiiiiiiiiiiiiiiiii12:implied_porti0e9:info_hash20:hhhhhhhhhhhhhhhhhhhh4:porti30906e\
-               5:token3:toke1:q13:announce_peer1:t4:tttt1:y1:qe"[..]
-        );
-    }
-
-    #[test]
-    fn replies_are_read_for_values_tokens_and_errors() {
-        let reply: Reply = serde_bencode::from_bytes(
-            b"d2:ip6:\x7f\x00\x00\x01\x00\x011:rd2:id20:iiiiiiiiiiiiiiiiiiii5:token2:xy6:valuesl6:\x7f\x00\x00\x01\x78\xbaee1:t4:tttt1:y1:re",
-        )
-        .expect("a get_peers reply");
-        assert_eq!(reply.t.as_slice(), b"tttt");
-        let arguments = reply.checked("get_peers").expect("a reply");
-        assert_eq!(arguments.token.as_ref().map(|t| t.as_slice()), Some(&b"xy"[..]));
-        let peers: Vec<_> = arguments.values.iter().filter_map(|v| compact_peer(v)).collect();
-        assert_eq!(peers, vec!["127.0.0.1:30906".parse::<SocketAddrV4>().expect("address")]);
-
-        let error: Reply =
-            serde_bencode::from_bytes(b"d1:eli203e9:Bad tokene1:t4:tttt1:y1:ee").expect("an error");
-        match error.checked("announce_peer") {
-            Err(OwnNodeError::Refused { code: 203, message, .. }) => assert_eq!(message, "Bad token"),
-            other => panic!("expected a refusal, got {other:?}"),
-        }
-        assert!(compact_peer(b"short").is_none());
-    }
+/// The response of a reply, or the refusal as an error.
+fn checked(reply: KrpcReply, query: &'static str) -> Result<KrpcResponse, OwnNodeError> {
+    reply.outcome.map_err(|refusal| OwnNodeError::Refused {
+        query,
+        code: refusal.code,
+        message: refusal.message,
+    })
 }

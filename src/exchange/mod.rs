@@ -452,6 +452,70 @@ impl Exchange {
         }
     }
 
+    /// Tries a punch to every peer reached only through a relay, one after the other (a punch that succeeds
+    /// replaces the relayed session). For when what we know of our NAT changed.
+    pub fn punch_relayed_peers(&self) {
+        let relayed: Vec<NodeId> = self
+            .inner
+            .sessions
+            .all()
+            .into_iter()
+            .filter(|(_, session)| session.path() == ConnectionPath::Relayed)
+            .map(|(peer, _)| peer)
+            .collect();
+        if relayed.is_empty() {
+            return;
+        }
+        let inner = Arc::downgrade(&self.inner);
+        let shutdown = self.inner.shutdown.clone();
+        tokio::spawn(async move {
+            for peer in relayed {
+                let Some(inner) = inner.upgrade() else { return };
+                let attempt = tokio::select! {
+                    () = shutdown.cancelled() => return,
+                    attempt = inner.punch_to(peer) => attempt,
+                };
+                match attempt {
+                    Ok(session) => tracing::info!(%peer, path = ?session.path(), "relayed peer punched"),
+                    Err(e) => tracing::debug!(%peer, error = %e, "relayed peer still not punchable"),
+                }
+            }
+        });
+    }
+
+    /// Measures our NAT's mapping towards a second port of a directly connected peer: its DHT socket (the port
+    /// its record names, on the IP we reach it at), pinged from our QUIC socket. The address that socket saw is
+    /// kept as a mapping sample beside the one the peer reports on our connection: with a single public peer,
+    /// two ports that saw us at two addresses show that our NAT maps per destination. `None` if the peer names
+    /// no DHT port or did not answer.
+    pub async fn probe_mapping_via_dht(&self, peer: NodeId) -> Option<SocketAddr> {
+        let inner = &self.inner;
+        let session = inner.direct_session(&peer)?;
+        let connection = session.connection();
+        let remote = connection.remote_address();
+        if is_relayed(&remote) {
+            return None;
+        }
+        let body = inner.stored_record_body(peer).await?;
+        let port = u16::try_from(body.dht_port).ok().filter(|port| *port != 0)?;
+        let dht = SocketAddr::new(remote.ip(), port);
+        if dht == remote {
+            return None;
+        }
+        inner.contacted(dht, false);
+        let observed = SocketAddr::V4(inner.endpoint.mapping_towards(dht).await?);
+        inner.contacted(dht, true);
+        let local = inner.endpoint.local_addr().ok()?;
+        let local = connection.local_ip().map_or(local, |ip| SocketAddr::new(ip, local.port()));
+        inner
+            .mappings
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .record(peer, local, dht, observed);
+        tracing::debug!(%peer, %dht, %observed, "mapping towards the peer's DHT socket");
+        Some(observed)
+    }
+
     /// Asks `relay` (a directly connected peer) to relay circuits to us; true once it accepted.
     pub async fn reserve_relay(&self, relay: NodeId) -> Result<bool, ExchangeError> {
         self.inner.reserve_relay(relay).await

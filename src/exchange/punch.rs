@@ -345,7 +345,7 @@ impl Inner {
         (ours, theirs)
     }
 
-    async fn stored_record_body(&self, peer: NodeId) -> Option<pb::RecordBody> {
+    pub(super) async fn stored_record_body(&self, peer: NodeId) -> Option<pb::RecordBody> {
         let detail = self.store.get_peer(peer).await.ok()??;
         let signed = pb::SignedRecord::decode(detail.record.as_slice()).ok()?;
         pb::RecordBody::decode(signed.body.as_slice()).ok()

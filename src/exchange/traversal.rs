@@ -58,9 +58,11 @@ fn random_ports(nat: &pb::NatInfo) -> bool {
     nat.mapping == pb::NatType::EndpointDependent as i32 && nat.port_delta == 0
 }
 
-/// Behind a NAT that maps one socket to one public port whatever the destination.
+/// Behind a NAT that maps one socket to one public port whatever the destination, as far as anyone knows: a
+/// mapping still undecided (a node with a single public witness cannot tell endpoint-independent mapping from
+/// address-dependent mapping) may be one, and an undecided verdict never blocks a punch.
 fn one_mapping(nat: &pb::NatInfo) -> bool {
-    nat.mapping == pb::NatType::EndpointIndependent as i32
+    nat.mapping == pb::NatType::EndpointIndependent as i32 || nat.mapping == pb::NatType::Unknown as i32
 }
 
 /// The strategy for a punch between a node behind `ours` and a peer behind `theirs`. A birthday punch needs
@@ -248,10 +250,15 @@ mod tests {
 
     #[test]
     fn the_strategy_follows_from_both_nats_and_both_sides_agree() {
-        use pb::NatType::{EndpointDependent as Edm, EndpointIndependent as Eim, None as Public};
+        use pb::NatType::{
+            EndpointDependent as Edm, EndpointIndependent as Eim, None as Public, Unknown as Undecided,
+        };
         let cases = [
             (nat(Eim, 0), nat(Eim, 0), Strategy::Dial, Strategy::Dial),
             (nat(Edm, 0), nat(Eim, 0), Strategy::BirthdayHard, Strategy::BirthdayEasy),
+            // An undecided mapping may be a single one: worth a birthday punch towards it.
+            (nat(Edm, 0), nat(Undecided, 0), Strategy::BirthdayHard, Strategy::BirthdayEasy),
+            (nat(Undecided, 0), nat(Undecided, 0), Strategy::Dial, Strategy::Dial),
             // Sequential ports: predicted, not sprayed.
             (nat(Edm, 1), nat(Eim, 0), Strategy::Dial, Strategy::Dial),
             // Nothing stable to aim at, or nothing to punch.

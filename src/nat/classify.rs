@@ -26,7 +26,10 @@
 //!   several ports of one IP cannot tell endpoint-independent from address-dependent mapping. An address named
 //!   by a strict majority of the witnesses (and at least two) is our endpoint-independent external address;
 //!   the others are outvoted as lying or stale. Witnesses that all saw different addresses show an
-//!   endpoint-dependent mapping. Anything else is a conflict and stays unknown.
+//!   endpoint-dependent mapping. That includes a single witness whose ports saw us at different addresses
+//!   (the node pings a public peer's DHT port from its QUIC socket): a network with one public node has no
+//!   second witness, and the worst a lying one gains is a birthday punch where a plain one would do, within
+//!   its budget. Anything else is a conflict and stays unknown.
 //! - **Filtering**: a helper sends to our external address ([`DialBack`]). What a dial-back proves depends on
 //!   where it came from, judged against every endpoint our socket has sent to ([`Observations::contacted`]),
 //!   never on what the helper says it did. One from an endpoint we already talk to passes every filter and
@@ -452,6 +455,12 @@ fn classify_mapping(
     let result = |mapping, external| MappingResult { mapping, external, destination_ips, agreeing_ips };
 
     if destination_ips < MIN_DESTINATION_IPS {
+        // A single witness cannot vote for an address, but if two of its ports saw us at two addresses our NAT
+        // maps per destination port (address-and-port-dependent, RFC 4787 section 4.1), which a network with
+        // one public node can still show.
+        if destination_ips == 1 && witnesses.values().all(|seen| seen.len() >= 2) {
+            return result(Mapping::EndpointDependent(port_allocation(counted)), None);
+        }
         return result(Mapping::Unknown, None);
     }
     if let Some((address, count)) = leader
@@ -1274,9 +1283,9 @@ mod tests {
                 unknown(F::Unknown, R::Unknown),
             ),
             (
-                "two ports of one IP disagree: still one witness",
+                "two ports of one IP disagree: mapped per destination port, even with one witness",
                 behind_nat().report(1, PEERS[0], &nat(40001)).report(2, "203.0.113.10:9000", &nat(40002)),
-                unknown(F::Unknown, R::Unknown),
+                edm(PortAllocation::Unknown, F::Unknown, R::Unknown),
             ),
             (
                 "a LAN peer is not a witness",

@@ -120,6 +120,10 @@ impl NatProber {
                 }
             }
         }
+        // A second port of each helper (its DHT socket): with a single public peer, the one witness there is.
+        for helper in self.pick_helpers().await {
+            self.inner.exchange.probe_mapping_via_dht(helper).await;
+        }
         let mut observations = self.observations(&outcomes);
         let mut verdict = classify::classify(&observations);
         // Hairpinning can only be tested once we know the address to send to: our stable external one. Only
@@ -135,7 +139,7 @@ impl NatProber {
             }
         }
         let now = now_ms();
-        {
+        let previous = {
             let mut knowledge = self.lock();
             for outcome in outcomes {
                 if knowledge.dial_backs.len() >= DIAL_BACK_HISTORY {
@@ -143,10 +147,15 @@ impl NatProber {
                 }
                 knowledge.dial_backs.push_back(DialBackRecord { outcome, at_ms: now });
             }
-            knowledge.verdict = Some(verdict.clone());
             knowledge.last_probe_ms = Some(now);
-        }
+            knowledge.verdict.replace(verdict.clone())
+        };
         self.act_on(&verdict).await;
+        // A punch planned with what we knew before may have chosen a strategy that could not work (a plain dial
+        // where the birthday strategy was needed): peers reached only through a relay are worth another try.
+        if previous.as_ref().map(record_nat_info) != Some(record_nat_info(&verdict)) {
+            self.inner.exchange.punch_relayed_peers();
+        }
         self.knowledge()
     }
 

@@ -156,6 +156,10 @@ pub struct QuicEndpoint {
     inner: Arc<Inner>,
 }
 
+/// A KRPC ping is sent this many times, each waiting this long for the reply.
+const KRPC_PING_ATTEMPTS: usize = 2;
+const KRPC_PING_TIMEOUT: Duration = Duration::from_millis(500);
+
 struct Inner {
     endpoint: quinn::Endpoint,
     tls: TlsIdentity,
@@ -167,6 +171,8 @@ struct Inner {
     relay_paths: Arc<paths::RelayPaths>,
     /// The UDP socket under the endpoint, for the few datagrams that are not QUIC (see [`Self::send_datagram`]).
     udp: Arc<dyn quinn::AsyncUdpSocket>,
+    /// Replies to KRPC pings sent from the socket (see [`Self::mapping_towards`]).
+    krpc: Arc<paths::KrpcWaiters>,
     closed: AtomicBool,
     /// Makes "count the connections, then accept" one step, so that concurrent `accept` callers cannot both
     /// take the last free slot.
@@ -256,7 +262,8 @@ impl QuicEndpoint {
         let runtime = Arc::new(quinn::TokioRuntime);
         let udp = quinn::Runtime::wrap_udp_socket(&*runtime, socket).map_err(bind_error)?;
         let relay_paths = Arc::new(paths::RelayPaths::default());
-        let socket = Arc::new(paths::PathSocket::new(udp.clone(), relay_paths.clone()));
+        let krpc = Arc::new(paths::KrpcWaiters::default());
+        let socket = Arc::new(paths::PathSocket::new(udp.clone(), relay_paths.clone(), krpc.clone()));
         let endpoint = quinn::Endpoint::new_with_abstract_socket(
             endpoint_config,
             Some(server_base.clone()),
@@ -274,6 +281,7 @@ impl QuicEndpoint {
                 limits,
                 relay_paths,
                 udp,
+                krpc,
                 closed: AtomicBool::new(false),
                 admission: Mutex::new(()),
             }),
@@ -324,7 +332,7 @@ impl QuicEndpoint {
         let runtime = Arc::new(quinn::TokioRuntime);
         let udp = quinn::Runtime::wrap_udp_socket(&*runtime, socket).map_err(bind_error)?;
         // The same socket wrapper as the node's: one datagram per send, and stray probes kept from QUIC.
-        let socket = Arc::new(paths::PathSocket::new(udp, Arc::default()));
+        let socket = Arc::new(paths::PathSocket::new(udp, Arc::default(), Arc::default()));
         let mut endpoint_config = quinn::EndpointConfig::default();
         endpoint_config.supported_versions(vec![QUIC_V1]);
         let endpoint = quinn::Endpoint::new_with_abstract_socket(endpoint_config, None, socket, runtime)
@@ -340,6 +348,30 @@ impl QuicEndpoint {
         let transmit =
             quinn::udp::Transmit { destination, ecn: None, contents, segment_size: None, src_ip: None };
         self.inner.udp.try_send(&transmit)
+    }
+
+    /// Where a DHT node at `dht` sees packets from the node's socket come from: a KRPC `ping` from the QUIC
+    /// socket, whose reply states its source (BEP 42). Towards another port of a peer we already talk to, this
+    /// tells whether our NAT maps per destination port. `None` if no reply came in time.
+    pub async fn mapping_towards(&self, dht: SocketAddr) -> Option<std::net::SocketAddrV4> {
+        let mut id = [0u8; 20];
+        let mut transaction_id = [0u8; 4];
+        // Without randomness both stay zero: a forged reply is then easier, and costs one wrong sample.
+        let _ = getrandom::fill(&mut id);
+        let _ = getrandom::fill(&mut transaction_id);
+        let reply = self.inner.krpc.expect(dht, transaction_id);
+        let ping = crate::wire::ping_query(transaction_id, &id);
+        let waiting = async {
+            tokio::pin!(reply);
+            for _ in 0..KRPC_PING_ATTEMPTS {
+                self.send_datagram(dht, &ping).ok()?;
+                if let Ok(answer) = tokio::time::timeout(KRPC_PING_TIMEOUT, &mut reply).await {
+                    return answer.ok();
+                }
+            }
+            None
+        };
+        waiting.await
     }
 
     async fn connect_on(

@@ -11,7 +11,9 @@
 //! a synthetic address never shadows a real peer and a real datagram can never claim to come from one.
 //!
 //! The socket also keeps the few datagrams that are not QUIC (`wire::datagram`) away from quinn: it answers
-//! address reflection requests itself (rate-limited) and drops the rest, such as stray birthday probes.
+//! address reflection requests itself (rate-limited) and drops the rest, such as stray birthday probes. It also
+//! takes the replies to the KRPC pings sent from it ([`KrpcWaiters`]): a DHT node's answer states the address
+//! our packets came from, which measures our NAT's mapping towards a second port of a peer.
 
 use std::collections::{HashMap, VecDeque};
 use std::fmt;
@@ -117,18 +119,80 @@ impl RelayPaths {
     }
 }
 
+/// KRPC pings sent from the node's socket and awaiting their reply. Empty almost always (a probe is a round
+/// trip, a few times per NAT probe), and then the receive path costs one relaxed load.
+#[derive(Debug, Default)]
+pub struct KrpcWaiters {
+    active: std::sync::atomic::AtomicBool,
+    waiting: Mutex<Vec<KrpcWaiter>>,
+}
+
+#[derive(Debug)]
+struct KrpcWaiter {
+    from: SocketAddr,
+    transaction_id: [u8; 4],
+    reply: tokio::sync::oneshot::Sender<SocketAddrV4>,
+}
+
+/// Pings awaiting a reply at once; the oldest is given up beyond this.
+const MAX_KRPC_WAITERS: usize = 16;
+
+impl KrpcWaiters {
+    /// Registers a ping to `from` with `transaction_id`; the receiver gets the address the reply states.
+    pub fn expect(
+        &self,
+        from: SocketAddr,
+        transaction_id: [u8; 4],
+    ) -> tokio::sync::oneshot::Receiver<SocketAddrV4> {
+        let (reply, receiver) = tokio::sync::oneshot::channel();
+        let mut waiting = lock(&self.waiting);
+        waiting.retain(|waiter| !waiter.reply.is_closed());
+        if waiting.len() >= MAX_KRPC_WAITERS {
+            waiting.remove(0);
+        }
+        waiting.push(KrpcWaiter { from, transaction_id, reply });
+        self.active.store(true, Ordering::Release);
+        receiver
+    }
+
+    /// Whether `datagram` from `from` is the reply to a waiting ping; if so, hands the address it states to
+    /// the waiter. Only a well-formed reply from the pinged address with the ping's transaction id counts.
+    fn take(&self, from: SocketAddr, datagram: &[u8]) -> bool {
+        if !self.active.load(Ordering::Acquire) || datagram.first() != Some(&b'd') {
+            return false;
+        }
+        let mut waiting = lock(&self.waiting);
+        if !waiting.iter().any(|waiter| waiter.from == from) {
+            return false;
+        }
+        let Some(reply) = wire::parse_krpc_reply(datagram) else { return false };
+        let Some(index) =
+            waiting.iter().position(|w| w.from == from && w.transaction_id[..] == reply.transaction_id[..])
+        else {
+            return false;
+        };
+        let waiter = waiting.swap_remove(index);
+        if let Some(requester) = reply.requester {
+            let _ = waiter.reply.send(requester);
+        }
+        self.active.store(!waiting.is_empty(), Ordering::Release);
+        true
+    }
+}
+
 /// The endpoint's socket: the real UDP socket, and the relay circuits.
 #[derive(Debug)]
 pub struct PathSocket {
     udp: Arc<dyn AsyncUdpSocket>,
     paths: Arc<RelayPaths>,
+    krpc: Arc<KrpcWaiters>,
     /// Start of the current reflection window and the requests answered in it.
     reflections: Mutex<(Instant, u32)>,
 }
 
 impl PathSocket {
-    pub fn new(udp: Arc<dyn AsyncUdpSocket>, paths: Arc<RelayPaths>) -> Self {
-        Self { udp, paths, reflections: Mutex::new((Instant::now(), 0)) }
+    pub fn new(udp: Arc<dyn AsyncUdpSocket>, paths: Arc<RelayPaths>, krpc: Arc<KrpcWaiters>) -> Self {
+        Self { udp, paths, krpc, reflections: Mutex::new((Instant::now(), 0)) }
     }
 
     /// Handles a datagram that is not QUIC: answers a reflection request (within the rate limit) and drops
@@ -200,6 +264,8 @@ impl AsyncUdpSocket for PathSocket {
                     let control = meta[i].stride >= meta[i].len && wire::is_control_datagram(datagram);
                     if control {
                         self.handle_control(meta[i].addr, datagram);
+                    } else if self.krpc.take(meta[i].addr, datagram) {
+                        // The reply to one of our KRPC pings: taken, not QUIC's.
                     } else if !is_relayed(&meta[i].addr) {
                         meta.swap(kept, i);
                         bufs.swap(kept, i);

@@ -20,6 +20,7 @@
 mod datagram;
 mod frame;
 mod fuzz;
+mod krpc;
 mod message;
 mod punch;
 mod record;
@@ -32,6 +33,10 @@ pub use datagram::{
 };
 pub use frame::{FrameDecoder, FrameError, encode_frame};
 pub use fuzz::fuzz_decode_and_verify;
+pub use krpc::{
+    KrpcRefusal, KrpcReply, KrpcResponse, MAX_KRPC_REPLY_BYTES, announce_query, get_peers_query,
+    parse_krpc_reply, ping_query,
+};
 pub use message::{build_peer_exchange_response, negotiate_version};
 pub use punch::{
     MAX_PUNCH_CANDIDATES, MAX_PUNCH_OFFER_AGE, PUNCH_DOMAIN, PunchOfferError, VerifiedPunchOffer,

@@ -77,7 +77,11 @@ async fn peers_reach_the_dialer_while_the_lookup_is_still_running() {
     }
     let announcer = Adapter::start(adapter_options(network.bootstrap().await, 40021));
     announcer.dht.join("streaming");
-    let mut seeker = Adapter::start(adapter_options(bootstrap, 40022));
+    // A client: nothing is announced at it, and it reads no store of its own at the end of its lookups, so
+    // the peer can only come from the walk.
+    let mut seeker_options = adapter_options(bootstrap, 40022);
+    seeker_options.mode = DhtMode::Client;
+    let mut seeker = Adapter::start(seeker_options);
     seeker.dht.join("streaming");
 
     seeker.wait_for_ports("streaming", &[40021]).await;
