@@ -128,11 +128,14 @@ impl Actor {
         shared: Arc<Shared>,
     ) -> Actor {
         let (events, event_receiver) = mpsc::unbounded_channel();
-        let own = OwnNode::new(match shared.local_addr {
-            std::net::SocketAddr::V4(local) => local,
-            // Dht::start refuses IPv6 listen addresses.
-            std::net::SocketAddr::V6(_) => std::net::SocketAddrV4::new(std::net::Ipv4Addr::LOCALHOST, 0),
-        });
+        let own = OwnNode::new(
+            match shared.local_addr {
+                std::net::SocketAddr::V4(local) => local,
+                // Dht::start refuses IPv6 listen addresses.
+                std::net::SocketAddr::V6(_) => std::net::SocketAddrV4::new(std::net::Ipv4Addr::LOCALHOST, 0),
+            },
+            options.mode != super::DhtMode::Client,
+        );
         Actor {
             dht: Some(dht),
             builder,
@@ -188,7 +191,14 @@ impl Actor {
                     Some(dht) => {
                         tokio::spawn(tasks::report_contacts(dht, self.events.clone()));
                     }
-                    None => self.pending_rebuild = Some(self.extra_bootstrap.clone()),
+                    None if self.next_rebuild.is_none_or(|(at, _)| Instant::now() >= at) => {
+                        let wait = self
+                            .next_rebuild
+                            .map_or(FIRST_REBUILD_AFTER, |(_, wait)| (wait * 2).min(MAX_REBUILD_INTERVAL));
+                        self.next_rebuild = Some((Instant::now() + wait, wait));
+                        self.pending_rebuild = Some(self.extra_bootstrap.clone());
+                    }
+                    None => {}
                 },
             }
             if let Some(extra) = self.pending_rebuild.take() {
@@ -208,6 +218,8 @@ impl Actor {
             for task in [topic.lookup.take(), topic.announce.take()].into_iter().flatten() {
                 handles.push(task.handle);
             }
+            topic.next_lookup = None;
+            topic.next_announce = None;
         }
         // Aborted tasks drop their mainline handles only once they are gone; wait so that dropping ours below
         // really is the last one and the mainline thread exits.
@@ -254,6 +266,11 @@ impl Actor {
     /// The nodes to rebuild with, when a rebuild is due: the table has been empty for a while, nodes queried
     /// us that the current node was not given as bootstrap nodes, and the last rebuild is long enough ago.
     fn rebuild_due(&mut self, now: Instant) -> Option<Vec<std::net::SocketAddrV4>> {
+        // A node started without bootstrap nodes already adds whoever bootstraps from it (mainline's exception
+        // for the first node of a network); bootstrap nodes of its own would only switch that off.
+        if self.builder.bootstrap.is_empty() {
+            return None;
+        }
         let empty_since = self.no_contacts.as_ref()?.since;
         if now.duration_since(empty_since) < FIRST_REBUILD_AFTER {
             return None;
@@ -526,13 +543,19 @@ impl Actor {
 
     fn start_lookup(&mut self, topic: &str) {
         let generation = self.next_generation();
-        let Some(context) = self.context() else { return };
+        let context = self.context();
         let discoveries = self.discoveries.clone();
         let announce_port = self.announce_port;
         let Some(state) = self.topics.get_mut(topic) else { return };
         if let Some(previous) = state.lookup.take() {
             previous.handle.abort();
         }
+        // Without a node (a rebuild failed) nothing is scheduled: the rebuild that brings one back schedules
+        // every topic again, and a deadline left in the past would make the loop spin.
+        let Some(context) = context else {
+            state.next_lookup = None;
+            return;
+        };
         state.next_lookup = None;
         let job = LookupJob { topic: topic.to_owned(), infohash: state.infohash, generation, announce_port };
         let handle = tokio::spawn(tasks::run_lookup(context, job, discoveries));
@@ -542,11 +565,15 @@ impl Actor {
     fn start_announce(&mut self, topic: &str) {
         let Some(port) = self.announce_port else { return };
         let generation = self.next_generation();
-        let Some(context) = self.context() else { return };
+        let context = self.context();
         let Some(state) = self.topics.get_mut(topic) else { return };
         if let Some(previous) = state.announce.take() {
             previous.handle.abort();
         }
+        let Some(context) = context else {
+            state.next_announce = None;
+            return;
+        };
         state.next_announce = None;
         let job = AnnounceJob { topic: topic.to_owned(), infohash: state.infohash, generation, port };
         let handle = tokio::spawn(tasks::run_announce(context, job));

@@ -23,25 +23,34 @@ const MAX_REQUESTERS: usize = 16;
 /// How long a rebuild waits for the old node's thread to let go of the socket (it polls every 50 ms).
 const RELEASE_WAIT: Duration = Duration::from_secs(2);
 
-/// The sources of the queries our node received most recently, newest last.
+/// The sources of the queries our node received most recently, newest last, with how many each sent. UDP
+/// sources can be forged; a source counts only once it sent [`MIN_QUERIES`], and a rebuild at most every few
+/// minutes (`super::actor`) bounds what forged sources could make us do.
 #[derive(Debug, Clone, Default)]
-pub(super) struct Requesters(Arc<Mutex<VecDeque<SocketAddrV4>>>);
+pub(super) struct Requesters(Arc<Mutex<VecDeque<(SocketAddrV4, u32)>>>);
+
+/// Queries a source must have sent to count as a DHT node.
+const MIN_QUERIES: u32 = 2;
 
 impl Requesters {
     fn note(&self, from: SocketAddrV4) {
         let mut seen = crate::sync::lock(&self.0);
-        if seen.back() == Some(&from) {
-            return;
-        }
-        seen.retain(|address| *address != from);
+        let count = match seen.iter().position(|(address, _)| *address == from) {
+            Some(index) => seen.remove(index).map_or(0, |(_, count)| count),
+            None => 0,
+        };
         if seen.len() >= MAX_REQUESTERS {
             seen.pop_front();
         }
-        seen.push_back(from);
+        seen.push_back((from, count.saturating_add(1)));
     }
 
     pub(super) fn recent(&self) -> Vec<SocketAddrV4> {
-        crate::sync::lock(&self.0).iter().copied().collect()
+        crate::sync::lock(&self.0)
+            .iter()
+            .filter(|(_, count)| *count >= MIN_QUERIES)
+            .map(|(address, _)| *address)
+            .collect()
     }
 }
 
@@ -55,8 +64,12 @@ struct NoteRequesters {
 }
 
 impl mainline::RequestFilter for NoteRequesters {
-    fn allow_request(&self, _request: &mainline::RequestSpecific, from: SocketAddrV4) -> bool {
-        self.requesters.note(from);
+    fn allow_request(&self, request: &mainline::RequestSpecific, from: SocketAddrV4) -> bool {
+        // Our own queries (from `own_node`'s sockets) and other nodes' mapping probes come from sockets that
+        // are no DHT nodes.
+        if !crate::wire::is_own_query_id(request.requester_id.as_bytes()) {
+            self.requesters.note(from);
+        }
         self.answer
     }
 }
@@ -119,12 +132,15 @@ mod tests {
         let requesters = Requesters::default();
         for port in 1..=20u16 {
             requesters.note(SocketAddrV4::new([127, 0, 0, 1].into(), port));
+            requesters.note(SocketAddrV4::new([127, 0, 0, 1].into(), port));
         }
         requesters.note(SocketAddrV4::new([127, 0, 0, 1].into(), 10));
+        requesters.note(SocketAddrV4::new([127, 0, 0, 1].into(), 30));
         let recent = requesters.recent();
-        assert_eq!(recent.len(), MAX_REQUESTERS);
-        assert_eq!(recent.last().map(SocketAddrV4::port), Some(10));
+        assert_eq!(recent.len(), MAX_REQUESTERS - 1, "all but the source of a single query: {recent:?}");
+        assert_eq!(recent.last().map(SocketAddrV4::port), Some(10), "newest last");
         assert_eq!(recent.iter().filter(|a| a.port() == 10).count(), 1);
-        assert!(!recent.iter().any(|a| a.port() <= 4), "the oldest are forgotten: {recent:?}");
+        assert!(!recent.iter().any(|a| a.port() <= 5), "the oldest are forgotten: {recent:?}");
+        assert!(!recent.iter().any(|a| a.port() == 30), "a single query does not count: {recent:?}");
     }
 }

@@ -44,16 +44,31 @@ pub(super) enum OwnNodeError {
 #[derive(Debug, Clone)]
 pub(super) struct OwnNode {
     dht: SocketAddrV4,
-    /// One id per process: the server keys stored peers by requester id, so a re-announce replaces ours.
-    requester_id: [u8; 20],
+    /// Whether our node may serve at all (a DHT client never does, whatever mainline's adaptive mode says).
+    serves: bool,
+    /// Random per process; the requester id of each query derives from it and the sending IP
+    /// ([`wire::own_query_id`]): the server keys stored peers by requester id, so a re-announce replaces ours
+    /// and the announces under different IPs do not replace each other.
+    seed: [u8; 16],
 }
 
 impl OwnNode {
-    pub(super) fn new(dht: SocketAddrV4) -> Self {
-        let mut requester_id = [0u8; 20];
-        // Without randomness the id is all zeros: still one id per process, which is all it must be.
-        let _ = getrandom::fill(&mut requester_id);
-        OwnNode { dht, requester_id }
+    pub(super) fn new(dht: SocketAddrV4, serves: bool) -> Self {
+        let mut seed = [0u8; 16];
+        // Without randomness the seed is all zeros: still one id per IP, which is all it must be.
+        let _ = getrandom::fill(&mut seed);
+        OwnNode { dht, serves, seed }
+    }
+
+    /// Whether our own node may answer us; mainline's own `server_mode` says whether it does now.
+    pub(super) fn serves(&self) -> bool {
+        self.serves
+    }
+
+    fn requester_id(&self, from: Ipv4Addr) -> [u8; 20] {
+        let mut seed = self.seed.to_vec();
+        seed.extend_from_slice(&from.octets());
+        wire::own_query_id(&seed)
     }
 
     /// The IPs to store our announce under: the DHT socket's own IP when it is bound to one (loopback
@@ -88,12 +103,12 @@ impl OwnNode {
         let socket = bind(from).await?;
         let token = {
             let tid = transaction_id();
-            let query = wire::get_peers_query(tid, &self.requester_id, info_hash.as_bytes());
+            let query = wire::get_peers_query(tid, &self.requester_id(from), info_hash.as_bytes());
             let reply = exchange(&socket, to, &query, tid).await?;
             checked(reply, "get_peers")?.token.ok_or(OwnNodeError::NoToken { query: "get_peers" })?
         };
         let tid = transaction_id();
-        let query = wire::announce_query(tid, &self.requester_id, info_hash.as_bytes(), port, &token);
+        let query = wire::announce_query(tid, &self.requester_id(from), info_hash.as_bytes(), port, &token);
         checked(exchange(&socket, to, &query, tid).await?, "announce_peer")?;
         Ok(())
     }
@@ -107,7 +122,7 @@ impl OwnNode {
         let to = self.address_from(from);
         let socket = bind(from).await?;
         let tid = transaction_id();
-        let query = wire::get_peers_query(tid, &self.requester_id, info_hash.as_bytes());
+        let query = wire::get_peers_query(tid, &self.requester_id(from), info_hash.as_bytes());
         Ok(checked(exchange(&socket, to, &query, tid).await?, "get_peers")?.values)
     }
 

@@ -109,7 +109,7 @@ pub(super) async fn run_lookup(context: TaskContext, job: LookupJob, discoveries
             report: LookupReport::default(),
             own_node_holds_ours: false,
         };
-        let serving = info.server_mode();
+        let serving = info.server_mode() && context.own.serves();
         let mut go_on = !serving || collector.read_own_node(&context.own, &job.infohash).await;
         let walk = async {
             while go_on && let Some(batch) = batches.next().await {
@@ -312,7 +312,7 @@ pub(super) async fn run_announce(context: TaskContext, job: AnnounceJob) {
 
 /// Stores our announce at our own node under each IP others reach us on; whether any of them took it.
 async fn announce_here(context: &TaskContext, job: &AnnounceJob) -> bool {
-    if !context.dht.info().await.server_mode() {
+    if !context.own.serves() || !context.dht.info().await.server_mode() {
         return false;
     }
     let mut stored = false;

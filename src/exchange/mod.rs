@@ -264,6 +264,10 @@ const UNDECIDED_PEER_GRACE: Duration = Duration::from_secs(3);
 const REACH_RETRY_DELAYS: [Duration; 4] =
     [Duration::from_secs(5), Duration::from_secs(10), Duration::from_secs(20), Duration::from_secs(40)];
 
+/// How old the peer's report on our connection may be for a mapping probe to its DHT socket to be compared
+/// with it.
+const MAPPING_PROBE_FRESHNESS_MS: i64 = 5 * 60 * 1000;
+
 /// Destinations remembered; the oldest sample goes first.
 const MAX_MAPPING_SAMPLES: usize = 64;
 
@@ -494,6 +498,18 @@ impl Exchange {
         let connection = session.connection();
         let remote = connection.remote_address();
         if is_relayed(&remote) {
+            return None;
+        }
+        // The two samples are compared: the peer's report on our connection must be recent, or a NAT that
+        // rebound the flow since (or a lost mapping) would look like one that maps per destination port.
+        let connection_sample_fresh = inner
+            .mappings
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .samples
+            .iter()
+            .any(|s| s.destination == remote && now_ms() - s.at_ms <= MAPPING_PROBE_FRESHNESS_MS);
+        if !connection_sample_fresh {
             return None;
         }
         let body = inner.stored_record_body(peer).await?;

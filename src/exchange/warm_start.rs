@@ -80,7 +80,10 @@ pub async fn known_contacts(store: &Store) -> Vec<KnownPeer> {
             .and_then(|signed| pb::RecordBody::decode(signed.body.as_slice()).ok())
             .and_then(|body| u16::try_from(body.dht_port).ok())
             .filter(|port| *port != 0);
-        let dht = dht_port.filter(|_| best.is_ipv4()).map(|port| SocketAddr::new(best.ip(), port));
+        // A peer behind a NAT runs a read-only DHT node that answers nobody: no bootstrap node.
+        let serves_dht = detail.summary.node_type != crate::store::NodeType::Private;
+        let dht =
+            dht_port.filter(|_| best.is_ipv4() && serves_dht).map(|port| SocketAddr::new(best.ip(), port));
         known.push(KnownPeer { node_id: summary.node_id, addresses, dht });
     }
     known

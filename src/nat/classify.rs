@@ -27,9 +27,11 @@
 //!   by a strict majority of the witnesses (and at least two) is our endpoint-independent external address;
 //!   the others are outvoted as lying or stale. Witnesses that all saw different addresses show an
 //!   endpoint-dependent mapping. That includes a single witness whose ports saw us at different addresses
-//!   (the node pings a public peer's DHT port from its QUIC socket): a network with one public node has no
-//!   second witness, and the worst a lying one gains is a birthday punch where a plain one would do, within
-//!   its budget. Anything else is a conflict and stays unknown.
+//!   (the node pings a public peer's DHT port from its QUIC socket, within minutes of the peer's report on the
+//!   connection): a network with one public node has no second witness. A lying witness can make us look
+//!   endpoint-dependent, which costs a birthday punch where a plain one would do, or a relay where a birthday
+//!   punch with another random-port NAT would have worked; it cannot make us look reachable. Anything else is
+//!   a conflict and stays unknown.
 //! - **Filtering**: a helper sends to our external address ([`DialBack`]). What a dial-back proves depends on
 //!   where it came from, judged against every endpoint our socket has sent to ([`Observations::contacted`]),
 //!   never on what the helper says it did. One from an endpoint we already talk to passes every filter and

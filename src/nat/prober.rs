@@ -322,10 +322,16 @@ impl NatProber {
             Some(classify::Reachability::PrivatePunchable | classify::Reachability::PrivateHard) => true,
             Some(classify::Reachability::Public) => false,
             Some(classify::Reachability::Unknown) | None => {
+                // Compared in canonical form: a dual-stack socket sees IPv4 peers as IPv4-mapped IPv6.
+                let canonical = |ip: std::net::IpAddr| ip.to_canonical();
                 let interfaces: Vec<std::net::IpAddr> = if_addrs::get_if_addrs()
-                    .map(|list| list.iter().map(|i| i.ip()).collect())
+                    .map(|list| list.iter().map(|i| canonical(i.ip())).collect())
                     .unwrap_or_default();
-                self.inner.exchange.mapping_samples().iter().any(|s| !interfaces.contains(&s.observed.ip()))
+                self.inner
+                    .exchange
+                    .mapping_samples()
+                    .iter()
+                    .any(|s| !interfaces.contains(&canonical(s.observed.ip())))
             }
         }
     }

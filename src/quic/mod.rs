@@ -354,11 +354,11 @@ impl QuicEndpoint {
     /// socket, whose reply states its source (BEP 42). Towards another port of a peer we already talk to, this
     /// tells whether our NAT maps per destination port. `None` if no reply came in time.
     pub async fn mapping_towards(&self, dht: SocketAddr) -> Option<std::net::SocketAddrV4> {
-        let mut id = [0u8; 20];
         let mut transaction_id = [0u8; 4];
-        // Without randomness both stay zero: a forged reply is then easier, and costs one wrong sample.
-        let _ = getrandom::fill(&mut id);
+        // Without randomness it stays zero: a forged reply is then easier, and costs one wrong sample.
         let _ = getrandom::fill(&mut transaction_id);
+        // Marked as ours, so that the DHT node does not take our QUIC socket for a DHT node.
+        let id = crate::wire::own_query_id(&transaction_id);
         let reply = self.inner.krpc.expect(dht, transaction_id);
         let ping = crate::wire::ping_query(transaction_id, &id);
         let waiting = async {
@@ -371,7 +371,9 @@ impl QuicEndpoint {
             }
             None
         };
-        waiting.await
+        let observed = waiting.await;
+        self.inner.krpc.forget(transaction_id);
+        observed
     }
 
     async fn connect_on(

@@ -155,6 +155,13 @@ impl KrpcWaiters {
         receiver
     }
 
+    /// Gives up waiting for the reply to the ping with `transaction_id` (answered or timed out).
+    pub fn forget(&self, transaction_id: [u8; 4]) {
+        let mut waiting = lock(&self.waiting);
+        waiting.retain(|waiter| waiter.transaction_id != transaction_id && !waiter.reply.is_closed());
+        self.active.store(!waiting.is_empty(), Ordering::Release);
+    }
+
     /// Whether `datagram` from `from` is the reply to a waiting ping; if so, hands the address it states to
     /// the waiter. Only a well-formed reply from the pinged address with the ping's transaction id counts.
     fn take(&self, from: SocketAddr, datagram: &[u8]) -> bool {

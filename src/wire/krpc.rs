@@ -10,6 +10,25 @@ use std::net::{Ipv4Addr, SocketAddrV4};
 use serde::Deserialize;
 use serde_bytes::ByteBuf;
 
+/// First bytes of the requester id of every query this node writes itself (to its own DHT node, or the mapping
+/// probe to a peer's DHT socket), so that a DHT node can tell them from queries of DHT nodes: they come from
+/// sockets that are not DHT nodes and must never become bootstrap nodes.
+pub const OWN_QUERY_ID_TAG: [u8; 4] = *b"rn\x00\x01";
+
+/// A requester id for our own queries: [`OWN_QUERY_ID_TAG`], then 16 bytes derived from `seed`.
+pub fn own_query_id(seed: &[u8]) -> [u8; 20] {
+    let digest = sha1_smol::Sha1::from(seed).digest().bytes();
+    let mut id = [0u8; 20];
+    id[..4].copy_from_slice(&OWN_QUERY_ID_TAG);
+    id[4..].copy_from_slice(&digest[..16]);
+    id
+}
+
+/// Whether `requester_id` is one of [`own_query_id`]'s.
+pub fn is_own_query_id(requester_id: &[u8]) -> bool {
+    requester_id.starts_with(&OWN_QUERY_ID_TAG)
+}
+
 /// Larger than any KRPC reply mainline sends (it never sends more than its 2048-byte MTU).
 pub const MAX_KRPC_REPLY_BYTES: usize = 4096;
 
@@ -64,6 +83,11 @@ pub fn parse_krpc_reply(datagram: &[u8]) -> Option<KrpcReply> {
     if datagram.len() > MAX_KRPC_REPLY_BYTES || datagram.first() != Some(&b'd') {
         return None;
     }
+    // The decoder recurses once per level, without a limit of its own: deep nesting (thousands of levels fit in
+    // one datagram) could exhaust the stack of the thread that receives.
+    if !nesting_within(datagram, MAX_KRPC_NESTING) {
+        return None;
+    }
     let raw: RawReply = serde_bencode::from_bytes(datagram).ok()?;
     let outcome = match (raw.y.as_slice(), raw.r, raw.e) {
         (b"r", Some(arguments), _) => Ok(KrpcResponse {
@@ -77,6 +101,52 @@ pub fn parse_krpc_reply(datagram: &[u8]) -> Option<KrpcReply> {
     };
     let requester = raw.ip.as_deref().and_then(|ip| compact_peer(ip));
     Some(KrpcReply { transaction_id: raw.t.into_vec(), outcome, requester })
+}
+
+/// Levels of lists and dictionaries a reply may nest: KRPC replies use three (the message, its arguments, the
+/// list of values).
+const MAX_KRPC_NESTING: usize = 8;
+
+/// Whether the bencoded `bytes` nest lists and dictionaries at most `max` deep; false also for anything that is
+/// not well-formed bencode as far as the scan can tell. Iterative: it is what keeps the decoder from recursing
+/// deeply.
+fn nesting_within(bytes: &[u8], max: usize) -> bool {
+    let mut depth = 0usize;
+    let mut at = 0;
+    while at < bytes.len() {
+        match bytes[at] {
+            b'd' | b'l' => {
+                depth += 1;
+                if depth > max {
+                    return false;
+                }
+                at += 1;
+            }
+            b'e' => {
+                let Some(outer) = depth.checked_sub(1) else { return false };
+                depth = outer;
+                at += 1;
+            }
+            b'i' => match bytes[at..].iter().position(|b| *b == b'e') {
+                Some(end) => at += end + 1,
+                None => return false,
+            },
+            b'0'..=b'9' => {
+                let Some(colon) = bytes[at..].iter().position(|b| *b == b':') else { return false };
+                let Some(len) =
+                    std::str::from_utf8(&bytes[at..at + colon]).ok().and_then(|n| n.parse::<usize>().ok())
+                else {
+                    return false;
+                };
+                at = match (at + colon + 1).checked_add(len) {
+                    Some(end) if end <= bytes.len() => end,
+                    _ => return false,
+                };
+            }
+            _ => return false,
+        }
+    }
+    true
 }
 
 /// BEP 5 compact peer info: 4 bytes of IPv4 address and 2 of port, big-endian.
@@ -183,5 +253,41 @@ mod tests {
         huge.extend_from_slice(b"e1:t4:tttt1:y1:re");
         assert_eq!(parse_krpc_reply(&huge), None);
         assert!(compact_peer(b"short").is_none());
+    }
+
+    /// The reply parser sees datagrams from the network (on the QUIC socket, from an address we pinged):
+    /// nesting as deep as a datagram allows and random mutations of a real reply must not panic.
+    #[test]
+    fn hostile_replies_never_panic() {
+        let depth = (MAX_KRPC_REPLY_BYTES - 32) / 2;
+        let mut nested = b"d1:t4:tttt1:y1:r1:x".to_vec();
+        nested.extend(std::iter::repeat_n(b'l', depth));
+        nested.extend(std::iter::repeat_n(b'e', depth));
+        nested.push(b'e');
+        assert!(nested.len() <= MAX_KRPC_REPLY_BYTES);
+        let _ = parse_krpc_reply(&nested);
+
+        let valid = b"d2:ip6:\xcb\x00\x71\x64\x78\xba1:rd2:id20:iiiiiiiiiiiiiiiiiiii5:token2:xy6:valuesl6:\x7f\x00\x00\x01\x78\xbaee1:t4:tttt1:y1:re";
+        let mut state = 0x9e37_79b9_7f4a_7c15_u64;
+        let mut next = || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        for _ in 0..20_000 {
+            let mut datagram = valid.to_vec();
+            for _ in 0..1 + next() % 4 {
+                let at = (next() % datagram.len() as u64) as usize;
+                match next() % 3 {
+                    0 => datagram[at] = next() as u8,
+                    1 => {
+                        datagram.remove(at);
+                    }
+                    _ => datagram.insert(at, next() as u8),
+                }
+            }
+            let _ = parse_krpc_reply(&datagram);
+        }
     }
 }

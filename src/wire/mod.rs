@@ -35,7 +35,7 @@ pub use frame::{FrameDecoder, FrameError, encode_frame};
 pub use fuzz::fuzz_decode_and_verify;
 pub use krpc::{
     KrpcRefusal, KrpcReply, KrpcResponse, MAX_KRPC_REPLY_BYTES, announce_query, get_peers_query,
-    parse_krpc_reply, ping_query,
+    is_own_query_id, own_query_id, parse_krpc_reply, ping_query,
 };
 pub use message::{build_peer_exchange_response, negotiate_version};
 pub use punch::{
