@@ -107,8 +107,8 @@ pub(super) struct Actor {
     contacts: Option<usize>,
     /// Set while the routing table is empty: when to warn about it next.
     no_contacts: Option<NoContacts>,
-    /// The resolved bootstrap nodes, for the warning.
-    bootstrap: Vec<String>,
+    /// The bootstrap nodes as configured (host names included), for the warning.
+    configured_bootstrap: Vec<String>,
 }
 
 struct NoContacts {
@@ -157,7 +157,7 @@ impl Actor {
             own,
             contacts: None,
             no_contacts: None,
-            bootstrap: options.bootstrap.clone(),
+            configured_bootstrap: options.bootstrap.clone(),
         }
     }
 
@@ -246,8 +246,6 @@ impl Actor {
                     Some(tokio::spawn(tasks::log_bootstrap(dht.clone(), true).in_current_span()));
                 self.dht = Some(dht);
                 self.has_bootstrap = true;
-                self.bootstrap =
-                    self.builder.bootstrap.iter().chain(&extra).map(ToString::to_string).collect();
                 self.extra_bootstrap = extra;
                 self.contacts = None;
                 for state in self.topics.values_mut() {
@@ -452,7 +450,8 @@ impl Actor {
         if self.has_bootstrap {
             tracing::warn!(
                 for_secs,
-                bootstrap = ?self.bootstrap,
+                bootstrap = ?self.configured_bootstrap,
+                learned = ?self.extra_bootstrap,
                 "DHT has no contacts: none of its bootstrap nodes answers (they are asked again every 2 s). \
                  Check the addresses and that UDP reaches them; topics still work through peers that bootstrap \
                  from this node or that it knows from its store"
