@@ -27,10 +27,42 @@ pub fn notify_stopping(status: &str) {
 }
 
 fn send(states: &[NotifyState]) {
-    if let Err(e) = sd_notify::notify(states) {
+    match notify_without_blocking(states) {
+        Ok(()) => {}
+        // A status line or watchdog ping the manager has no room for is dropped: the next one replaces it.
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+            tracing::debug!("the service manager's notification queue is full; notification dropped");
+        }
         // Not fatal: the service manager will notice through its own timeouts; say so for the operator.
-        tracing::warn!(error = %e, "could not notify the service manager");
+        Err(e) => tracing::warn!(error = %e, "could not notify the service manager"),
     }
+}
+
+/// Sends one `sd_notify` datagram to `$NOTIFY_SOCKET` (a path, or an abstract name starting with `@`) and
+/// never waits: a manager that does not read its socket fills the queue (ten datagrams by default,
+/// `net.unix.max_dgram_qlen`), and a blocking send would then stall the thread that reports status, which is
+/// the one that waits for SIGTERM. No-op outside a service manager.
+fn notify_without_blocking(states: &[NotifyState]) -> std::io::Result<()> {
+    match std::env::var_os("NOTIFY_SOCKET") {
+        Some(target) => notify_to(&target, states),
+        None => Ok(()),
+    }
+}
+
+fn notify_to(target: &std::ffi::OsStr, states: &[NotifyState]) -> std::io::Result<()> {
+    use std::os::unix::net::UnixDatagram;
+    let message: String = states.iter().map(|state| format!("{state}\n")).collect();
+    let socket = UnixDatagram::unbound()?;
+    socket.set_nonblocking(true)?;
+    let bytes = target.as_encoded_bytes();
+    if let Some(name) = bytes.strip_prefix(b"@") {
+        use std::os::linux::net::SocketAddrExt;
+        let address = std::os::unix::net::SocketAddr::from_abstract_name(name)?;
+        socket.send_to_addr(message.as_bytes(), &address)?;
+    } else {
+        socket.send_to(message.as_bytes(), Path::new(target))?;
+    }
+    Ok(())
 }
 
 /// Sends `WATCHDOG=1` at half the interval systemd asked for (`WATCHDOG_USEC`), until `stop` is cancelled.
@@ -66,6 +98,45 @@ pub fn shutdown_signals() -> std::io::Result<impl Future<Output = &'static str>>
             _ = int.recv() => "SIGINT",
         }
     })
+}
+
+/// What a graceful stop is doing, for the stop deadline's message: set by each stage of the stop.
+static STOP_STAGE: std::sync::Mutex<&'static str> =
+    std::sync::Mutex::new("the runtime had not yet handled the signal");
+/// Set from the signal handler itself, so the deadline runs even if the async runtime never sees the signal.
+static STOP_REQUESTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Records the stage a graceful stop has reached (see [`arm_stop_deadline`]).
+pub fn stop_stage(stage: &'static str) {
+    *STOP_STAGE.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) = stage;
+}
+
+/// Guarantees that a stop signal ends the process within `limit`, whatever state the async runtime is in: a
+/// plain thread, outside the runtime, watches for SIGTERM or SIGINT and, if the process is still alive `limit`
+/// after the first one, says which stage of the stop hung and exits with `exit_code`. A service manager would
+/// otherwise wait for its own stop timeout and then kill the daemon without a word.
+pub fn arm_stop_deadline(limit: Duration, exit_code: i32) -> std::io::Result<()> {
+    use std::sync::atomic::Ordering;
+    for signal in [libc::SIGTERM, libc::SIGINT] {
+        // SAFETY: the action only stores to an atomic, which is async-signal-safe; it runs beside tokio's own
+        // handler for the same signals (the registry chains them).
+        unsafe {
+            signal_hook_registry::register(signal, || STOP_REQUESTED.store(true, Ordering::SeqCst))?;
+        }
+    }
+    std::thread::Builder::new().name("stop-deadline".to_owned()).spawn(move || {
+        while !STOP_REQUESTED.load(Ordering::SeqCst) {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        std::thread::sleep(limit);
+        let stage = *STOP_STAGE.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        eprintln!(
+            "remote-network did not exit within {} of the stop signal (stuck while: {stage}); exiting now",
+            crate::config::format_duration(limit)
+        );
+        std::process::exit(exit_code);
+    })?;
+    Ok(())
 }
 
 /// An exclusive advisory lock on a file, held until dropped (or the process dies, which is what makes it safe
@@ -114,6 +185,36 @@ impl ExclusiveLock {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A service manager that stops reading its socket must not stall the daemon: once the queue is full,
+    /// sending fails at once instead of waiting (it used to block the thread that waits for SIGTERM).
+    #[test]
+    fn notifications_to_a_manager_that_does_not_read_never_block() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("notify.sock");
+        let manager = std::os::unix::net::UnixDatagram::bind(&path).expect("bind");
+        let status = [NotifyState::Status("serving; 0 connected")];
+        let outcomes: Vec<_> = (0..200).map(|_| notify_to(path.as_os_str(), &status)).collect();
+        assert!(outcomes[0].is_ok(), "the first notification is delivered: {:?}", outcomes[0]);
+        let refused = outcomes.iter().filter_map(|o| o.as_ref().err()).collect::<Vec<_>>();
+        assert!(!refused.is_empty(), "a full queue refuses instead of blocking");
+        assert!(refused.iter().all(|e| e.kind() == std::io::ErrorKind::WouldBlock), "{refused:?}");
+        let mut buf = [0u8; 128];
+        let n = manager.recv(&mut buf).expect("recv");
+        assert_eq!(&buf[..n], b"STATUS=serving; 0 connected\n");
+    }
+
+    #[test]
+    fn notifications_reach_an_abstract_socket() {
+        use std::os::linux::net::SocketAddrExt;
+        let name = format!("rn-notify-test-{}", std::process::id());
+        let address = std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes()).expect("name");
+        let manager = std::os::unix::net::UnixDatagram::bind_addr(&address).expect("bind");
+        notify_to(std::ffi::OsStr::new(&format!("@{name}")), &[NotifyState::Ready]).expect("send");
+        let mut buf = [0u8; 64];
+        let n = manager.recv(&mut buf).expect("recv");
+        assert_eq!(&buf[..n], b"READY=1\n");
+    }
 
     #[test]
     fn a_second_lock_on_the_same_file_is_refused_until_the_first_is_dropped() {

@@ -210,10 +210,13 @@ fn run(loaded: Loaded) -> anyhow::Result<()> {
             tracing::info!(file = %file.display(), "configuration loaded");
         }
         let signal = lifecycle::shutdown_signals().context("cannot install the SIGTERM/SIGINT handlers")?;
+        lifecycle::arm_stop_deadline(config.shutdown_timeout + STOP_DEADLINE_SLACK, i32::from(EXIT_FAILURE))
+            .context("cannot start the stop deadline")?;
         let node = Node::start(&config).await?;
         node.run_until(async {
             let name = signal.await;
             tracing::info!(signal = name, "stopping");
+            lifecycle::stop_stage("stopping the node");
         })
         .await;
         tokio::time::timeout(config.shutdown_timeout, node.stop())
@@ -228,9 +231,15 @@ fn run(loaded: Loaded) -> anyhow::Result<()> {
     });
     // Dropping a runtime waits for every blocking task without limit (a store read queued behind a busy pool
     // waits up to the pool's timeout); the node has stopped or given up by now, so the process exits promptly.
+    lifecycle::stop_stage("waiting for the runtime's last tasks");
     runtime.shutdown_timeout(RUNTIME_EXIT_GRACE);
+    lifecycle::stop_stage("flushing traces");
     result
 }
+
+/// Beyond `shutdown_timeout`, how long the process may take to exit before the stop deadline ends it: the
+/// runtime's exit grace, the trace flush, and a margin.
+const STOP_DEADLINE_SLACK: std::time::Duration = std::time::Duration::from_secs(8);
 
 /// How long blocking tasks still running after the node stopped may hold the process's exit.
 const RUNTIME_EXIT_GRACE: std::time::Duration = std::time::Duration::from_secs(1);

@@ -203,12 +203,17 @@ impl Node {
         lifecycle::notify_stopping("stopping: draining control API, flushing the store");
         self.serving.store(false, Ordering::Relaxed);
         self.ctx.shutdown.cancel();
+        lifecycle::stop_stage("draining the control API");
         self.control.wait().await;
+        lifecycle::stop_stage("stopping the monitoring server");
         self.monitoring.wait().await;
+        lifecycle::stop_stage("closing peer connections");
         self.ctx.exchange.shutdown().await;
+        lifecycle::stop_stage("waiting for background tasks");
         for task in self.background {
             let _ = task.await;
         }
+        lifecycle::stop_stage("closing the store");
         let result = self.ctx.store.close().await;
         tracing::info!(node_id = %self.ctx.node_id, "node stopped");
         result

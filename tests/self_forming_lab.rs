@@ -112,7 +112,7 @@ impl LabNode {
     fn stop(&mut self) {
         let daemon = self.daemon.take().expect("running");
         let (status, log) = daemon.terminate();
-        assert!(status.success(), "{} exited with {status} after SIGTERM", self.label);
+        assert!(status.success(), "{} exited with {status} after SIGTERM; its log:\n{log}", self.label);
         self.earlier_logs.push_str(&log);
         self.earlier_logs.push_str("\n---- stopped; restarted below ----\n");
     }

@@ -311,8 +311,29 @@ impl TestNode {
     /// Sends SIGTERM and waits for the exit status.
     pub fn terminate(mut self) -> (ExitStatus, String) {
         self.signal(libc::SIGTERM);
-        let status = self.wait_exit(Duration::from_secs(30)).expect("daemon did not stop after SIGTERM");
-        (status, self.stderr())
+        match self.wait_exit(Duration::from_secs(30)) {
+            Some(status) => (status, self.stderr()),
+            None => {
+                let stacks = self.thread_stacks();
+                panic!(
+                    "daemon did not stop within 30 s of SIGTERM\n---- threads ----\n{stacks}\n---- log ----\n{}",
+                    self.stderr()
+                );
+            }
+        }
+    }
+
+    /// Every thread's stack of the running daemon, from gdb when the machine has it: what a hang waits on.
+    fn thread_stacks(&self) -> String {
+        let pid = self.pid().to_string();
+        match Command::new("gdb")
+            .args(["-p", &pid, "-batch", "-ex", "thread apply all bt 30"])
+            .stdin(Stdio::null())
+            .output()
+        {
+            Ok(out) => String::from_utf8_lossy(&out.stdout).into_owned(),
+            Err(e) => format!("(no stacks: gdb did not run: {e})"),
+        }
     }
 
     pub fn wait_exit(&mut self, wait: Duration) -> Option<ExitStatus> {
