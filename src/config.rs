@@ -148,6 +148,43 @@ const SETTINGS: &[Setting] = &[
               TLS work.",
     },
     Setting {
+        key: "quic.handshake_timeout",
+        env: "RN_QUIC_HANDSHAKE_TIMEOUT",
+        flag: None,
+        kind: Kind::Duration,
+        doc: "How long a QUIC handshake we dial may take before the dial fails.",
+    },
+    Setting {
+        key: "quic.inbound_handshake_timeout",
+        env: "RN_QUIC_INBOUND_HANDSHAKE_TIMEOUT",
+        flag: None,
+        kind: Kind::Duration,
+        doc: "How long an inbound QUIC handshake may hold its slot; a dialer that stalls longer is dropped.",
+    },
+    Setting {
+        key: "quic.max_pending_handshakes",
+        env: "RN_QUIC_MAX_PENDING_HANDSHAKES",
+        flag: None,
+        kind: Kind::Count,
+        doc: "Most inbound QUIC handshakes in progress at once; more attempts are refused until some finish.",
+    },
+    Setting {
+        key: "quic.retry_threshold",
+        env: "RN_QUIC_RETRY_THRESHOLD",
+        flag: None,
+        kind: Kind::Count,
+        doc: "Inbound handshakes in progress from which new dialers must first prove their address with a QUIC \
+              Retry (one extra round trip; stops floods from spoofed or silent sources).",
+    },
+    Setting {
+        key: "quic.max_unvalidated_per_ip",
+        env: "RN_QUIC_MAX_UNVALIDATED_PER_IP",
+        flag: None,
+        kind: Kind::Count,
+        doc: "Inbound handshakes one IP may have in progress before proving its address; its further dialers \
+              get a QUIC Retry.",
+    },
+    Setting {
         key: "dht.listen",
         env: "RN_DHT_LISTEN",
         flag: Some("--dht-listen"),
@@ -271,7 +308,8 @@ pub struct Config {
     pub shutdown_timeout: Duration,
     pub control: ControlConfig,
     pub quic_listen: SocketAddr,
-    pub quic_max_connections: u64,
+    /// The QUIC transport's limits (connections, handshakes, admission); windows keep their defaults.
+    pub quic_limits: crate::quic::QuicLimits,
     pub dht: DhtConfig,
     pub monitoring_listen: SocketAddr,
     /// Where `monitoring_listen` came from: only the built-in default may be replaced by another port when it is
@@ -707,8 +745,7 @@ impl Resolver<'_> {
         )?;
         let quic_listen =
             self.value("quic.listen", parse_addr, || Ok((addr(0, 30906), Source::Default)), show_addr)?;
-        let quic_max_connections =
-            self.value("quic.max_connections", parse_count, || Ok((1024, Source::Default)), u64::to_string)?;
+        let quic_limits = self.quic_limits()?;
         let dht_listen =
             self.value("dht.listen", parse_addr, || Ok((addr(0, 30609), Source::Default)), show_addr)?;
         let bootstrap = self.value(
@@ -811,7 +848,7 @@ impl Resolver<'_> {
             shutdown_timeout,
             control: ControlConfig { socket, tcp, token },
             quic_listen,
-            quic_max_connections,
+            quic_limits,
             dht: DhtConfig {
                 listen: dht_listen,
                 bootstrap,
@@ -831,6 +868,53 @@ impl Resolver<'_> {
             },
         };
         Ok((config, self.shown))
+    }
+}
+
+impl Resolver<'_> {
+    /// The `quic.*` limits, defaulting to the transport's own defaults (one source for each).
+    fn quic_limits(&mut self) -> Result<crate::quic::QuicLimits, ConfigError> {
+        let defaults = crate::quic::QuicLimits::default();
+        let count = |n: usize| move || Ok((n as u64, Source::Default));
+        let duration = |d: Duration| move || Ok((d, Source::Default));
+        let as_usize = |n: u64| usize::try_from(n).unwrap_or(usize::MAX);
+        let max_connections =
+            self.value("quic.max_connections", parse_count, count(defaults.max_connections), u64::to_string)?;
+        let handshake_timeout = self.value(
+            "quic.handshake_timeout",
+            parse_interval,
+            duration(defaults.handshake_timeout),
+            show_duration,
+        )?;
+        let inbound_handshake_timeout = self.value(
+            "quic.inbound_handshake_timeout",
+            parse_interval,
+            duration(defaults.inbound_handshake_timeout),
+            show_duration,
+        )?;
+        let max_pending_handshakes = self.value(
+            "quic.max_pending_handshakes",
+            parse_count,
+            count(defaults.max_pending_handshakes),
+            u64::to_string,
+        )?;
+        let retry_threshold =
+            self.value("quic.retry_threshold", parse_count, count(defaults.retry_threshold), u64::to_string)?;
+        let max_unvalidated_per_ip = self.value(
+            "quic.max_unvalidated_per_ip",
+            parse_count,
+            count(defaults.max_unvalidated_per_ip),
+            u64::to_string,
+        )?;
+        Ok(crate::quic::QuicLimits {
+            max_connections: as_usize(max_connections),
+            handshake_timeout,
+            inbound_handshake_timeout,
+            max_pending_handshakes: as_usize(max_pending_handshakes),
+            retry_threshold: as_usize(retry_threshold),
+            max_unvalidated_per_ip: as_usize(max_unvalidated_per_ip),
+            ..defaults
+        })
     }
 }
 

@@ -25,7 +25,7 @@ use crate::exchange::warm_start;
 use crate::exchange::{Exchange, ExchangeOptions};
 use crate::identity::{self, Identity, IdentityError};
 use crate::lifecycle::{self, ExclusiveLock, LockError};
-use crate::quic::{QuicEndpoint, QuicError, QuicLimits};
+use crate::quic::{QuicEndpoint, QuicError};
 use crate::store::{AddressSource, Store, StoreError, StoreHealth, StoreOptions};
 use crate::telemetry::{self, MetricKind, Monitoring, MonitoringError, Readiness, Registry};
 
@@ -238,11 +238,8 @@ async fn start_network(
     store: &Store,
     shutdown: &CancellationToken,
 ) -> Result<(Exchange, Dht), StartError> {
-    let limits = QuicLimits {
-        max_connections: usize::try_from(config.quic_max_connections).unwrap_or(usize::MAX),
-        ..QuicLimits::default()
-    };
-    let endpoint = QuicEndpoint::bind(config.quic_listen, identity.signing_key(), limits)?;
+    let endpoint =
+        QuicEndpoint::bind(config.quic_listen, identity.signing_key(), config.quic_limits.clone())?;
     let quic_addr = endpoint.local_addr()?;
     let topics: Vec<String> = store.joined_topics().await?.into_iter().map(|t| t.name).collect();
     // The store is a bootstrap of its own: peers verified before are dialed again, and their DHT sockets join
@@ -390,6 +387,27 @@ fn node_metrics(store: &Store, exchange: &Exchange, dht: &Dht) -> Arc<Registry> 
         "Peer records learnt from other peers (peer exchange) rather than from the peers themselves.",
         MetricKind::Counter,
         move || ex.counters().records_from_peer_exchange.load(Ordering::Relaxed),
+    );
+    let ex = exchange.clone();
+    registry.register(
+        "rn_quic_inbound_attempts_total",
+        "Inbound QUIC connection attempts not simply accepted, by outcome: sent a Retry to prove their address, \
+         refused at the connection or pending-handshake limit, or a handshake that timed out.",
+        MetricKind::Counter,
+        Box::new(move |w| {
+            let a = ex.quic_admission();
+            w.sample(&[("outcome", "retry")], a.retries_sent);
+            w.sample(&[("outcome", "refused_connection_limit")], a.refused_connection_limit);
+            w.sample(&[("outcome", "refused_pending_limit")], a.refused_pending_limit);
+            w.sample(&[("outcome", "handshake_timeout")], a.handshakes_timed_out);
+        }),
+    );
+    let ex = exchange.clone();
+    registry.register_value(
+        "rn_quic_pending_handshakes",
+        "Inbound QUIC handshakes in progress.",
+        MetricKind::Gauge,
+        move || ex.quic_admission().pending_handshakes,
     );
     let ex = exchange.clone();
     registry.register(

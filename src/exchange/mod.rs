@@ -31,7 +31,7 @@ use self::table::{Admission, Direction, SessionTable};
 use crate::api::names::NodeId;
 use crate::nat::observed::{Observation, ObservedAddresses};
 use crate::quic::paths::is_relayed;
-use crate::quic::{Inbound, Outbound, QuicEndpoint};
+use crate::quic::{Inbound, Outbound, QuicEndpoint, QuicError};
 use crate::store::{AddressSource, PeerQuery, QualitySample, Store, UpsertOutcome};
 use crate::wire::{self, VerifiedRecord, VerifyPolicy, pb};
 
@@ -69,7 +69,7 @@ impl Default for ExchangeOptions {
 #[derive(Debug, thiserror::Error)]
 pub enum ExchangeError {
     #[error("QUIC: {0}")]
-    Quic(#[from] crate::quic::QuicError),
+    Quic(#[from] QuicError),
     #[error("frame: {0}")]
     Frame(wire::FrameError),
     #[error("record rejected: {0}")]
@@ -381,6 +381,7 @@ impl Exchange {
         let limits = crate::quic::QuicLimits {
             max_connections: 1,
             handshake_timeout: HAIRPIN_TIMEOUT,
+            inbound_handshake_timeout: HAIRPIN_TIMEOUT,
             ..crate::quic::QuicLimits::default()
         };
         let bind = SocketAddr::new(
@@ -555,6 +556,11 @@ impl Exchange {
     /// Punch attempts and outcomes by (our NAT type, their NAT type), kept in the store across restarts.
     pub async fn punch_stats(&self) -> Result<Vec<crate::store::PunchStats>, ExchangeError> {
         Ok(self.inner.store.punch_stats().await?)
+    }
+
+    /// What the QUIC endpoint's inbound admission did so far (Retries, refusals, handshakes in progress).
+    pub fn quic_admission(&self) -> crate::quic::AdmissionStats {
+        self.inner.endpoint.admission_stats()
     }
 
     /// Punch attempts and successes since start (either role).
@@ -1254,6 +1260,8 @@ async fn accept_loop(inner: Arc<Inner>) {
         };
         match incoming {
             None => return,
+            // A Retry is not a refusal: the dialer comes back with a validated address.
+            Some(Err(QuicError::RetrySent)) => {}
             Some(Err(e)) => tracing::debug!(error = %e, "inbound connection refused"),
             Some(Ok(inbound)) => {
                 let inner = inner.clone();

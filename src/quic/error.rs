@@ -62,6 +62,10 @@ pub enum QuicError {
     #[error("connection refused: {0}")]
     Refused(String),
 
+    /// Not a failure: the attempt was asked to prove its address (QUIC Retry) and may come back validated.
+    #[error("the connection attempt was sent a QUIC Retry to validate its address")]
+    RetrySent,
+
     #[error(
         "the QUIC handshake did not complete in time; the peer may be offline, unreachable or behind a NAT \
          that drops unsolicited packets: try another address or retry later"

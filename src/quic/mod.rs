@@ -7,6 +7,7 @@
 //! in the flight that completes the dialer's handshake; the dialer's own identity is only known, and anything it
 //! sent only trustworthy, once [`Inbound::authenticated`] returns.
 
+mod admission;
 mod error;
 pub mod paths;
 mod tls;
@@ -25,9 +26,11 @@ use quinn::{ConnectionError, TransportErrorCode, VarInt};
 use rustls::pki_types::CertificateDer;
 use tokio::sync::oneshot;
 
+pub use admission::AdmissionStats;
 pub use error::QuicError;
 
 use crate::api::names::NodeId;
+use admission::{Admission, AdmissionLimits, Decision, PendingHandshake};
 use tls::{SeenKey, SeenSlot, TlsIdentity};
 
 /// The one application protocol both sides offer; a peer that does not offer it fails the handshake.
@@ -77,8 +80,18 @@ pub struct QuicLimits {
     /// Interval of keep-alive packets, which keep NAT mappings open; zero disables them. Must be shorter than
     /// `idle_timeout` otherwise.
     pub keep_alive: Duration,
-    /// Time allowed for a handshake, dialing or accepting. Must be more than zero.
+    /// Time allowed for a handshake we dial. Must be more than zero.
     pub handshake_timeout: Duration,
+    /// Time an inbound handshake may hold its slot, from the dialer's first packet. Shorter than
+    /// `handshake_timeout`: an honest dialer finishes within one round trip of our first flight, and a
+    /// stalled attempt should give its slot back soon. Must be more than zero.
+    pub inbound_handshake_timeout: Duration,
+    /// Inbound handshakes in progress beyond which new attempts are refused (see [`admission`]).
+    pub max_pending_handshakes: usize,
+    /// Inbound handshakes in progress from which attempts must prove their address with a QUIC Retry first.
+    pub retry_threshold: usize,
+    /// Unvalidated inbound handshakes one IP may have in progress before its further attempts get a Retry.
+    pub max_unvalidated_per_ip: usize,
 }
 
 impl Default for QuicLimits {
@@ -96,6 +109,12 @@ impl Default for QuicLimits {
             idle_timeout: Duration::from_secs(30),
             keep_alive: Duration::from_secs(10),
             handshake_timeout: Duration::from_secs(10),
+            inbound_handshake_timeout: Duration::from_secs(5),
+            max_pending_handshakes: 256,
+            // Well above what honest bursts reach (rn-bench dials 16 at a time, all from 127.0.0.1), so that
+            // they never pay for a Retry; far below the slots a flood could otherwise take.
+            retry_threshold: 64,
+            max_unvalidated_per_ip: 16,
         }
     }
 }
@@ -115,8 +134,16 @@ impl QuicLimits {
         if self.idle_timeout.is_zero() {
             return invalid("idle_timeout must be more than zero (default 30 s)");
         }
-        if self.handshake_timeout.is_zero() {
-            return invalid("handshake_timeout must be more than zero (default 10 s)");
+        if self.handshake_timeout.is_zero() || self.inbound_handshake_timeout.is_zero() {
+            return invalid(
+                "handshake_timeout and inbound_handshake_timeout must be more than zero (defaults 10 s and 5 s)",
+            );
+        }
+        if self.max_pending_handshakes == 0 || self.retry_threshold == 0 || self.max_unvalidated_per_ip == 0 {
+            return invalid(
+                "max_pending_handshakes, retry_threshold and max_unvalidated_per_ip must be at least 1 \
+                 (defaults 256, 64 and 16)",
+            );
         }
         if !self.keep_alive.is_zero() && self.keep_alive >= self.idle_timeout {
             return invalid(
@@ -124,6 +151,15 @@ impl QuicLimits {
             );
         }
         Ok(())
+    }
+
+    fn admission(&self) -> AdmissionLimits {
+        AdmissionLimits {
+            max_connections: self.max_connections,
+            max_pending_handshakes: self.max_pending_handshakes,
+            retry_threshold: self.retry_threshold,
+            max_unvalidated_per_ip: self.max_unvalidated_per_ip,
+        }
     }
 
     fn transport_config(&self) -> Result<quinn::TransportConfig, QuicError> {
@@ -176,7 +212,8 @@ struct Inner {
     closed: AtomicBool,
     /// Makes "count the connections, then accept" one step, so that concurrent `accept` callers cannot both
     /// take the last free slot.
-    admission: Mutex<()>,
+    admission_lock: Mutex<()>,
+    admission: Arc<Admission>,
 }
 
 impl fmt::Debug for QuicEndpoint {
@@ -283,7 +320,8 @@ impl QuicEndpoint {
                 udp,
                 krpc,
                 closed: AtomicBool::new(false),
-                admission: Mutex::new(()),
+                admission_lock: Mutex::new(()),
+                admission: Arc::default(),
             }),
         })
     }
@@ -301,6 +339,11 @@ impl QuicEndpoint {
     /// This node's id, as presented to peers.
     pub fn node_id(&self) -> NodeId {
         self.inner.tls.node_id()
+    }
+
+    /// What inbound admission did so far (Retries, refusals, handshakes in progress).
+    pub fn admission_stats(&self) -> AdmissionStats {
+        self.inner.admission.stats()
     }
 
     /// Live connections, inbound and outbound, including those still handshaking or being closed.
@@ -444,21 +487,48 @@ impl Inner {
     fn admit(&self, incoming: quinn::Incoming) -> Result<Inbound, QuicError> {
         let remote = incoming.remote_address();
         let seen = tls::new_slot();
-        let connecting = {
-            let _admission = self.admission.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let (connecting, slot) = {
+            let _admission = self.admission_lock.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
             let live = self.endpoint.open_connections();
-            if live >= self.limits.max_connections {
-                // Refusing sends a CONNECTION_REFUSED close without any TLS work.
-                incoming.refuse();
-                return Err(QuicError::Refused(format!(
-                    "connection from {remote} refused: {live} connections are open and the limit is {}; \
-                     raise max_connections if the node should serve more peers",
-                    self.limits.max_connections
-                )));
+            let validated = incoming.remote_address_validated();
+            let limits = self.limits.admission();
+            let (decision, slot) = self.admission.admit(remote.ip(), validated, live, &limits);
+            match decision {
+                Decision::Accept => {}
+                Decision::Retry => {
+                    // Only an attempt that already answered a Retry cannot get another; those are validated
+                    // and never asked to retry, so this drops nothing in practice.
+                    if let Err(e) = incoming.retry() {
+                        e.into_incoming().ignore();
+                    }
+                    return Err(QuicError::RetrySent);
+                }
+                Decision::RefuseConnectionLimit => {
+                    // Refusing sends a CONNECTION_REFUSED close without any TLS work.
+                    incoming.refuse();
+                    self.admission.log_refusal("the connection limit is reached", limits.max_connections);
+                    return Err(QuicError::Refused(format!(
+                        "connection from {remote} refused: {live} connections are open and the limit is {}; \
+                         raise quic.max_connections if the node should serve more peers",
+                        limits.max_connections
+                    )));
+                }
+                Decision::RefusePendingLimit => {
+                    incoming.refuse();
+                    self.admission
+                        .log_refusal("too many handshakes are in progress", limits.max_pending_handshakes);
+                    return Err(QuicError::Refused(format!(
+                        "connection from {remote} refused: {} handshakes are in progress; raise \
+                         quic.max_pending_handshakes if honest peers arrive in larger bursts",
+                        limits.max_pending_handshakes
+                    )));
+                }
             }
             let mut config = self.server_base.clone();
             config.crypto = Arc::new(self.tls.server_config(seen.clone())?);
-            incoming.accept_with(Arc::new(config)).map_err(|e| handshake_failure(e, None, &seen))?
+            let connecting =
+                incoming.accept_with(Arc::new(config)).map_err(|e| handshake_failure(e, None, &seen))?;
+            (connecting, slot)
         };
         // On the accepting side quinn always allows this; it yields the connection before the handshake has
         // completed, which is what lets the listener write at 0.5-RTT.
@@ -468,10 +538,24 @@ impl Inner {
                  its handshake completed (this is a bug, please report it)"
             )));
         };
-        let receiver =
-            watch_handshake(connection.clone(), handshake_done, seen, self.limits.handshake_timeout);
+        let watch = HandshakeWatch {
+            seen,
+            timeout: self.limits.inbound_handshake_timeout,
+            slot,
+            admission: self.admission.clone(),
+        };
+        let receiver = watch_handshake(connection.clone(), handshake_done, watch);
         Ok(Inbound { connection, remote, handshake: Handshake::Pending(receiver) })
     }
+}
+
+/// What the task watching an inbound handshake needs besides the connection.
+struct HandshakeWatch {
+    seen: SeenSlot,
+    timeout: Duration,
+    /// The handshake's admission slot, given back when the handshake ends either way.
+    slot: Option<PendingHandshake>,
+    admission: Arc<Admission>,
 }
 
 /// Watches an inbound handshake in its own task, so that the handshake timeout holds even if the caller never
@@ -479,10 +563,10 @@ impl Inner {
 fn watch_handshake(
     connection: quinn::Connection,
     handshake_done: quinn::ZeroRttAccepted,
-    seen: SeenSlot,
-    timeout: Duration,
+    watch: HandshakeWatch,
 ) -> oneshot::Receiver<Result<NodeId, QuicError>> {
     let (sender, receiver) = oneshot::channel();
+    let HandshakeWatch { seen, timeout, slot, admission } = watch;
     tokio::spawn(async move {
         // On the accepting side this future resolves when the handshake completes or the connection ends. Its
         // value only concerns 0-RTT data from the client (never used here), so the connection's state decides.
@@ -493,9 +577,11 @@ fn watch_handshake(
             },
             Err(_elapsed) => {
                 connection.close(CLOSE_HANDSHAKE_TIMEOUT, b"handshake timed out");
+                admission.count_timeout();
                 Err(QuicError::TimedOut)
             }
         };
+        drop(slot);
         // The caller may have dropped the `Inbound`; then nobody needs the outcome.
         let _ = sender.send(outcome);
     });

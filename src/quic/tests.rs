@@ -576,7 +576,8 @@ async fn dial_to_silent_address_times_out() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn inbound_handshake_times_out_when_dialer_goes_silent() {
-    let limits = QuicLimits { handshake_timeout: Duration::from_millis(500), ..QuicLimits::default() };
+    let limits =
+        QuicLimits { inbound_handshake_timeout: Duration::from_millis(500), ..QuicLimits::default() };
     let (server, server_addr) = bind(&new_key(), limits);
     let (client, _) = bind(&new_key(), QuicLimits::default());
     // Only the ClientHello gets through; the dialer's Finished never arrives.
@@ -609,6 +610,8 @@ async fn limits_are_validated() {
         QuicLimits { keep_alive: Duration::from_secs(30), ..QuicLimits::default() },
         QuicLimits { idle_timeout: Duration::ZERO, ..QuicLimits::default() },
         QuicLimits { handshake_timeout: Duration::ZERO, ..QuicLimits::default() },
+        QuicLimits { inbound_handshake_timeout: Duration::ZERO, ..QuicLimits::default() },
+        QuicLimits { retry_threshold: 0, ..QuicLimits::default() },
         QuicLimits { max_bi_streams: 0, ..QuicLimits::default() },
         QuicLimits { receive_window: 0, ..QuicLimits::default() },
     ];
