@@ -10,6 +10,7 @@
 mod admission;
 mod error;
 pub mod paths;
+mod source_limit;
 mod tls;
 
 #[cfg(test)]

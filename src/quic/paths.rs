@@ -23,8 +23,9 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Waker};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
+use super::source_limit::{Rate, SourceLimiter};
 use crate::sync::lock;
 use crate::wire;
 use quinn::udp::{RecvMeta, Transmit};
@@ -34,10 +35,13 @@ use tokio::sync::mpsc;
 /// Packets received over circuits and not yet read by QUIC; beyond this they are dropped, as a full socket
 /// buffer drops datagrams.
 const MAX_QUEUED_PACKETS: usize = 1024;
-/// Reflection requests answered per [`REFLECT_WINDOW`]; beyond that they are dropped. A node behind a NAT
-/// asks once per punch, so this only caps what a flood can make us send.
-const MAX_REFLECTIONS_PER_WINDOW: u32 = 200;
-const REFLECT_WINDOW: Duration = Duration::from_secs(1);
+/// Reflection requests answered per source IP, and from all sources together; beyond that they are dropped. A
+/// node behind a NAT asks once per punch (a few at once when it predicts its mappings), so this only caps what
+/// a flood can make us send, and one flooder cannot use up what other askers get.
+const REFLECTIONS_PER_SOURCE: Rate = Rate { per_second: 10.0, burst: 20.0 };
+const REFLECTIONS_GLOBAL: Rate = Rate { per_second: 200.0, burst: 200.0 };
+/// Sources whose reflection budget is tracked at once (see [`SourceLimiter`]).
+const REFLECTION_SOURCES: usize = 4096;
 
 /// Whether `address` stands for a relay circuit.
 pub fn is_relayed(address: &SocketAddr) -> bool {
@@ -193,29 +197,22 @@ pub struct PathSocket {
     udp: Arc<dyn AsyncUdpSocket>,
     paths: Arc<RelayPaths>,
     krpc: Arc<KrpcWaiters>,
-    /// Start of the current reflection window and the requests answered in it.
-    reflections: Mutex<(Instant, u32)>,
+    /// Budgets of reflection answers, per asking IP and overall.
+    reflections: Mutex<SourceLimiter>,
 }
 
 impl PathSocket {
     pub fn new(udp: Arc<dyn AsyncUdpSocket>, paths: Arc<RelayPaths>, krpc: Arc<KrpcWaiters>) -> Self {
-        Self { udp, paths, krpc, reflections: Mutex::new((Instant::now(), 0)) }
+        let reflections = SourceLimiter::new(REFLECTIONS_PER_SOURCE, REFLECTIONS_GLOBAL, REFLECTION_SOURCES);
+        Self { udp, paths, krpc, reflections: Mutex::new(reflections) }
     }
 
     /// Handles a datagram that is not QUIC: answers a reflection request (within the rate limit) and drops
     /// everything else. Nothing is sent back for anything malformed.
     fn handle_control(&self, from: SocketAddr, datagram: &[u8]) {
         let Some(nonce) = wire::parse_reflect_request(datagram) else { return };
-        {
-            let mut window = lock(&self.reflections);
-            let now = Instant::now();
-            if now.duration_since(window.0) >= REFLECT_WINDOW {
-                *window = (now, 0);
-            }
-            if window.1 >= MAX_REFLECTIONS_PER_WINDOW {
-                return;
-            }
-            window.1 += 1;
+        if !lock(&self.reflections).allow(from.ip(), Instant::now()) {
+            return;
         }
         let reply = wire::reflect_reply(&nonce, from);
         let transmit =
