@@ -145,13 +145,18 @@ impl Identity {
     }
 }
 
-/// Creates the data dir with mode 0700 if it does not exist yet.
+/// Creates the data dir with mode 0700 if it does not exist yet, and narrows an existing one to 0700: it holds
+/// the node's key and its peer database, which only the daemon's user may read.
 pub fn ensure_private_dir(dir: &Path) -> Result<(), IdentityError> {
-    fs::DirBuilder::new().recursive(true).mode(0o700).create(dir).map_err(|source| IdentityError::Io {
-        action: "create directory",
-        path: dir.to_path_buf(),
-        source,
-    })
+    use std::os::unix::fs::PermissionsExt;
+    let io = |action| move |source| IdentityError::Io { action, path: dir.to_path_buf(), source };
+    fs::DirBuilder::new().recursive(true).mode(0o700).create(dir).map_err(io("create directory"))?;
+    let mode = fs::metadata(dir).map_err(io("inspect"))?.permissions().mode();
+    if mode & 0o077 != 0 {
+        fs::set_permissions(dir, fs::Permissions::from_mode(0o700)).map_err(io("restrict the mode of"))?;
+        tracing::info!(path = %dir.display(), "data dir was open to other users; narrowed to 0700");
+    }
+    Ok(())
 }
 
 #[cfg(test)]

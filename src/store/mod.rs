@@ -51,6 +51,39 @@ const EVENT_CAPACITY: usize = 1024;
 /// How long a read waits for a free pooled connection.
 const READ_POOL_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Creates the database file with mode 0600 if it does not exist, and narrows the modes of an existing one and
+/// of its WAL and shared-memory files to 0600. SQLite creates the WAL and `-shm` files with the database file's
+/// mode, so the whole store stays private whatever the umask, also when the data dir already existed with
+/// wider modes. Peer records are not secrets, but which peers a node talks to is nobody else's business.
+fn make_files_private(database: &Path) -> Result<(), StoreError> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let error = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| StoreError::Permissions { path, source }
+    };
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o600)
+        .open(database)
+        .map_err(error(database))?;
+    for suffix in ["", "-wal", "-shm", "-journal"] {
+        let mut name = database.as_os_str().to_owned();
+        name.push(suffix);
+        let path = PathBuf::from(name);
+        let mode = match std::fs::metadata(&path) {
+            Ok(meta) => meta.permissions().mode(),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(error(&path)(e)),
+        };
+        if mode & 0o077 != 0 {
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).map_err(error(&path))?;
+            tracing::info!(path = %path.display(), "peer store file was readable by others; narrowed to 0600");
+        }
+    }
+    Ok(())
+}
+
 /// Why a store operation failed. Each message says what went wrong and what to do about it.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -91,6 +124,11 @@ pub enum StoreError {
     Closed,
     #[error("writing to the peer store failed: {0}")]
     WriteFailed(String),
+    #[error(
+        "cannot make the peer store file {} private (mode 0600): {source}; check the data dir's ownership",
+        .path.display()
+    )]
+    Permissions { path: PathBuf, source: std::io::Error },
     #[error("cannot start the peer store writer thread: {0}; the system may be out of threads or memory")]
     WriterThread(#[source] std::io::Error),
     #[error("cannot start the peer store checkpoint thread: {0}; the system may be out of threads or memory")]
@@ -155,6 +193,7 @@ impl Store {
     /// Opens (creating if needed) the DB, runs migrations, starts the writer. Must be called inside a tokio
     /// runtime (for the periodic prune timer; without one the store only prunes at start and on request).
     pub fn open(options: StoreOptions) -> Result<Store, StoreError> {
+        make_files_private(&options.path)?;
         let conn = schema::open_write_connection(&options.path)?;
 
         let manager = SqliteConnectionManager::file(&options.path)
