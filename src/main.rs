@@ -13,7 +13,7 @@ use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
 use remote_network::config::{self, Env, FlagValues, Loaded};
 use remote_network::lifecycle;
-use remote_network::node::Node;
+use remote_network::node::{Node, StartError};
 
 mod devnet;
 
@@ -184,9 +184,14 @@ fn main() -> ExitCode {
             let code = match run(loaded) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
-                    tracing::error!("{e:#}");
-                    lifecycle::notify_status(&format!("failed: {e:#}"));
-                    ExitCode::from(EXIT_FAILURE)
+                    let message = error_chain(&e);
+                    tracing::error!("{message}");
+                    lifecycle::notify_status(&format!("failed: {message}"));
+                    // A setting the node cannot use (such as a token file others may read) is the operator's
+                    // to fix, like a bad config file: the same exit code, so systemd does not restart in vain.
+                    let config_fault =
+                        e.downcast_ref::<StartError>().is_some_and(StartError::is_configuration);
+                    ExitCode::from(if config_fault { EXIT_CONFIG } else { EXIT_FAILURE })
                 }
             };
             // After the node's runtime is gone: flush the last spans (bounded in time).
@@ -196,6 +201,22 @@ fn main() -> ExitCode {
             code
         }
     }
+}
+
+/// An error and its causes as one line, each cause once: our error types quote their cause in their own
+/// message, so a cause already in the text so far is not repeated (`{:#}` would print `X: X`).
+fn error_chain(error: &anyhow::Error) -> String {
+    let mut text = String::new();
+    for cause in error.chain() {
+        let part = cause.to_string();
+        if !text.contains(&part) {
+            if !text.is_empty() {
+                text.push_str(": ");
+            }
+            text.push_str(&part);
+        }
+    }
+    text
 }
 
 fn run(loaded: Loaded) -> anyhow::Result<()> {

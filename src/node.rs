@@ -52,6 +52,13 @@ pub enum StartError {
     Monitoring(#[from] MonitoringError),
 }
 
+impl StartError {
+    /// Whether the operator's configuration is at fault (a value the node cannot use), not the system.
+    pub fn is_configuration(&self) -> bool {
+        matches!(self, Self::Control(TransportError::Token(_)))
+    }
+}
+
 /// A running node.
 pub struct Node {
     ctx: Arc<NodeContext>,

@@ -336,6 +336,23 @@ fn a_world_readable_key_file_is_refused_and_kept() {
     assert!(!dir.socket().exists());
 }
 
+/// A token file other users can read is a setting to fix, like a bad config file: exit 78 (EX_CONFIG, which
+/// the systemd unit does not restart on), with the advice given once (it used to print as `X: X`).
+#[test]
+fn a_world_readable_token_file_is_a_configuration_error_said_once() {
+    let dir = NodeDir::new();
+    let token_file = dir.path().join("token");
+    std::fs::write(&token_file, "s3cret-token\n").expect("token");
+    std::fs::set_permissions(&token_file, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+    let (status, log) = dir.start_expecting_failure(|cmd| {
+        cmd.args(["--control-tcp", "127.0.0.1:0", "--control-token-file"]).arg(&token_file);
+    });
+    assert_eq!(status.code(), Some(78), "{log}");
+    let error = log.lines().find(|l| l.contains("ERROR")).unwrap_or_else(|| panic!("no error line:\n{log}"));
+    assert!(error.contains("chmod"), "{error}");
+    assert_eq!(error.matches("is accessible to every user").count(), 1, "said once: {error}");
+}
+
 #[test]
 fn the_node_id_survives_restarts() {
     let dir = NodeDir::new();

@@ -65,7 +65,18 @@ impl std::str::FromStr for NodeId {
     }
 }
 
-/// Checks a topic name: 1 to 255 bytes of UTF-8 without control characters.
+/// Invisible characters that change how text around them reads without showing themselves: bidirectional
+/// embeddings, overrides, isolates and marks (the "Trojan Source" characters, CVE-2021-42574), zero-width
+/// spaces and joiners, and the byte-order mark. In a topic they would let two names that look the same be
+/// different topics, or make a name shown in a terminal or log read other than it is.
+fn is_invisible_format(c: char) -> bool {
+    matches!(c,
+        '\u{00AD}' | '\u{061C}' | '\u{180E}' | '\u{200B}'..='\u{200F}' | '\u{202A}'..='\u{202E}'
+        | '\u{2060}'..='\u{2064}' | '\u{2066}'..='\u{2069}' | '\u{FEFF}')
+}
+
+/// Checks a topic name: 1 to 255 bytes of UTF-8 without control characters or invisible formatting
+/// characters (see [`is_invisible_format`]).
 pub fn validate_topic(topic: &str) -> Result<(), NameError> {
     if topic.is_empty() {
         return Err(NameError::TopicEmpty);
@@ -75,6 +86,9 @@ pub fn validate_topic(topic: &str) -> Result<(), NameError> {
     }
     if let Some((at, c)) = topic.char_indices().find(|(_, c)| c.is_control()) {
         return Err(NameError::TopicControlChar { at, code: c as u32 });
+    }
+    if let Some((at, c)) = topic.char_indices().find(|(_, c)| is_invisible_format(*c)) {
+        return Err(NameError::TopicInvisibleChar { at, code: c as u32 });
     }
     Ok(())
 }
@@ -87,12 +101,14 @@ pub enum NameError {
     TopicEmpty,
     TopicTooLong { len: usize },
     TopicControlChar { at: usize, code: u32 },
+    TopicInvisibleChar { at: usize, code: u32 },
 }
 
 impl fmt::Display for NameError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         const NODE_ID_RULE: &str = "a node id is 64 lowercase hexadecimal characters";
-        const TOPIC_RULE: &str = "a topic is 1-255 bytes of UTF-8 without control characters";
+        const TOPIC_RULE: &str =
+            "a topic is 1-255 bytes of UTF-8 without control characters or invisible formatting characters";
         match self {
             Self::NodeIdLength { got } => write!(f, "{NODE_ID_RULE}, got {got} characters"),
             Self::NodeIdChar { at } => {
@@ -103,6 +119,11 @@ impl fmt::Display for NameError {
             Self::TopicControlChar { at, code } => {
                 write!(f, "{TOPIC_RULE}, got control character U+{code:04X} at byte {at}")
             }
+            Self::TopicInvisibleChar { at, code } => write!(
+                f,
+                "{TOPIC_RULE}, got invisible character U+{code:04X} at byte {at} (bidirectional or zero-width \
+                 characters would let different topics look the same)"
+            ),
         }
     }
 }
@@ -140,5 +161,26 @@ mod tests {
         assert_eq!(validate_topic(&"x".repeat(256)), Err(NameError::TopicTooLong { len: 256 }));
         assert_eq!(validate_topic("a\nb"), Err(NameError::TopicControlChar { at: 1, code: 10 }));
         assert!(validate_topic("a\u{7f}").is_err());
+    }
+
+    /// "Trojan Source" and zero-width characters: a right-to-left override that makes `chat-admin` read
+    /// differently, a zero-width space that makes a second `chat`, a byte-order mark.
+    #[test]
+    fn topics_refuse_invisible_formatting_characters() {
+        assert_eq!(
+            validate_topic("chat\u{202E}nimda"),
+            Err(NameError::TopicInvisibleChar { at: 4, code: 0x202E })
+        );
+        assert_eq!(
+            validate_topic("ch\u{200B}at"),
+            Err(NameError::TopicInvisibleChar { at: 2, code: 0x200B })
+        );
+        assert!(validate_topic("\u{FEFF}chat").is_err());
+        assert!(validate_topic("a\u{2066}b\u{2069}").is_err());
+        let message = validate_topic("x\u{200D}").expect_err("zero-width joiner").to_string();
+        assert!(message.contains("U+200D at byte 1"), "{message}");
+        // Visible non-ASCII text stays allowed, right-to-left scripts included.
+        assert!(validate_topic("שלום").is_ok());
+        assert!(validate_topic("チャット").is_ok());
     }
 }
