@@ -337,7 +337,7 @@ pub struct ControlConfig {
     pub token: Option<TokenSource>,
 }
 
-#[derive(Clone)]
+#[derive(Clone, PartialEq, Eq)]
 pub enum TokenSource {
     Inline(String),
     File(PathBuf),
@@ -501,7 +501,34 @@ pub struct Loaded {
     shown: Shown,
 }
 
+/// A setting whose effective value differs between two loads of the configuration (see [`Loaded::changes`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Change {
+    pub key: &'static str,
+    /// The values as `config show` prints them; secrets stay redacted.
+    pub old: String,
+    pub new: String,
+}
+
 impl Loaded {
+    /// The settings whose values differ in `newer`, in the order `config show` lists them. A secret given
+    /// inline (`control.token`) counts as changed when its value differs, though both sides stay redacted.
+    pub fn changes(&self, newer: &Loaded) -> Vec<Change> {
+        let mut changes: Vec<Change> = self
+            .shown
+            .iter()
+            .zip(&newer.shown)
+            .filter(|((_, old, _), (_, new, _))| old != new)
+            .map(|((key, old, _), (_, new, _))| Change { key, old: old.clone(), new: new.clone() })
+            .collect();
+        if self.config.control.token != newer.config.control.token
+            && !changes.iter().any(|change| change.key == "control.token")
+        {
+            changes.push(Change { key: "control.token", old: REDACTED.into(), new: REDACTED.into() });
+        }
+        changes
+    }
+
     /// The effective configuration as TOML, each key followed by a comment naming where its value came from;
     /// with `with_docs`, each key is preceded by what it means.
     pub fn render(&self, with_docs: bool) -> String {

@@ -100,6 +100,21 @@ pub fn shutdown_signals() -> std::io::Result<impl Future<Output = &'static str>>
     })
 }
 
+/// Installs the SIGHUP handler now (its default action would end the process) and returns the stream of
+/// hangups: each asks for the configuration to be loaded again.
+pub fn hangup_signals() -> std::io::Result<tokio::sync::mpsc::Receiver<()>> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut hangup = signal(SignalKind::hangup())?;
+    let (sender, receiver) = tokio::sync::mpsc::channel(1);
+    tokio::spawn(async move {
+        while hangup.recv().await.is_some() {
+            // Hangups while a reload is waiting fold into it: one reload reads the latest file anyway.
+            let _ = sender.try_send(());
+        }
+    });
+    Ok(receiver)
+}
+
 /// What a graceful stop is doing, for the stop deadline's message: set by each stage of the stop.
 static STOP_STAGE: std::sync::Mutex<&'static str> =
     std::sync::Mutex::new("the runtime had not yet handled the signal");

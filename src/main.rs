@@ -180,8 +180,8 @@ fn main() -> ExitCode {
                     return ExitCode::from(EXIT_CONFIG);
                 }
             };
-            let mut otel = init_logging(&loaded.config.log_level, loaded.config.log_format);
-            let code = match run(loaded) {
+            let (mut otel, log_filter) = init_logging(&loaded.config.log_level, loaded.config.log_format);
+            let code = match run(loaded, || args.load(), &log_filter) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     let message = error_chain(&e);
@@ -219,8 +219,18 @@ fn error_chain(error: &anyhow::Error) -> String {
     text
 }
 
-fn run(loaded: Loaded) -> anyhow::Result<()> {
-    let config = loaded.config;
+/// Changes the log filter of the running subscriber (a reload of `log_level`).
+type LogFilter =
+    tracing_subscriber::reload::Handle<tracing_subscriber::EnvFilter, tracing_subscriber::Registry>;
+
+/// Runs the node until SIGTERM or SIGINT; on SIGHUP, `reload` loads the configuration again and the node
+/// applies what changed (see [`reload`]).
+fn run(
+    loaded: Loaded,
+    reload: impl Fn() -> Result<Loaded, config::ConfigError>,
+    log_filter: &LogFilter,
+) -> anyhow::Result<()> {
+    let config = loaded.config.clone();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("remote-network")
@@ -233,13 +243,28 @@ fn run(loaded: Loaded) -> anyhow::Result<()> {
         let signal = lifecycle::shutdown_signals().context("cannot install the SIGTERM/SIGINT handlers")?;
         lifecycle::arm_stop_deadline(config.shutdown_timeout + STOP_DEADLINE_SLACK, i32::from(EXIT_FAILURE))
             .context("cannot start the stop deadline")?;
+        // Before readiness, like the stop signals: SIGHUP's default action would end the process.
+        let mut hangups = lifecycle::hangup_signals().context("cannot install the SIGHUP handler")?;
         let node = Node::start(&config).await?;
-        node.run_until(async {
-            let name = signal.await;
-            tracing::info!(signal = name, "stopping");
-            lifecycle::stop_stage("stopping the node");
-        })
-        .await;
+        {
+            let running = node.run_until(async {
+                let name = signal.await;
+                tracing::info!(signal = name, "stopping");
+                lifecycle::stop_stage("stopping the node");
+            });
+            tokio::pin!(running);
+            let mut current = loaded;
+            loop {
+                tokio::select! {
+                    () = &mut running => break,
+                    Some(()) = hangups.recv() => {
+                        if let Some(newer) = apply_reload(&node, &current, &reload, log_filter).await {
+                            current = newer;
+                        }
+                    }
+                }
+            }
+        }
         tokio::time::timeout(config.shutdown_timeout, node.stop())
             .await
             .map_err(|_| {
@@ -258,6 +283,58 @@ fn run(loaded: Loaded) -> anyhow::Result<()> {
     result
 }
 
+/// A SIGHUP: loads the configuration again and applies what changed. A file that does not load is refused
+/// with the same message as at start and the running settings stay; returns the new configuration otherwise.
+async fn apply_reload(
+    node: &Node,
+    current: &Loaded,
+    reload: &impl Fn() -> Result<Loaded, config::ConfigError>,
+    log_filter: &LogFilter,
+) -> Option<Loaded> {
+    let newer = match reload() {
+        Ok(newer) => newer,
+        Err(e) => {
+            tracing::error!("configuration not reloaded, the running settings stay: {e}");
+            return None;
+        }
+    };
+    let changes = current.changes(&newer);
+    if changes.is_empty() {
+        tracing::info!("configuration reloaded: nothing changed");
+        return Some(newer);
+    }
+    if changes.iter().any(|change| change.key == "log_level") {
+        let filter = tracing_subscriber::EnvFilter::try_new(&newer.config.log_level)
+            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        if let Err(e) = log_filter.reload(filter) {
+            tracing::warn!(error = %e, "could not change the log level");
+        }
+    }
+    let report = node.reconfigure(&changes, &newer.config).await;
+    for change in &changes {
+        let (key, old, new) = (change.key, &change.old, &change.new);
+        if report.applied.contains(&key) {
+            tracing::info!(setting = key, %old, %new, "setting changed");
+        } else if let Some((_, why)) = report.failed.iter().find(|(failed, _)| *failed == key) {
+            tracing::error!(setting = key, %old, %new, error = %why, "setting could not be changed; the old value stays");
+        } else {
+            tracing::warn!(setting = key, %old, %new, "setting changed in the configuration; it takes effect after a restart");
+        }
+    }
+    tracing::info!(
+        applied = report.applied.len(),
+        need_restart = report.need_restart.len(),
+        failed = report.failed.len(),
+        "configuration reloaded"
+    );
+    lifecycle::notify_status(&format!(
+        "configuration reloaded: {} applied, {} need a restart",
+        report.applied.len(),
+        report.need_restart.len()
+    ));
+    Some(newer)
+}
+
 /// Beyond `shutdown_timeout`, how long the process may take to exit before the stop deadline ends it: the
 /// runtime's exit grace, the trace flush, and a margin.
 const STOP_DEADLINE_SLACK: std::time::Duration = std::time::Duration::from_secs(8);
@@ -272,7 +349,7 @@ const RUNTIME_EXIT_GRACE: std::time::Duration = std::time::Duration::from_secs(1
 fn init_logging(
     filter: &str,
     format: config::LogFormat,
-) -> Option<remote_network::telemetry::otel::OtelGuard> {
+) -> (Option<remote_network::telemetry::otel::OtelGuard>, LogFilter) {
     use tracing_subscriber::Layer as _;
     use tracing_subscriber::layer::SubscriberExt as _;
     use tracing_subscriber::util::SubscriberInitExt as _;
@@ -280,6 +357,7 @@ fn init_logging(
     let under_journald = std::env::var_os("JOURNAL_STREAM").is_some();
     let filter = tracing_subscriber::EnvFilter::try_new(filter)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let (filter, filter_handle) = tracing_subscriber::reload::Layer::new(filter);
     let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
     let fmt = match format {
         config::LogFormat::Json => fmt.json().with_current_span(true).boxed(),
@@ -308,5 +386,5 @@ fn init_logging(
         let config = guard.config();
         tracing::info!(endpoint = %config.endpoint, protocol = ?config.protocol, "exporting traces over OTLP");
     }
-    guard
+    (guard, filter_handle)
 }

@@ -227,6 +227,100 @@ impl Node {
     }
 }
 
+/// What a configuration reload did with each changed setting.
+#[derive(Debug, Default)]
+pub struct Reconfigured {
+    /// Settings now in force.
+    pub applied: Vec<&'static str>,
+    /// Settings that changed in the file but take effect only after a restart.
+    pub need_restart: Vec<&'static str>,
+    /// Settings that could not be applied, with why; their old values stay in force.
+    pub failed: Vec<(&'static str, String)>,
+}
+
+/// Settings a running node applies on reload (SIGHUP). `log_level` is applied by the binary, which owns the
+/// log subscriber; every other setting (and any new one, until it is added here) needs a restart.
+pub const RELOADABLE: [&str; 16] = [
+    "log_level",
+    "dht.bootstrap",
+    "relay.enabled",
+    "relay.max_reservations",
+    "relay.max_circuits",
+    "relay.max_bytes_per_second",
+    "relay.max_bytes_per_circuit",
+    "store.retention",
+    "store.max_peers",
+    "store.max_joined_topics",
+    "quic.max_connections",
+    "quic.handshake_timeout",
+    "quic.inbound_handshake_timeout",
+    "quic.max_pending_handshakes",
+    "quic.retry_threshold",
+    "quic.max_unvalidated_per_ip",
+];
+
+fn reloadable(key: &str) -> bool {
+    RELOADABLE.contains(&key)
+}
+
+impl Node {
+    /// Applies a reloaded configuration: the settings in `changes` that a running node can take (see
+    /// [`RELOADABLE`]) are put in force from `new`; the others are reported as needing a restart.
+    pub async fn reconfigure(&self, changes: &[crate::config::Change], new: &Config) -> Reconfigured {
+        let mut report = Reconfigured::default();
+        let changed = |prefix: &str| changes.iter().any(|change| change.key.starts_with(prefix));
+        let keys =
+            |prefix: &'static str| changes.iter().map(|c| c.key).filter(move |key| key.starts_with(prefix));
+        for change in changes {
+            if !reloadable(change.key) {
+                report.need_restart.push(change.key);
+            } else if change.key == "log_level" {
+                report.applied.push(change.key);
+            }
+        }
+        if changed("dht.bootstrap") {
+            match self.ctx.dht.set_bootstrap(new.dht.bootstrap.clone()).await {
+                Ok(()) => report.applied.push("dht.bootstrap"),
+                Err(e) => report.failed.push(("dht.bootstrap", e.to_string())),
+            }
+        }
+        if changed("relay.") {
+            let as_usize = |n: u64| usize::try_from(n).unwrap_or(usize::MAX);
+            self.ctx.exchange.set_relay_options(RelayOptions {
+                enabled: new.relay.enabled,
+                max_reservations: as_usize(new.relay.max_reservations),
+                max_circuits: as_usize(new.relay.max_circuits),
+                max_bytes_per_second: new.relay.max_bytes_per_second,
+                max_bytes_per_circuit: new.relay.max_bytes_per_circuit,
+            });
+            report.applied.extend(keys("relay."));
+        }
+        if changed("store.") {
+            let limits = &new.store;
+            match self
+                .ctx
+                .store
+                .set_limits(limits.retention, limits.max_peers, limits.max_joined_topics)
+                .await
+            {
+                Ok(pruned) => {
+                    tracing::info!(pruned, "store limits changed; pruned at once");
+                    report.applied.extend(keys("store."));
+                }
+                Err(e) => report.failed.extend(keys("store.").map(|key| (key, e.to_string()))),
+            }
+        }
+        let quic_keys: Vec<_> = keys("quic.").filter(|key| reloadable(key)).collect();
+        if !quic_keys.is_empty() {
+            match self.ctx.exchange.set_quic_limits(&new.quic_limits) {
+                Ok(()) => report.applied.extend(quic_keys),
+                Err(e) => report.failed.extend(quic_keys.into_iter().map(|key| (key, e.to_string()))),
+            }
+        }
+        report
+    }
+}
+
 /// Undoes a start that failed after the network parts were running: stops them and closes the store, so that
 /// nothing acknowledged is lost and no task outlives the error.
 async fn abandon_start(shutdown: &CancellationToken, exchange: &Exchange, store: &Store) {

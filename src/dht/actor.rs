@@ -43,6 +43,11 @@ pub(super) enum Command {
     Join(String),
     Leave(String),
     SetAnnouncePort(u16),
+    /// New bootstrap nodes (a configuration reload): as configured, and resolved.
+    SetBootstrap {
+        configured: Vec<String>,
+        resolved: Vec<std::net::SocketAddrV4>,
+    },
     LookupNow(String),
     Status(oneshot::Sender<DhtStatus>),
     Topics(oneshot::Sender<Vec<DhtTopicStatus>>),
@@ -293,6 +298,16 @@ impl Actor {
             Command::Join(topic) => self.join(topic),
             Command::Leave(topic) => self.leave(&topic),
             Command::SetAnnouncePort(port) => self.set_announce_port(port),
+            Command::SetBootstrap { configured, resolved } => {
+                // mainline takes bootstrap nodes only when a node is built: build it again on the same socket,
+                // keeping the nodes learnt from requesters and peer records.
+                tracing::info!(bootstrap = ?configured, "DHT bootstrap nodes changed; restarting the DHT node");
+                self.has_bootstrap = !resolved.is_empty() || !self.extra_bootstrap.is_empty();
+                self.builder.bootstrap = resolved;
+                self.configured_bootstrap = configured;
+                self.next_rebuild = None;
+                self.pending_rebuild = Some(self.extra_bootstrap.clone());
+            }
             Command::LookupNow(topic) => {
                 if self.topics.contains_key(&topic) {
                     self.start_lookup(&topic);

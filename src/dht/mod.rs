@@ -377,6 +377,17 @@ impl Dht {
         self.send(Command::SetAnnouncePort(port));
     }
 
+    /// Replaces the configured bootstrap nodes (a configuration reload) and builds the DHT node again with
+    /// them, on the same socket. The host names are resolved first, off the runtime's threads.
+    pub async fn set_bootstrap(&self, entries: Vec<String>) -> Result<(), DhtError> {
+        let resolving = entries.clone();
+        let resolved = tokio::task::spawn_blocking(move || resolve_bootstrap(&resolving))
+            .await
+            .map_err(|_| DhtError::NoRuntime)??;
+        self.send(Command::SetBootstrap { configured: entries, resolved });
+        Ok(())
+    }
+
     /// Looks a joined topic up at once, replacing a lookup in flight for it.
     pub fn lookup_now(&self, topic: &str) {
         self.send(Command::LookupNow(topic.to_owned()));

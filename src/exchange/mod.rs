@@ -558,6 +558,16 @@ impl Exchange {
         Ok(self.inner.store.punch_stats().await?)
     }
 
+    /// Applies reloaded relay limits (see [`relay::RelayState::set_options`]).
+    pub fn set_relay_options(&self, options: relay::RelayOptions) {
+        self.inner.relay.set_options(options);
+    }
+
+    /// Applies reloaded QUIC connection and admission limits (see [`QuicEndpoint::set_limits`]).
+    pub fn set_quic_limits(&self, limits: &crate::quic::QuicLimits) -> Result<(), QuicError> {
+        self.inner.endpoint.set_limits(limits)
+    }
+
     /// What the QUIC endpoint's inbound admission did so far (Retries, refusals, handshakes in progress).
     pub fn quic_admission(&self) -> crate::quic::AdmissionStats {
         self.inner.endpoint.admission_stats()

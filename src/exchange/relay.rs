@@ -15,7 +15,7 @@
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use prost::Message;
@@ -75,14 +75,16 @@ type CircuitWaiter = oneshot::Sender<(SendStream, RecvStream)>;
 
 /// The exchange's relay state, in both roles.
 pub(super) struct RelayState {
-    pub(super) options: RelayOptions,
+    /// Changed by a configuration reload: each decision reads the options in force when it is made.
+    options: std::sync::RwLock<RelayOptions>,
     /// Peers holding a reservation with us (we relay for them).
     reservations: std::sync::Mutex<HashSet<NodeId>>,
     /// Relays we hold a reservation with.
     reserved_at: std::sync::Mutex<HashSet<NodeId>>,
     /// Peers that refused us a reservation: not asked again while their session lasts.
     refused_by: std::sync::Mutex<HashSet<NodeId>>,
-    circuits: Arc<tokio::sync::Semaphore>,
+    /// Circuits we carry now (as a relay), against `options.max_circuits`.
+    circuits: Arc<AtomicUsize>,
     incoming: Arc<tokio::sync::Semaphore>,
     /// Circuits we asked for, waiting for the relay to open our end: by (relay, circuit number).
     pending: std::sync::Mutex<HashMap<(NodeId, u64), CircuitWaiter>>,
@@ -93,12 +95,39 @@ pub(super) struct RelayState {
     pub(super) bytes_relayed: Arc<AtomicU64>,
 }
 
+/// A circuit slot we carry; given back when dropped.
+struct CircuitSlot(Arc<AtomicUsize>);
+
+impl Drop for CircuitSlot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
 impl RelayState {
+    /// The options in force now.
+    pub(super) fn options(&self) -> RelayOptions {
+        self.options.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
+    }
+
+    /// Replaces the options (a configuration reload). Reservations and circuits beyond new, lower limits are
+    /// kept until they end; new ones are measured against the new limits.
+    pub(super) fn set_options(&self, options: RelayOptions) {
+        *self.options.write().unwrap_or_else(std::sync::PoisonError::into_inner) = options;
+    }
+
+    /// Takes a slot for a circuit we carry, if fewer than `max_circuits` are carried now.
+    fn take_circuit_slot(&self, max_circuits: usize) -> Option<CircuitSlot> {
+        let taken = self.circuits.fetch_add(1, Ordering::AcqRel);
+        let slot = CircuitSlot(self.circuits.clone());
+        (taken < max_circuits).then_some(slot)
+    }
+
     pub(super) fn new(options: RelayOptions) -> Self {
         Self {
-            circuits: Arc::new(tokio::sync::Semaphore::new(options.max_circuits)),
+            circuits: Arc::default(),
             incoming: Arc::new(tokio::sync::Semaphore::new(MAX_INCOMING_CIRCUITS)),
-            options,
+            options: std::sync::RwLock::new(options),
             reservations: std::sync::Mutex::default(),
             reserved_at: std::sync::Mutex::default(),
             refused_by: std::sync::Mutex::default(),
@@ -259,7 +288,7 @@ async fn copy_limited(
 impl Inner {
     /// The target side of a reservation request (we may relay for `peer`).
     pub(super) fn answer_reservation(&self, peer: NodeId) -> pb::envelope::Kind {
-        let options = &self.relay.options;
+        let options = self.relay.options();
         let refuse = |detail: &str| {
             pb::envelope::Kind::RelayReservationResponse(pb::RelayReservationResponse {
                 accepted: false,
@@ -367,7 +396,8 @@ impl Inner {
         let Ok(target) = <[u8; 32]>::try_from(request.target.as_slice()).map(NodeId) else {
             return refuse("the target is not a node id".into());
         };
-        if !self.relay.options.enabled {
+        let options = self.relay.options();
+        if !options.enabled {
             return refuse("this node does not relay (relay.enabled = false)".into());
         }
         let reserved = lock(&self.relay.reservations).contains(&target);
@@ -376,7 +406,7 @@ impl Inner {
         else {
             return refuse(format!("{target} holds no reservation here"));
         };
-        let Ok(permit) = self.relay.circuits.clone().try_acquire_owned() else {
+        let Some(permit) = self.relay.take_circuit_slot(options.max_circuits) else {
             return refuse("too many circuits".into());
         };
         let circuit = request.circuit;
@@ -405,7 +435,6 @@ impl Inner {
         };
         self.relay.circuits_carried.fetch_add(1, Ordering::Relaxed);
         tracing::info!(from = %requester, to = %target, "relaying a circuit");
-        let options = &self.relay.options;
         let budget = Arc::new(AtomicU64::new(options.max_bytes_per_circuit));
         let total = self.relay.bytes_relayed.clone();
         let rate = options.max_bytes_per_second;

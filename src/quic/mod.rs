@@ -203,7 +203,8 @@ struct Inner {
     /// Template for each inbound connection's config; only the TLS part (its verifier) differs per connection.
     server_base: quinn::ServerConfig,
     transport: Arc<quinn::TransportConfig>,
-    limits: QuicLimits,
+    /// Changed by [`QuicEndpoint::set_limits`]; the transport part (windows, keep-alive) is fixed at bind.
+    limits: std::sync::RwLock<QuicLimits>,
     /// Relay circuits the socket routes packets over (see [`paths`]).
     relay_paths: Arc<paths::RelayPaths>,
     /// The UDP socket under the endpoint, for the few datagrams that are not QUIC (see [`Self::send_datagram`]).
@@ -316,7 +317,7 @@ impl QuicEndpoint {
                 tls,
                 server_base,
                 transport,
-                limits,
+                limits: std::sync::RwLock::new(limits),
                 relay_paths,
                 udp,
                 krpc,
@@ -340,6 +341,24 @@ impl QuicEndpoint {
     /// This node's id, as presented to peers.
     pub fn node_id(&self) -> NodeId {
         self.inner.tls.node_id()
+    }
+
+    /// Applies new connection, handshake and admission limits (a configuration reload); the windows,
+    /// keep-alive and idle timeout stay as bound. Connections beyond a lower `max_connections` are kept; new
+    /// ones are measured against it.
+    pub fn set_limits(&self, new: &QuicLimits) -> Result<(), QuicError> {
+        new.validate()?;
+        let mut limits = self.inner.limits.write().unwrap_or_else(std::sync::PoisonError::into_inner);
+        *limits = QuicLimits {
+            max_connections: new.max_connections,
+            handshake_timeout: new.handshake_timeout,
+            inbound_handshake_timeout: new.inbound_handshake_timeout,
+            max_pending_handshakes: new.max_pending_handshakes,
+            retry_threshold: new.retry_threshold,
+            max_unvalidated_per_ip: new.max_unvalidated_per_ip,
+            ..limits.clone()
+        };
+        Ok(())
     }
 
     /// What inbound admission did so far (Retries, refusals, handshakes in progress).
@@ -439,7 +458,8 @@ impl QuicEndpoint {
             other => QuicError::Connect(other),
         })?;
         // On timeout the `Connecting` is dropped, which abandons the attempt.
-        let connection = match tokio::time::timeout(self.inner.limits.handshake_timeout, connecting).await {
+        let handshake_timeout = self.inner.limits().handshake_timeout;
+        let connection = match tokio::time::timeout(handshake_timeout, connecting).await {
             Err(_elapsed) => return Err(QuicError::TimedOut),
             Ok(Err(e)) => return Err(handshake_failure(e, expected, &seen)),
             Ok(Ok(connection)) => connection,
@@ -485,6 +505,10 @@ impl QuicEndpoint {
 }
 
 impl Inner {
+    fn limits(&self) -> QuicLimits {
+        self.limits.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
+    }
+
     fn admit(&self, incoming: quinn::Incoming) -> Result<Inbound, QuicError> {
         let remote = incoming.remote_address();
         let seen = tls::new_slot();
@@ -492,7 +516,7 @@ impl Inner {
             let _admission = self.admission_lock.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
             let live = self.endpoint.open_connections();
             let validated = incoming.remote_address_validated();
-            let limits = self.limits.admission();
+            let limits = self.limits().admission();
             let (decision, slot) = self.admission.admit(remote.ip(), validated, live, &limits);
             match decision {
                 Decision::Accept => {}
@@ -541,7 +565,7 @@ impl Inner {
         };
         let watch = HandshakeWatch {
             seen,
-            timeout: self.limits.inbound_handshake_timeout,
+            timeout: self.limits().inbound_handshake_timeout,
             slot,
             admission: self.admission.clone(),
         };

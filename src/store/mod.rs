@@ -32,7 +32,7 @@ pub use types::*;
 
 use std::fmt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -42,7 +42,7 @@ use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use crate::api::names::{NameError, NodeId};
 use crate::telemetry::metrics::HistogramSnapshot;
 
-use writer::{Command, Reply, Writer, WriterConfig, WriterStatus};
+use writer::{Command, Reply, StoreLimits, Writer, WriterConfig, WriterStatus};
 
 /// Writes waiting for the writer beyond this make callers wait (backpressure) instead of growing memory.
 const WRITE_QUEUE_CAPACITY: usize = 4096;
@@ -178,6 +178,12 @@ struct Shared {
     pool: r2d2::Pool<SqliteConnectionManager>,
     events: broadcast::Sender<PeerEvent>,
     status: Arc<WriterStatus>,
+    /// The bounds the writer enforces, changed by [`Store::set_limits`].
+    limits: Arc<StoreLimits>,
+}
+
+fn retention_ms(retention: Duration) -> i64 {
+    i64::try_from(retention.as_millis()).unwrap_or(i64::MAX)
 }
 
 impl fmt::Debug for Store {
@@ -209,16 +215,16 @@ impl Store {
         let (stopped_sender, writer_stopped) = watch::channel(false);
         let status = Arc::new(WriterStatus::new());
         let checkpointer = checkpoint::Checkpointer::start(&options.path, Arc::clone(&status))?;
+        let limits = Arc::new(StoreLimits {
+            retention_ms: AtomicI64::new(retention_ms(options.retention)),
+            max_peers: AtomicU64::new(options.max_peers),
+            max_joined_topics: AtomicU64::new(options.max_joined_topics),
+        });
         let writer = Writer {
             conn,
             checkpointer,
             commands: command_receiver,
-            config: WriterConfig {
-                retention_ms: i64::try_from(options.retention.as_millis()).unwrap_or(i64::MAX),
-                max_peers: options.max_peers,
-                max_joined_topics: options.max_joined_topics,
-                max_batch: options.max_batch,
-            },
+            config: WriterConfig { limits: Arc::clone(&limits), max_batch: options.max_batch },
             events: events.clone(),
             status: Arc::clone(&status),
             stopped: stopped_sender,
@@ -240,8 +246,25 @@ impl Store {
                 pool,
                 events,
                 status,
+                limits,
             }),
         })
+    }
+
+    /// Changes the retention and the caps (a configuration reload), then prunes at once, so that a lower cap
+    /// or a shorter retention holds from now on rather than from the next periodic prune. Returns the peers
+    /// pruned.
+    pub async fn set_limits(
+        &self,
+        retention: Duration,
+        max_peers: u64,
+        max_joined_topics: u64,
+    ) -> Result<u64, StoreError> {
+        let limits = &self.shared.limits;
+        limits.retention_ms.store(retention_ms(retention), Ordering::Relaxed);
+        limits.max_peers.store(max_peers, Ordering::Relaxed);
+        limits.max_joined_topics.store(max_joined_topics, Ordering::Relaxed);
+        self.prune(writer::now_ms()).await
     }
 
     /// Commits everything already submitted, stops the writer and waits for it. Later writes fail with

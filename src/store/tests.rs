@@ -323,6 +323,24 @@ async fn pruning_by_retention_then_by_max_peers_emits_removed() {
     assert_eq!(store.prune(now).await.unwrap(), 0);
 }
 
+/// A reload lowers the caps: they hold at once (the store prunes when they change), and for later writes.
+#[tokio::test(flavor = "multi_thread")]
+async fn lowered_limits_prune_at_once_and_hold_afterwards() {
+    let dir = TempDir::new().unwrap();
+    let store = open(&dir);
+    let now = now_ms();
+    for index in 0..6u8 {
+        store.upsert_peer(peer(node(index), 1, now - 1000 * i64::from(6 - index))).await.unwrap();
+    }
+    assert_eq!(store.set_limits(Duration::from_secs(3600), 2, 1).await.unwrap(), 4);
+    assert_eq!(store.stats().await.unwrap().peers, 2);
+    store.join_topic("first".into(), now).await.unwrap();
+    let refused = store.join_topic("second".into(), now).await.expect_err("one topic at most");
+    assert!(matches!(refused, StoreError::TooManyTopics { max: 1 }), "{refused}");
+    // A shorter retention drops peers last seen before it.
+    assert_eq!(store.set_limits(Duration::from_millis(1500), 2, 1).await.unwrap(), 1);
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn forget_peer_cascades() {
     let dir = TempDir::new().unwrap();

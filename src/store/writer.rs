@@ -9,8 +9,8 @@
 //! or an answer can already read the change through the pool, and a write that returned has had its events
 //! sent.
 
-use std::sync::Mutex;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
@@ -96,10 +96,17 @@ struct PeerId(i64);
 
 /// The bounds the writer enforces, taken from [`super::StoreOptions`].
 pub(crate) struct WriterConfig {
-    pub retention_ms: i64,
-    pub max_peers: u64,
-    pub max_joined_topics: u64,
+    /// Shared with the store's handles, which change them when the configuration is reloaded.
+    pub limits: Arc<StoreLimits>,
     pub max_batch: usize,
+}
+
+/// The store's bounds that a reload may change: read by the writer as each command is queued for a batch.
+#[derive(Debug)]
+pub(crate) struct StoreLimits {
+    pub retention_ms: AtomicI64,
+    pub max_peers: AtomicU64,
+    pub max_joined_topics: AtomicU64,
 }
 
 /// What the writer reports to the handles: health, the counters shown in stats and the histograms exported
@@ -296,14 +303,15 @@ impl Command {
                 job(Some(reply), move |conn, _| apply_forget(conn, &node_id))
             }
             Command::JoinTopic { topic, now_ms, reply } => {
-                let max = config.max_joined_topics;
+                let max = config.limits.max_joined_topics.load(Ordering::Relaxed);
                 job(Some(reply), move |conn, _| apply_join_topic(conn, &topic, now_ms, max))
             }
             Command::LeaveTopic { topic, reply } => {
                 job(Some(reply), move |conn, _| apply_leave_topic(conn, &topic))
             }
             Command::Prune { now_ms, reply } => {
-                let (retention_ms, max_peers) = (config.retention_ms, config.max_peers);
+                let retention_ms = config.limits.retention_ms.load(Ordering::Relaxed);
+                let max_peers = config.limits.max_peers.load(Ordering::Relaxed);
                 job(reply, move |conn, _| apply_prune(conn, now_ms, retention_ms, max_peers))
             }
             Command::NextRecordSeq { floor, reply } => {
