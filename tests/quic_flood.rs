@@ -41,7 +41,8 @@ async fn capture_initials(count: usize) -> Vec<Vec<u8>> {
     let sink = tokio::net::UdpSocket::bind("127.0.0.1:0").await.expect("sink socket");
     let sink_addr = sink.local_addr().expect("sink address");
     let limits = QuicLimits { handshake_timeout: Duration::from_secs(30), ..QuicLimits::default() };
-    let dialer = QuicEndpoint::bind("127.0.0.1:0".parse().expect("address"), &new_key(), limits).expect("bind");
+    let dialer =
+        QuicEndpoint::bind("127.0.0.1:0".parse().expect("address"), &new_key(), limits).expect("bind");
     let mut attempts = Vec::new();
     for _ in 0..count {
         let dialer = dialer.clone();
@@ -95,7 +96,8 @@ async fn honest_peers_connect_through_a_flood_of_half_open_handshakes() {
     let dir = NodeDir::new();
     let node = dir.start();
     let info = json(&dir.rnctl(&["-o", "json", "node", "info"]));
-    let quic: SocketAddr = info["node"]["listen"]["quic"].as_str().expect("quic address").parse().expect("parse");
+    let quic: SocketAddr =
+        info["node"]["listen"]["quic"].as_str().expect("quic address").parse().expect("parse");
     let monitoring = info["node"]["listen"]["monitoring"].as_str().expect("monitoring address").to_owned();
 
     let initials = capture_initials(FLOOD_INITIALS).await;
@@ -126,8 +128,8 @@ async fn honest_peers_connect_through_a_flood_of_half_open_handshakes() {
     for _ in 0..HONEST_DIALS {
         let limits = limits.clone();
         dials.push(tokio::spawn(async move {
-            let endpoint =
-                QuicEndpoint::bind("127.0.0.1:0".parse().expect("address"), &new_key(), limits).expect("bind");
+            let endpoint = QuicEndpoint::bind("127.0.0.1:0".parse().expect("address"), &new_key(), limits)
+                .expect("bind");
             endpoint.connect(quic, None).await.map(|outbound| outbound.node_id)
         }));
         tokio::time::sleep(Duration::from_millis(50)).await;

@@ -14,10 +14,13 @@
 //! Only the client-to-server direction is inspected; responses are copied unchanged.
 
 use std::io;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use loona_hpack::Decoder;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, DuplexStream};
 use tokio::net::UnixStream;
+use tokio::sync::Semaphore;
 use tonic::codegen::http::uri::Authority;
 
 /// The client connection preface of HTTP/2 (RFC 9113, section 3.4).
@@ -34,13 +37,29 @@ const MAX_FRAME: usize = 16_384;
 const MAX_HEADER_BLOCK: usize = 256 * 1024;
 /// The HPACK table size the server announces (the protocol default, which tonic keeps).
 const HPACK_TABLE_SIZE: usize = 4096;
+/// What a frame's buffer holds before its payload arrives; it grows from there as bytes come in.
+const FIRST_READ: usize = 1024;
 /// Buffer between the shim and the HTTP/2 server.
 const PIPE_BUFFER: usize = 64 * 1024;
 
-/// Wraps an accepted connection; the returned stream goes to the HTTP/2 server.
-pub fn wrap(client: UnixStream) -> DuplexStream {
+/// Control connections served at once; more are closed as they arrive, so that idle or stalled clients
+/// cannot take every file descriptor the daemon (and its database) needs.
+pub const MAX_CONNECTIONS: usize = 512;
+/// How long a new connection may take to send the HTTP/2 preface and its first request's headers; a client
+/// that stalls before it frees its slot (see [`MAX_CONNECTIONS`]).
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Wraps an accepted connection; the returned stream goes to the HTTP/2 server. `slots` bounds the connections
+/// served at once: without a free one the client is disconnected at once (the server sees a connection that
+/// ends before its preface).
+pub fn wrap(client: UnixStream, slots: &Arc<Semaphore>) -> DuplexStream {
     let (server_side, shim_side) = tokio::io::duplex(PIPE_BUFFER);
+    let Ok(slot) = slots.clone().try_acquire_owned() else {
+        log_refused();
+        return server_side;
+    };
     tokio::spawn(async move {
+        let _slot = slot;
         let (mut client_read, mut client_write) = client.into_split();
         let (mut server_read, mut server_write) = tokio::io::split(shim_side);
         // When either direction ends the connection is over: dropping both halves closes both sides.
@@ -57,6 +76,27 @@ pub fn wrap(client: UnixStream) -> DuplexStream {
     server_side
 }
 
+/// Logs refused connections at WARN, at most once per [`REFUSAL_WARN_INTERVAL`] with the count since.
+fn log_refused() {
+    static LAST: Mutex<Option<(Instant, u64)>> = Mutex::new(None);
+    let mut last = LAST.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    let now = Instant::now();
+    match last.as_mut() {
+        Some((at, refused)) if now.duration_since(*at) < REFUSAL_WARN_INTERVAL => *refused += 1,
+        _ => {
+            let refused = last.map_or(0, |(_, refused)| refused) + 1;
+            *last = Some((now, 0));
+            tracing::warn!(
+                refused,
+                limit = MAX_CONNECTIONS,
+                "control connections refused: too many are open; close idle clients"
+            );
+        }
+    }
+}
+
+const REFUSAL_WARN_INTERVAL: Duration = Duration::from_secs(10);
+
 /// What the first request of a connection decided.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Mode {
@@ -71,7 +111,10 @@ where
     W: AsyncWrite + Unpin,
 {
     let mut preface = [0u8; PREFACE.len()];
-    client.read_exact(&mut preface).await?;
+    let deadline = tokio::time::Instant::now() + HANDSHAKE_TIMEOUT;
+    let too_slow =
+        |_| io::Error::new(io::ErrorKind::TimedOut, "no HTTP/2 preface and request headers in time");
+    tokio::time::timeout_at(deadline, client.read_exact(&mut preface)).await.map_err(too_slow)??;
     server.write_all(&preface).await?;
     if &preface != PREFACE {
         // Not HTTP/2 with prior knowledge: the server will answer it as it sees fit.
@@ -81,7 +124,15 @@ where
     decoder.set_max_allowed_table_size(HPACK_TABLE_SIZE);
     let mut mode = Mode::Undecided;
     loop {
-        let Some(first) = read_frame(client).await? else { return server.shutdown().await };
+        // Until the first request decided the mode, the client has the handshake deadline; after that, the
+        // connection is the server's (its own keep-alive and stream limits apply).
+        let first = match mode {
+            Mode::Undecided => {
+                tokio::time::timeout_at(deadline, read_frame(client)).await.map_err(too_slow)??
+            }
+            Mode::Rewrite => read_frame(client).await?,
+        };
+        let Some(first) = first else { return server.shutdown().await };
         if first.kind != FRAME_HEADERS {
             server.write_all(&first.raw).await?;
             continue;
@@ -99,7 +150,13 @@ where
             if block.len() > MAX_HEADER_BLOCK {
                 return Err(io::Error::new(io::ErrorKind::InvalidData, "header block too large"));
             }
-            match read_frame(client).await? {
+            let next = match mode {
+                Mode::Undecided => {
+                    tokio::time::timeout_at(deadline, read_frame(client)).await.map_err(too_slow)??
+                }
+                Mode::Rewrite => read_frame(client).await?,
+            };
+            match next {
                 Some(next) if next.kind == FRAME_CONTINUATION && next.stream == frames[0].stream => {
                     frames.push(next)
                 }
@@ -191,13 +248,19 @@ async fn read_frame<R: AsyncRead + Unpin>(client: &mut R) -> io::Result<Option<F
         Err(e) => return Err(e),
     }
     let len = usize::from(head[0]) << 16 | usize::from(head[1]) << 8 | usize::from(head[2]);
-    if len > MAX_HEADER_BLOCK {
-        return Err(io::Error::new(io::ErrorKind::InvalidData, "frame larger than any server allows"));
+    // The server announces no SETTINGS_MAX_FRAME_SIZE of its own, so the protocol's 16 KiB holds (RFC 9113
+    // §4.2): a larger frame is one it would refuse anyway.
+    if len > MAX_FRAME {
+        return Err(io::Error::new(io::ErrorKind::InvalidData, "frame larger than the server allows"));
     }
-    let mut raw = Vec::with_capacity(9 + len);
+    // The buffer grows with the bytes that arrive, never to what the header merely announces: thousands of
+    // connections each announcing a large frame and sending nothing more must cost nothing.
+    let mut raw = Vec::with_capacity(9 + len.min(FIRST_READ));
     raw.extend_from_slice(&head);
-    raw.resize(9 + len, 0);
-    client.read_exact(&mut raw[9..]).await?;
+    let read = (&mut *client).take(len as u64).read_to_end(&mut raw).await?;
+    if read < len {
+        return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "connection closed inside a frame"));
+    }
     let stream = u32::from_be_bytes([head[5], head[6], head[7], head[8]]) & 0x7fff_ffff;
     Ok(Some(Frame { raw, kind: head[3], flags: head[4], stream }))
 }
@@ -267,6 +330,44 @@ mod tests {
 
     fn request(stream: u32, block: &[u8]) -> Vec<u8> {
         header_frames(stream, FLAG_END_STREAM, block)
+    }
+
+    /// A reader that hands out only what it was given and counts how much buffer it was offered: a frame
+    /// header announcing a large payload must not make the shim allocate for it before the bytes arrive.
+    struct Trickle {
+        data: Vec<u8>,
+        offered: usize,
+    }
+
+    impl AsyncRead for Trickle {
+        fn poll_read(
+            mut self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+            buf: &mut tokio::io::ReadBuf<'_>,
+        ) -> std::task::Poll<io::Result<()>> {
+            self.offered = self.offered.max(buf.remaining());
+            let n = buf.remaining().min(self.data.len());
+            let rest = self.data.split_off(n);
+            buf.put_slice(&self.data);
+            self.data = rest;
+            std::task::Poll::Ready(Ok(()))
+        }
+    }
+
+    #[tokio::test]
+    async fn a_frame_header_alone_costs_no_payload_buffer() {
+        // A HEADERS frame header announcing the largest frame, then three bytes and the end of the stream.
+        let mut data = vec![0x00, 0x40, 0x00, FRAME_HEADERS, 0, 0, 0, 0, 1];
+        data.extend_from_slice(b"abc");
+        let mut client = Trickle { data, offered: 0 };
+        let error = read_frame(&mut client).await.err().expect("the frame never completes");
+        assert_eq!(error.kind(), io::ErrorKind::UnexpectedEof);
+        assert!(client.offered <= FIRST_READ + 9, "offered {} bytes of buffer", client.offered);
+
+        // Beyond the protocol's frame size: refused from the header alone.
+        let mut client = &[0x04u8, 0x00, 0x00, FRAME_HEADERS, 0, 0, 0, 0, 1][..];
+        let error = read_frame(&mut client).await.err().expect("too large");
+        assert_eq!(error.kind(), io::ErrorKind::InvalidData);
     }
 
     async fn run(input: Vec<u8>) -> Vec<u8> {

@@ -142,7 +142,9 @@ impl ControlServer {
         })?;
         let stop = ctx.shutdown.clone();
         let unix_routes = routes.clone();
-        let unix_incoming = UnixListenerStream::new(socket_listener).map(|conn| conn.map(authority::wrap));
+        let slots = Arc::new(tokio::sync::Semaphore::new(authority::MAX_CONNECTIONS));
+        let unix_incoming = UnixListenerStream::new(socket_listener)
+            .map(move |conn| conn.map(|conn| authority::wrap(conn, &slots)));
         servers.push(tokio::spawn(async move {
             Server::builder()
                 .layer(crate::telemetry::otel::GrpcTraceLayer)
