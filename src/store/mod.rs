@@ -61,12 +61,11 @@ fn make_files_private(database: &Path) -> Result<(), StoreError> {
         let path = path.to_path_buf();
         move |source| StoreError::Permissions { path, source }
     };
-    std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .mode(0o600)
-        .open(database)
-        .map_err(error(database))?;
+    if std::fs::OpenOptions::new().create(true).append(true).mode(0o600).open(database).is_err() {
+        // A missing directory, a read-only file system, a file we may not write: opening the database fails
+        // the same way next, and reports it with its advice.
+        return Ok(());
+    }
     for suffix in ["", "-wal", "-shm", "-journal"] {
         let mut name = database.as_os_str().to_owned();
         name.push(suffix);
