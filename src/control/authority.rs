@@ -14,13 +14,15 @@
 //! Only the client-to-server direction is inspected; responses are copied unchanged.
 
 use std::io;
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::Duration;
 
 use loona_hpack::Decoder;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, DuplexStream};
 use tokio::net::UnixStream;
 use tokio::sync::Semaphore;
+
+use crate::sync::Throttle;
 use tonic::codegen::http::uri::Authority;
 
 /// The client connection preface of HTTP/2 (RFC 9113, section 3.4).
@@ -78,20 +80,13 @@ pub fn wrap(client: UnixStream, slots: &Arc<Semaphore>) -> DuplexStream {
 
 /// Logs refused connections at WARN, at most once per [`REFUSAL_WARN_INTERVAL`] with the count since.
 fn log_refused() {
-    static LAST: Mutex<Option<(Instant, u64)>> = Mutex::new(None);
-    let mut last = LAST.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-    let now = Instant::now();
-    match last.as_mut() {
-        Some((at, refused)) if now.duration_since(*at) < REFUSAL_WARN_INTERVAL => *refused += 1,
-        _ => {
-            let refused = last.map_or(0, |(_, refused)| refused) + 1;
-            *last = Some((now, 0));
-            tracing::warn!(
-                refused,
-                limit = MAX_CONNECTIONS,
-                "control connections refused: too many are open; close idle clients"
-            );
-        }
+    static REFUSALS: Throttle = Throttle::new(REFUSAL_WARN_INTERVAL);
+    if let Some(refused) = REFUSALS.event() {
+        tracing::warn!(
+            refused,
+            limit = MAX_CONNECTIONS,
+            "control connections refused: too many are open; close idle clients"
+        );
     }
 }
 

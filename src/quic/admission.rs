@@ -20,7 +20,9 @@ use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use crate::sync::Throttle;
 
 /// Counts kept for operators: what admission did since the endpoint started.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -64,15 +66,26 @@ struct Pending {
 /// How often at most a refusal is logged at WARN; the refusals in between are counted into the next line.
 const REFUSAL_WARN_INTERVAL: Duration = Duration::from_secs(10);
 
-#[derive(Default)]
 pub(super) struct Admission {
     pending: Mutex<Pending>,
     retries_sent: AtomicU64,
     refused_connection_limit: AtomicU64,
     refused_pending_limit: AtomicU64,
     handshakes_timed_out: AtomicU64,
-    /// When the last WARN about refusals was written, and how many refusals it has not reported yet.
-    refusal_log: Mutex<(Option<Instant>, u64)>,
+    refusal_warnings: Throttle,
+}
+
+impl Default for Admission {
+    fn default() -> Self {
+        Self {
+            pending: Mutex::default(),
+            retries_sent: AtomicU64::default(),
+            refused_connection_limit: AtomicU64::default(),
+            refused_pending_limit: AtomicU64::default(),
+            handshakes_timed_out: AtomicU64::default(),
+            refusal_warnings: Throttle::new(REFUSAL_WARN_INTERVAL),
+        }
+    }
 }
 
 impl Admission {
@@ -113,15 +126,7 @@ impl Admission {
 
     /// Counts a refusal towards the next WARN line, and writes one if the last is long enough ago.
     pub(super) fn log_refusal(&self, why: &str, limit: usize) {
-        let mut log = self.refusal_log.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        log.1 += 1;
-        let now = Instant::now();
-        if log.0.is_some_and(|last| now.duration_since(last) < REFUSAL_WARN_INTERVAL) {
-            return;
-        }
-        let refused = std::mem::take(&mut log.1);
-        log.0 = Some(now);
-        drop(log);
+        let Some(refused) = self.refusal_warnings.event() else { return };
         tracing::warn!(
             refused,
             limit,
