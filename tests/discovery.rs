@@ -162,22 +162,6 @@ async fn a_restart_keeps_the_seq_increasing_and_the_peer_is_verified_again() {
     assert!(json(&out)["rtt"].as_str().is_some());
 }
 
-#[test]
-fn connecting_to_itself_or_nothing_says_so() {
-    let dir = NodeDir::new();
-    let _node = dir.start();
-    let own = json(&dir.rnctl(&["-o", "json", "node", "info"]))["node"]["listen"]["quic"]
-        .as_str()
-        .expect("quic")
-        .to_owned();
-    let out = dir.rnctl(&["connect", &own]);
-    assert_eq!(out.status.code(), Some(4), "{}", stderr(&out));
-    assert!(stderr(&out).contains("this node itself"), "{}", stderr(&out));
-    let out = dir.rnctl(&["connect", "not an address"]);
-    assert_ne!(out.status.code(), Some(0));
-    assert!(stderr(&out).contains("address"), "{}", stderr(&out));
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn join_wait_shows_progress_until_peers_are_verified() {
     let (dirs, _nodes) = network(2).await;

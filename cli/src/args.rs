@@ -77,7 +77,8 @@ pub struct GlobalArgs {
     pub token_file: Option<PathBuf>,
 
     /// Seconds to wait for the connection and for each answer, and with `topics join --wait` for the peers; 0
-    /// waits forever (not applied to `peers watch` once connected)
+    /// waits forever (not applied to `peers watch` once connected). `connect` and `peers query` wait 120 s for
+    /// their answer unless this is given: the daemon's own dial, punch and relay timeouts end them sooner
     #[arg(
         long,
         global = true,
@@ -129,8 +130,8 @@ pub enum DaemonCommand {
     Connect {
         /// The peer's QUIC address, HOST:PORT (IPv6 hosts in brackets), or the node id of a known peer
         /// (its stored addresses are tried, then hole punching through a connected peer)
-        #[arg(value_name = "ADDR|NODE_ID")]
-        address: String,
+        #[arg(value_name = "ADDR|NODE_ID", value_parser = parse_connect_target)]
+        address: ConnectTarget,
     },
 }
 
@@ -275,6 +276,53 @@ pub enum TopicsCommand {
     List,
 }
 
+/// What `rnctl connect` dials.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ConnectTarget {
+    /// A known peer: the daemon tries its stored addresses, then hole punching and relays.
+    Node(NodeId),
+    /// `HOST:PORT`, checked for its shape here and resolved by the daemon.
+    Address(String),
+}
+
+/// Longest host name DNS allows.
+const MAX_HOST_LEN: usize = 253;
+
+/// Checks the shape of a connect target before anything is sent, so a typo is a usage error (exit status 2)
+/// rather than a round trip to the daemon. Host names are only checked for their characters: the daemon
+/// resolves them.
+fn parse_connect_target(text: &str) -> Result<ConnectTarget, String> {
+    const EXPECTED: &str = "expected a peer address HOST:PORT, such as 203.0.113.7:30906, [2001:db8::7]:30906 or \
+                            seed.example.org:30906, or the 64-character node id of a known peer";
+    if let Ok(id) = NodeId::parse(text) {
+        return Ok(ConnectTarget::Node(id));
+    }
+    if text.parse::<std::net::SocketAddr>().is_ok() {
+        return Ok(ConnectTarget::Address(text.to_owned()));
+    }
+    let Some((host, port)) = text.rsplit_once(':') else {
+        // Hex without a port was most likely meant as a node id: say what is wrong with it as one.
+        if !text.is_empty() && text.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(NodeId::parse(text).err().map_or_else(|| EXPECTED.to_owned(), |e| e.to_string()));
+        }
+        return Err(format!("no port: {EXPECTED}"));
+    };
+    if port.parse::<u16>().is_err() {
+        return Err(format!("the port must be a number from 0 to 65535: {EXPECTED}"));
+    }
+    let valid_host = if let Some(inner) = host.strip_prefix('[') {
+        inner.strip_suffix(']').is_some_and(|ip| ip.parse::<std::net::Ipv6Addr>().is_ok())
+    } else {
+        !host.is_empty()
+            && host.len() <= MAX_HOST_LEN
+            && host.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_'))
+    };
+    if !valid_host {
+        return Err(format!("not a host name or IP address before the port: {EXPECTED}"));
+    }
+    Ok(ConnectTarget::Address(text.to_owned()))
+}
+
 /// Any path, including the empty one: clap's own path parser refuses empty values, but `RNCTL_SOCKET=` should
 /// read as "unset" (see `target::choose`) rather than as a usage error.
 fn path_or_empty() -> impl TypedValueParser<Value = PathBuf> {
@@ -362,6 +410,33 @@ mod tests {
             Cli::try_parse_from(["rnctl", "peers", "list", "-o", "json", "--timeout", "3"]).expect("parses");
         assert_eq!(cli.global.output, OutputFormat::Json);
         assert_eq!(cli.global.timeout, CallTimeout(Some(Duration::from_secs(3))));
+    }
+
+    #[test]
+    fn connect_targets_are_checked_before_sending() {
+        let id = "ab".repeat(32);
+        assert_eq!(parse_connect_target(&id), Ok(ConnectTarget::Node(NodeId::parse(&id).expect("id"))));
+        for good in ["203.0.113.7:30906", "[2001:db8::7]:30906", "seed.example.org:1", "localhost:0"] {
+            assert_eq!(parse_connect_target(good), Ok(ConnectTarget::Address(good.to_owned())), "{good}");
+        }
+        for bad in [
+            "notanaddress",
+            "not an address",
+            "host:",
+            "host:65536",
+            ":30906",
+            "2001:db8::7:30906x",
+            "[2001:db8::7:30906",
+            "[host]:1",
+            "exa mple.org:1",
+            "",
+        ] {
+            assert!(parse_connect_target(bad).is_err(), "{bad:?} was accepted");
+        }
+        let short_id = parse_connect_target("abc").expect_err("rejected");
+        assert!(short_id.contains("64 lowercase hexadecimal"), "{short_id}");
+        let usage = Cli::try_parse_from(["rnctl", "connect", "notanaddress"]).expect_err("rejected");
+        assert_eq!(usage.exit_code(), 2);
     }
 
     #[test]

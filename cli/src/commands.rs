@@ -15,7 +15,9 @@ use remote_network::api::control::{
 use remote_network::api::names::NodeId;
 use tokio::signal::unix::{SignalKind, signal};
 
-use crate::args::{DaemonCommand, ListPeersArgs, NatCommand, NodeCommand, PeersCommand, TopicsCommand};
+use crate::args::{
+    ConnectTarget, DaemonCommand, ListPeersArgs, NatCommand, NodeCommand, PeersCommand, TopicsCommand,
+};
 use crate::daemon::{AuthChannel, Daemon};
 use crate::exit::Failure;
 use crate::output::Printer;
@@ -269,7 +271,8 @@ async fn join_and_wait(
             }
         };
         let Some(event) = next else {
-            return Err(Failure::Status(tonic::Status::unavailable("the daemon ended the watch")));
+            // The daemon ends watches when it stops: the connection is going away, not a refused request.
+            return Err(Failure::Connect("the daemon ended the watch (is it stopping?)".to_owned()));
         };
         let kind = event.kind();
         let Some(peer) = event.peer else { continue };
@@ -320,12 +323,16 @@ async fn nat(daemon: &Daemon, printer: &mut Printer, command: NatCommand) -> Res
         .response(&response, |response| render::nat_report(&response.report.clone().unwrap_or_default(), now))
 }
 
-async fn connect(daemon: &Daemon, printer: &mut Printer, address: String) -> Result<(), Failure> {
+async fn connect(daemon: &Daemon, printer: &mut Printer, target: ConnectTarget) -> Result<(), Failure> {
     let mut client = daemon.peers();
-    // A node id (64 hex characters) names a known peer: the daemon tries its addresses, then hole punching.
-    let request = match NodeId::parse(&address) {
-        Ok(id) => ConnectPeerRequest { node_id: id.to_string(), ..Default::default() },
-        Err(_) => ConnectPeerRequest { address: address.clone(), ..Default::default() },
+    // A node id names a known peer: the daemon tries its addresses, then hole punching.
+    let (request, address) = match target {
+        ConnectTarget::Node(id) => {
+            (ConnectPeerRequest { node_id: id.to_string(), ..Default::default() }, id.to_string())
+        }
+        ConnectTarget::Address(address) => {
+            (ConnectPeerRequest { address: address.clone(), ..Default::default() }, address)
+        }
     };
     let response = daemon.unary(client.connect_peer(request)).await?;
     let now = now();

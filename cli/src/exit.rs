@@ -16,9 +16,9 @@ pub enum Exit {
     Failure = 1,
     /// Bad command line or bad local input. Also what clap exits with on its own usage errors.
     Usage = 2,
-    /// No daemon could be reached.
+    /// No daemon could be reached, or the connection to it broke.
     Connect = 3,
-    /// The daemon answered with an error.
+    /// The daemon answered with an error, or did not answer within `--timeout`.
     Daemon = 4,
     /// The daemon does not know the peer asked about.
     NotFound = 5,
@@ -35,10 +35,12 @@ pub const EXIT_STATUS_HELP: &str = "\
 Exit status:
   0  success
   1  unexpected failure (e.g. output could not be written)
-  2  usage error or invalid input (malformed node id, topic, duration, URL...)
-  3  could not connect to the daemon (or it became unavailable: gRPC UNAVAILABLE)
-  4  the daemon returned an error (printed as 'rnctl: <grpc code>: <message>')
-  5  not found: unknown peer (peers show, peers forget)";
+  2  usage error or invalid input, refused before anything is sent (malformed node id, topic, address,
+     duration, URL...)
+  3  could not connect to the daemon, or the connection to it broke
+  4  the daemon answered with an error (printed as 'rnctl: <grpc code>: <message>'), or did not answer
+     within --timeout
+  5  not found: unknown peer (peers show, peers forget, peers query, connect NODE_ID)";
 
 /// Why a command did not succeed.
 #[derive(Debug)]
@@ -61,6 +63,11 @@ impl Failure {
         match self {
             Self::Usage(_) => Exit::Usage,
             Self::Connect(_) => Exit::Connect,
+            // tonic keeps the underlying error as the source of a status it made itself from a failed
+            // connection; a status the daemon sent is decoded from its headers and has none. Telling the two
+            // apart by code alone would make the daemon's own UNAVAILABLE (a peer it could not reach, a full
+            // disk) read as "rnctl could not reach the daemon".
+            Self::Status(status) if status.source().is_some() => Exit::Connect,
             Self::Status(status) => exit_for_code(status.code()),
             Self::NotFound(_) => Exit::NotFound,
             Self::OutputClosed => Exit::Success,
@@ -96,15 +103,11 @@ impl From<io::Error> for Failure {
     }
 }
 
-/// The exit status for a gRPC status code.
-///
-/// UNAVAILABLE is what tonic reports when the connection breaks or cannot be re-established after connecting,
-/// so it counts as "could not connect" rather than as an answer from the daemon.
+/// The exit status for a gRPC status code the daemon answered with.
 pub fn exit_for_code(code: Code) -> Exit {
     match code {
         Code::Ok => Exit::Success,
         Code::NotFound => Exit::NotFound,
-        Code::Unavailable => Exit::Connect,
         _ => Exit::Daemon,
     }
 }
@@ -157,8 +160,8 @@ mod tests {
     #[test]
     fn maps_grpc_codes_to_exit_statuses() {
         assert_eq!(exit_for_code(Code::NotFound), Exit::NotFound);
-        assert_eq!(exit_for_code(Code::Unavailable), Exit::Connect);
         for code in [
+            Code::Unavailable,
             Code::InvalidArgument,
             Code::Unauthenticated,
             Code::PermissionDenied,
@@ -196,6 +199,15 @@ mod tests {
         assert_eq!(failure.message().as_deref(), Some("invalid argument: topic: a topic is 1-255 bytes"));
         let bare = Failure::from(tonic::Status::unauthenticated(""));
         assert_eq!(bare.message().as_deref(), Some("unauthenticated"));
+    }
+
+    #[test]
+    fn a_broken_connection_is_not_an_answer() {
+        let broken = tonic::Status::from_error(Box::new(io::Error::other("connection reset")));
+        assert!(broken.source().is_some());
+        assert_eq!(Failure::from(broken).exit(), Exit::Connect);
+        let answered = tonic::Status::unavailable("connecting to 192.0.2.1:1: QUIC handshake failed");
+        assert_eq!(Failure::from(answered).exit(), Exit::Daemon);
     }
 
     #[test]

@@ -18,12 +18,13 @@ mod timefmt;
 use std::io::{self, Write};
 use std::path::Path;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use clap::parser::ValueSource;
 use clap::{ArgMatches, CommandFactory, FromArgMatches};
 use remote_network::api::client::BearerToken;
 
-use crate::args::{Cli, Command};
+use crate::args::{Cli, Command, DaemonCommand, PeersCommand};
 use crate::daemon::Daemon;
 use crate::exit::Failure;
 use crate::output::Printer;
@@ -68,6 +69,10 @@ fn run(cli: Cli, matches: &ArgMatches) -> Result<(), Failure> {
     let mut printer = Printer::new(global.output)?;
     let located = target::locate(choice, &target::socket_candidates_from_env())?;
     let deadline = global.timeout.0;
+    let call_deadline = match matches.value_source("timeout") {
+        Some(ValueSource::DefaultValue) | None if dials_a_peer(&command) => Some(DIAL_CALL_TIMEOUT),
+        _ => deadline,
+    };
 
     // One thread is plenty for one request at a time.
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|error| {
@@ -75,9 +80,20 @@ fn run(cli: Cli, matches: &ArgMatches) -> Result<(), Failure> {
     })?;
     runtime.block_on(async {
         let channel = target::connect(&located, deadline).await?;
-        let daemon = Daemon::new(channel, token, deadline);
+        let daemon = Daemon::new(channel, token, call_deadline);
         commands::run(command, &daemon, &mut printer).await
     })
+}
+
+/// How long `connect` and `peers query` wait for their answer when `--timeout` is not given. The daemon dials
+/// with its own deadlines (a QUIC handshake gives up after 10 s by default, a Hello after 10 s more, and a
+/// node id may mean four stored addresses, a hole punch and a relay) and answers with what went wrong; a
+/// client deadline as short as the handshake's would hide that answer behind "the daemon did not answer".
+const DIAL_CALL_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// Whether the command makes the daemon dial a peer, which takes longer than answering from its state.
+fn dials_a_peer(command: &DaemonCommand) -> bool {
+    matches!(command, DaemonCommand::Connect { .. } | DaemonCommand::Peers(PeersCommand::Query { .. }))
 }
 
 /// Whether an option was given on the command line or through its environment variable.

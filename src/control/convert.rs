@@ -47,6 +47,30 @@ fn invalid(field: &str, error: &NameError) -> Status {
     Status::invalid_argument(format!("{field}: {error}"))
 }
 
+/// Most characters of a client-supplied value that an error message quotes.
+pub const QUOTED_CHARS: usize = 64;
+
+/// A client-supplied value as an error message quotes it: in backticks, with control characters escaped so the
+/// message stays one line, and cut after [`QUOTED_CHARS`] characters with an ellipsis and its length in bytes.
+/// A status echoing a whole megabyte-long value would be bigger than any client accepts as a header (and tells
+/// the caller nothing the first characters do not).
+pub fn quoted(value: &str) -> String {
+    match value.char_indices().nth(QUOTED_CHARS) {
+        None => format!("`{}`", value.escape_debug()),
+        Some((cut, _)) => format!("`{}`\u{2026} ({} bytes)", value[..cut].escape_debug(), value.len()),
+    }
+}
+
+/// `text` cut to at most `max_bytes` bytes (at a character boundary), with an ellipsis and its full length
+/// when it was longer.
+pub fn truncated(text: &str, max_bytes: usize) -> String {
+    if text.len() <= max_bytes {
+        return text.to_owned();
+    }
+    let cut = (0..=max_bytes).rev().find(|&at| text.is_char_boundary(at)).unwrap_or(0);
+    format!("{}\u{2026} ({} bytes in all)", &text[..cut], text.len())
+}
+
 /// The gRPC status for a store failure: callers can retry on UNAVAILABLE, fix their request on
 /// RESOURCE_EXHAUSTED, and report INTERNAL.
 pub fn store_status(error: StoreError) -> Status {
@@ -309,6 +333,22 @@ mod tests {
         for id in [NodeId([0; 32]), NodeId([0xff; 32]), NodeId(bytes)] {
             assert_eq!(node_id_text(&id), id.to_string());
         }
+    }
+
+    #[test]
+    fn quoted_values_are_short_and_one_line() {
+        assert_eq!(quoted("host:1"), "`host:1`");
+        assert_eq!(quoted("a\nb"), "`a\\nb`");
+        let long = "é".repeat(1000);
+        let shown = quoted(&long);
+        assert_eq!(shown, format!("`{}`\u{2026} (2000 bytes)", "é".repeat(QUOTED_CHARS)));
+        assert_eq!(quoted(&"x".repeat(QUOTED_CHARS)), format!("`{}`", "x".repeat(QUOTED_CHARS)));
+    }
+
+    #[test]
+    fn truncation_keeps_whole_characters() {
+        assert_eq!(truncated("short", 10), "short");
+        assert_eq!(truncated("ééé", 3), "é\u{2026} (6 bytes in all)");
     }
 
     #[test]

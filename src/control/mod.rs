@@ -9,6 +9,7 @@ mod authority;
 mod convert;
 mod node_info;
 mod peers;
+mod status;
 mod topics;
 pub mod transport;
 
@@ -148,6 +149,7 @@ impl ControlServer {
         servers.push(tokio::spawn(async move {
             Server::builder()
                 .layer(crate::telemetry::otel::GrpcTraceLayer)
+                .layer(status::ClientFaultsLayer)
                 .add_routes(unix_routes)
                 .serve_with_incoming_shutdown(unix_incoming, stop.cancelled_owned())
                 .await
@@ -163,6 +165,7 @@ impl ControlServer {
                     tokio::spawn(async move {
                         Server::builder()
                             .layer(crate::telemetry::otel::GrpcTraceLayer)
+                            .layer(status::ClientFaultsLayer)
                             .layer(layer)
                             .add_routes(routes)
                             .serve_with_incoming_shutdown(incoming, stop.cancelled_owned())
@@ -174,6 +177,7 @@ impl ControlServer {
                     tokio::spawn(async move {
                         Server::builder()
                             .layer(crate::telemetry::otel::GrpcTraceLayer)
+                            .layer(status::ClientFaultsLayer)
                             .add_routes(routes)
                             .serve_with_incoming_shutdown(incoming, stop.cancelled_owned())
                             .await

@@ -11,7 +11,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
 use super::Context;
-use super::convert::{self, node_id_arg, store_status, topic_arg};
+use super::convert::{self, node_id_arg, quoted, store_status, topic_arg};
 use crate::api::control::peer_service_server::PeerService;
 use crate::api::control::{
     ConnectPeerRequest, ConnectPeerResponse, ForgetPeerRequest, ForgetPeerResponse, GetPeerRequest,
@@ -21,6 +21,7 @@ use crate::api::control::{
 use crate::api::names::NodeId;
 use crate::exchange::ExchangeError;
 use crate::exchange::session::CloseCode;
+use crate::quic::QuicError;
 use crate::store::{self, PeerQuery};
 
 /// Page size when the request leaves it at 0.
@@ -29,6 +30,9 @@ pub const DEFAULT_PAGE_SIZE: u32 = 100;
 pub const MAX_PAGE_SIZE: u32 = 1000;
 /// Events buffered per watcher before its stream applies back-pressure.
 const WATCH_BUFFER: usize = 256;
+/// Longest `address` looked at: a DNS name is at most 253 bytes, plus brackets, a colon and a port. Anything
+/// longer is refused before a resolver sees it.
+const MAX_ADDRESS_LEN: usize = 263;
 
 pub struct Peers(pub Context);
 
@@ -156,12 +160,10 @@ impl PeerService for Peers {
         if node_id == self.0.node_id {
             return Err(Status::invalid_argument("node_id: that is this node itself; see GetNodeInfo"));
         }
-        let (record, rtt) = self
-            .0
-            .exchange
-            .query_record(node_id)
-            .await
-            .map_err(|e| exchange_status(&format!("querying {node_id}"), e))?;
+        let (record, rtt) = match self.0.exchange.query_record(node_id).await {
+            Ok(answer) => answer,
+            Err(e) => return Err(self.reach_failed(node_id, &format!("querying {node_id}"), e).await),
+        };
         Ok(Response::new(QueryPeerMetadataResponse {
             peer: Some(convert::peer_from_record(&record)),
             rtt: Some(convert::duration(rtt)),
@@ -177,11 +179,9 @@ impl Peers {
             return Err(Status::invalid_argument("node_id: that is this node itself"));
         }
         let started = std::time::Instant::now();
-        self.0
-            .exchange
-            .connect_known(node_id)
-            .await
-            .map_err(|e| exchange_status(&format!("connecting to {node_id}"), e))?;
+        if let Err(e) = self.0.exchange.connect_known(node_id).await {
+            return Err(self.reach_failed(node_id, &format!("connecting to {node_id}"), e).await);
+        }
         let detail = self.0.store.get_peer(node_id).await.map_err(store_status)?;
         let mut peer = detail.as_ref().map(convert::peer_detail).unwrap_or_default();
         peer.connection = Some(convert::connection(self.0.exchange.session_info(&node_id).as_ref()));
@@ -190,24 +190,50 @@ impl Peers {
             rtt: Some(convert::duration(started.elapsed())),
         }))
     }
+
+    /// The status for failing to reach `node_id` by its id. A peer that is not connected and not in the store
+    /// is one this node does not know: NOT_FOUND in one line, like `GetPeer`, rather than the chain of punch
+    /// and relay errors from the last resorts the exchange tried (a connected peer may know it, so they are
+    /// tried first; their failure says nothing the caller can act on). The exchange's error alone cannot tell
+    /// this apart: an unknown peer and a known one behind a NAT fail the same punch.
+    async fn reach_failed(&self, node_id: NodeId, action: &str, error: ExchangeError) -> Status {
+        let ours = matches!(error, ExchangeError::Stopping | ExchangeError::Store(_));
+        if !ours
+            && self.0.exchange.session_info(&node_id).is_none()
+            && matches!(self.0.store.get_peer(node_id).await, Ok(None))
+        {
+            tracing::debug!(peer = %node_id, error = %error, "unknown peer could not be reached");
+            return Status::not_found(format!(
+                "no peer {node_id} is known: it is not connected, not in the store, and no connected peer \
+                 could reach it"
+            ));
+        }
+        exchange_status(action, error)
+    }
 }
 
 /// Parses `host:port`, resolving a host name; the field is named in the error.
 async fn resolve_address(text: &str) -> Result<std::net::SocketAddr, Status> {
-    if let Ok(address) = text.parse() {
-        return Ok(address);
-    }
     let invalid = |why: String| {
         Status::invalid_argument(format!("address: {why}; expected HOST:PORT such as 203.0.113.7:30906"))
     };
+    if text.len() > MAX_ADDRESS_LEN {
+        return Err(invalid(format!(
+            "{} is too long for HOST:PORT (at most {MAX_ADDRESS_LEN} bytes)",
+            quoted(text)
+        )));
+    }
+    if let Ok(address) = text.parse() {
+        return Ok(address);
+    }
     if text.rsplit_once(':').is_none_or(|(host, port)| host.is_empty() || port.parse::<u16>().is_err()) {
-        return Err(invalid(format!("`{text}` is not HOST:PORT")));
+        return Err(invalid(format!("{} is not HOST:PORT", quoted(text))));
     }
     match tokio::net::lookup_host(text).await {
         Ok(mut addresses) => {
-            addresses.next().ok_or_else(|| invalid(format!("`{text}` resolved to no address")))
+            addresses.next().ok_or_else(|| invalid(format!("{} resolved to no address", quoted(text))))
         }
-        Err(e) => Err(invalid(format!("cannot resolve `{text}` ({e})"))),
+        Err(e) => Err(invalid(format!("cannot resolve {} ({e})", quoted(text)))),
     }
 }
 
@@ -217,7 +243,10 @@ fn exchange_status(action: &str, error: ExchangeError) -> Status {
     match error {
         ExchangeError::SelfConnection => Status::invalid_argument(format!("address: {error}")),
         ExchangeError::Record(_) | ExchangeError::Replay { .. } => Status::permission_denied(message),
-        ExchangeError::TimedOut(_) => Status::deadline_exceeded(message),
+        // A handshake that timed out is a timeout like any other, whichever layer noticed it.
+        ExchangeError::TimedOut(_) | ExchangeError::Quic(QuicError::TimedOut) => {
+            Status::deadline_exceeded(message)
+        }
         ExchangeError::Unreachable(_) => Status::not_found(message),
         ExchangeError::Stopping => Status::unavailable(message),
         _ => Status::unavailable(message),
