@@ -11,6 +11,8 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use crate::limits::ServerLimitSettings;
+
 /// File name looked up in the configuration directories.
 const CONFIG_FILE: &str = "config.toml";
 /// Directory name used under the XDG and systemd directories.
@@ -133,6 +135,29 @@ const SETTINGS: &[Setting] = &[
         doc: "File holding the bearer token (must not be readable by others).",
     },
     Setting {
+        key: "control.max_connections",
+        env: "RN_CONTROL_MAX_CONNECTIONS",
+        flag: None,
+        kind: Kind::Count,
+        doc: "Control connections (socket and TCP, each) served at once; more are closed as they arrive.",
+    },
+    Setting {
+        key: "control.handshake_timeout",
+        env: "RN_CONTROL_HANDSHAKE_TIMEOUT",
+        flag: None,
+        kind: Kind::Duration,
+        doc: "How long a new control connection may take to send the HTTP/2 preface and its first request's \
+              headers.",
+    },
+    Setting {
+        key: "control.idle_timeout",
+        env: "RN_CONTROL_IDLE_TIMEOUT",
+        flag: None,
+        kind: Kind::Duration,
+        doc: "A control connection with no call in progress for this long is closed (clients reconnect on \
+              their next call; a watch in progress keeps its connection).",
+    },
+    Setting {
         key: "quic.listen",
         env: "RN_QUIC_LISTEN",
         flag: Some("--quic-listen"),
@@ -231,6 +256,27 @@ const SETTINGS: &[Setting] = &[
               used with a warning; an address set here that is taken stops the node.",
     },
     Setting {
+        key: "monitoring.max_connections",
+        env: "RN_MONITORING_MAX_CONNECTIONS",
+        flag: None,
+        kind: Kind::Count,
+        doc: "Monitoring HTTP connections served at once; more are closed as they arrive.",
+    },
+    Setting {
+        key: "monitoring.handshake_timeout",
+        env: "RN_MONITORING_HANDSHAKE_TIMEOUT",
+        flag: None,
+        kind: Kind::Duration,
+        doc: "How long a request's headers may take to arrive on the monitoring port.",
+    },
+    Setting {
+        key: "monitoring.idle_timeout",
+        env: "RN_MONITORING_IDLE_TIMEOUT",
+        flag: None,
+        kind: Kind::Duration,
+        doc: "A monitoring connection on which nothing moves for this long is closed.",
+    },
+    Setting {
         key: "store.retention",
         env: "RN_STORE_RETENTION",
         flag: None,
@@ -315,6 +361,8 @@ pub struct Config {
     /// Where `monitoring_listen` came from: only the built-in default may be replaced by another port when it is
     /// taken (a second node on the machine); an address the operator chose is kept or the node does not start.
     pub monitoring_listen_source: Source,
+    /// Connection cap and timeouts of the monitoring port.
+    pub monitoring_limits: ServerLimitSettings,
     pub store: StoreConfig,
     pub relay: RelayConfig,
 }
@@ -335,6 +383,8 @@ pub struct ControlConfig {
     /// Where the token comes from; read when the listener starts so that the secret stays out of this struct's
     /// `Debug` output and of `config show`.
     pub token: Option<TokenSource>,
+    /// Connection cap and timeouts of each control listener.
+    pub limits: ServerLimitSettings,
 }
 
 #[derive(Clone, PartialEq, Eq)]
@@ -770,6 +820,10 @@ impl Resolver<'_> {
             || Ok((None, Source::Default)),
             |v| v.as_deref().map(show_path).unwrap_or_else(|| "\"\"".into()),
         )?;
+        let control_limits = self.server_limits(
+            ["control.max_connections", "control.handshake_timeout", "control.idle_timeout"],
+            ServerLimitSettings::CONTROL,
+        )?;
         let quic_listen =
             self.value("quic.listen", parse_addr, || Ok((addr(0, 30906), Source::Default)), show_addr)?;
         let quic_limits = self.quic_limits()?;
@@ -804,6 +858,10 @@ impl Resolver<'_> {
             parse_addr,
             || Ok((SocketAddr::from(([127, 0, 0, 1], 6060)), Source::Default)),
             show_addr,
+        )?;
+        let monitoring_limits = self.server_limits(
+            ["monitoring.max_connections", "monitoring.handshake_timeout", "monitoring.idle_timeout"],
+            ServerLimitSettings::MONITORING,
         )?;
         let retention = self.value(
             "store.retention",
@@ -873,7 +931,7 @@ impl Resolver<'_> {
             log_level,
             log_format,
             shutdown_timeout,
-            control: ControlConfig { socket, tcp, token },
+            control: ControlConfig { socket, tcp, token, limits: control_limits },
             quic_listen,
             quic_limits,
             dht: DhtConfig {
@@ -885,6 +943,7 @@ impl Resolver<'_> {
             },
             monitoring_listen,
             monitoring_listen_source,
+            monitoring_limits,
             store: StoreConfig { retention, max_peers, max_joined_topics },
             relay: RelayConfig {
                 enabled: relay_enabled,
@@ -899,6 +958,38 @@ impl Resolver<'_> {
 }
 
 impl Resolver<'_> {
+    /// A local server's connection cap, handshake and idle timeouts, under `keys` in that order.
+    fn server_limits(
+        &mut self,
+        keys: [&'static str; 3],
+        defaults: ServerLimitSettings,
+    ) -> Result<ServerLimitSettings, ConfigError> {
+        let [max_connections, handshake_timeout, idle_timeout] = keys;
+        let max_connections = self.value(
+            max_connections,
+            parse_count,
+            || Ok((defaults.max_connections as u64, Source::Default)),
+            u64::to_string,
+        )?;
+        let handshake_timeout = self.value(
+            handshake_timeout,
+            parse_interval,
+            || Ok((defaults.handshake_timeout, Source::Default)),
+            show_duration,
+        )?;
+        let idle_timeout = self.value(
+            idle_timeout,
+            parse_interval,
+            || Ok((defaults.idle_timeout, Source::Default)),
+            show_duration,
+        )?;
+        Ok(ServerLimitSettings {
+            max_connections: usize::try_from(max_connections).unwrap_or(usize::MAX),
+            handshake_timeout,
+            idle_timeout,
+        })
+    }
+
     /// The `quic.*` limits, defaulting to the transport's own defaults (one source for each).
     fn quic_limits(&mut self) -> Result<crate::quic::QuicLimits, ConfigError> {
         let defaults = crate::quic::QuicLimits::default();
@@ -1139,19 +1230,55 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         let number: u64 = rest[..digits].parse().map_err(|_| bad())?;
         rest = &rest[digits..];
         let unit_len = rest.find(|c: char| c.is_ascii_digit()).unwrap_or(rest.len());
-        let unit = match &rest[..unit_len] {
-            "ms" => Duration::from_millis(1),
-            "s" => Duration::from_secs(1),
-            "m" => Duration::from_secs(60),
-            "h" => Duration::from_secs(3600),
-            "d" => Duration::from_secs(86_400),
+        // Whole seconds in u64, as a bare number reads them, so that every duration shown reads back.
+        let part = match &rest[..unit_len] {
+            "ms" => Some(Duration::from_millis(number)),
+            "s" => Some(Duration::from_secs(number)),
+            "m" => number.checked_mul(60).map(Duration::from_secs),
+            "h" => number.checked_mul(3600).map(Duration::from_secs),
+            "d" => number.checked_mul(86_400).map(Duration::from_secs),
             _ => return Err(bad()),
         };
         rest = &rest[unit_len..];
-        let part = unit.checked_mul(u32::try_from(number).map_err(|_| bad())?).ok_or_else(bad)?;
-        total = total.checked_add(part).ok_or_else(bad)?;
+        total = part.and_then(|part| total.checked_add(part)).ok_or_else(bad)?;
     }
     Ok(total)
+}
+
+/// Reads `data` as a config file is read: TOML, keys flattened and checked, every value resolved and checked
+/// as at start-up (no environment, no flags), and each line also as a duration and a byte size. For the fuzz
+/// target (`tests/fuzz`) and the randomised tests.
+///
+/// # Panics
+///
+/// Only if a duration or byte size that was accepted does not read back from the form it is shown in.
+pub fn fuzz_config_text(data: &[u8]) {
+    let Ok(text) = std::str::from_utf8(data) else { return };
+    for line in text.lines() {
+        if let Ok(duration) = parse_duration(line) {
+            assert_eq!(
+                parse_duration(&format_duration(duration)),
+                Ok(duration),
+                "{line:?} read back differently"
+            );
+        }
+        if let Ok(bytes) = parse_bytes(&Raw::Text(line.to_owned())) {
+            let shown = show_bytes(&bytes);
+            let shown = shown.trim_matches('"').to_owned();
+            assert_eq!(parse_bytes(&Raw::Text(shown)), Ok(bytes), "{line:?} read back differently");
+        }
+    }
+    let Ok(table) = text.parse::<toml::Table>() else { return };
+    let path = Path::new("fuzz.toml");
+    let mut file_values = BTreeMap::new();
+    if flatten(path, "", &table, &mut file_values).is_err() {
+        return;
+    }
+    let (env, flags) = (Env::default(), FlagValues::default());
+    let resolver = Resolver { file: Some(path), file_values, env: &env, flags: &flags, shown: Vec::new() };
+    if let Ok((config, shown)) = resolver.resolve() {
+        std::hint::black_box((config, shown));
+    }
 }
 
 /// Formats a duration in the units [`parse_duration`] reads, largest first.
@@ -1408,9 +1535,25 @@ mod tests {
         assert!(parse_duration("h").is_err());
         assert!(parse_duration("5 parsecs").is_err());
         assert_eq!(format_duration(Duration::from_secs(5400)), "1h30m");
+        // The longest duration a bare number gives reads back from the days it is shown in.
+        let longest = Duration::from_secs(u64::MAX);
+        assert_eq!(parse_duration(&format_duration(longest)), Ok(longest));
+        assert!(parse_duration("213503982334602d").is_err(), "past u64 seconds");
         assert_eq!(
             parse_duration(&format_duration(Duration::from_secs(93_784))),
             Ok(Duration::from_secs(93_784))
+        );
+    }
+
+    #[test]
+    fn the_example_config_and_edge_values_pass_the_fuzz_checks() {
+        let example = include_str!("../deploy/config.example.toml");
+        fuzz_config_text(example.as_bytes());
+        let uncommented: String =
+            example.lines().map(|line| line.trim_start_matches("# ")).collect::<Vec<_>>().join("\n");
+        fuzz_config_text(uncommented.as_bytes());
+        fuzz_config_text(
+            b"18446744073709551615\n18446744073709551615d\n0ms\n1500ms\n16GiB\n17179869184KiB\n\xff",
         );
     }
 

@@ -21,6 +21,8 @@ pub mod identity;
 #[cfg(feature = "daemon")]
 pub mod lifecycle;
 #[cfg(feature = "daemon")]
+pub mod limits;
+#[cfg(feature = "daemon")]
 pub mod loopback;
 #[cfg(feature = "daemon")]
 pub mod nat;

@@ -299,10 +299,6 @@ async fn apply_reload(
         }
     };
     let changes = current.changes(&newer);
-    if changes.is_empty() {
-        tracing::info!("configuration reloaded: nothing changed");
-        return Some(newer);
-    }
     if changes.iter().any(|change| change.key == "log_level") {
         let filter = tracing_subscriber::EnvFilter::try_new(&newer.config.log_level)
             .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
@@ -310,7 +306,19 @@ async fn apply_reload(
             tracing::warn!(error = %e, "could not change the log level");
         }
     }
+    // Called even when the file is unchanged: the control token file it names is read again.
     let report = node.reconfigure(&changes, &newer.config).await;
+    let unchanged = |key: &str| !changes.iter().any(|change| change.key == key);
+    for key in report.applied.iter().filter(|key| unchanged(key)) {
+        tracing::info!(setting = key, "setting reloaded from the file it names");
+    }
+    for (key, why) in report.failed.iter().filter(|(key, _)| unchanged(key)) {
+        tracing::error!(setting = key, error = %why, "setting could not be reloaded; the old value stays");
+    }
+    if changes.is_empty() && report.applied.is_empty() && report.failed.is_empty() {
+        tracing::info!("configuration reloaded: nothing changed");
+        return Some(newer);
+    }
     for change in &changes {
         let (key, old, new) = (change.key, &change.old, &change.new);
         if report.applied.contains(&key) {

@@ -25,6 +25,7 @@ use crate::exchange::warm_start;
 use crate::exchange::{Exchange, ExchangeOptions};
 use crate::identity::{self, Identity, IdentityError};
 use crate::lifecycle::{self, ExclusiveLock, LockError};
+use crate::limits::ServerLimits;
 use crate::quic::{QuicEndpoint, QuicError};
 use crate::store::{AddressSource, Store, StoreError, StoreHealth, StoreOptions};
 use crate::telemetry::{self, MetricKind, Monitoring, MonitoringError, Readiness, Registry};
@@ -65,6 +66,8 @@ pub struct Node {
     control: ControlServer,
     background: Vec<JoinHandle<()>>,
     monitoring: Monitoring,
+    /// The monitoring port's connection limits in force, changed in place on reload.
+    monitoring_limits: Arc<ServerLimits>,
     /// What `/readyz` reports besides store health: false until the control API serves, and again from the
     /// moment `stop` begins, so a load balancer or supervisor stops routing to a draining node.
     serving: Arc<AtomicBool>,
@@ -129,14 +132,22 @@ impl Node {
         } else {
             telemetry::MonitoringListen::Configured(config.monitoring_listen)
         };
-        let monitoring =
-            match telemetry::serve(monitoring_listen, registry, readiness, shutdown.clone()).await {
-                Ok(monitoring) => monitoring,
-                Err(e) => {
-                    abandon_start(&shutdown, &exchange, &store).await;
-                    return Err(e.into());
-                }
-            };
+        let monitoring_limits = ServerLimits::new(config.monitoring_limits);
+        let monitoring = match telemetry::serve(
+            monitoring_listen,
+            registry,
+            readiness,
+            monitoring_limits.clone(),
+            shutdown.clone(),
+        )
+        .await
+        {
+            Ok(monitoring) => monitoring,
+            Err(e) => {
+                abandon_start(&shutdown, &exchange, &store).await;
+                return Err(e.into());
+            }
+        };
         let listen = ListenAddresses {
             control_socket: listeners.socket_path().display().to_string(),
             control_tcp: listeners.tcp_addr().map(|a| a.to_string()).unwrap_or_default(),
@@ -178,7 +189,15 @@ impl Node {
         lifecycle::notify_ready(&status_line(&ctx).await);
         let mut background = Vec::new();
         background.extend(lifecycle::spawn_watchdog(shutdown.clone()));
-        Ok(Self { ctx, control, background, monitoring, serving, _data_dir_lock: data_dir_lock })
+        Ok(Self {
+            ctx,
+            control,
+            background,
+            monitoring,
+            monitoring_limits,
+            serving,
+            _data_dir_lock: data_dir_lock,
+        })
     }
 
     /// Runs until `stop` resolves, keeping health and the systemd status line current.
@@ -240,8 +259,14 @@ pub struct Reconfigured {
 
 /// Settings a running node applies on reload (SIGHUP). `log_level` is applied by the binary, which owns the
 /// log subscriber; every other setting (and any new one, until it is added here) needs a restart.
-pub const RELOADABLE: [&str; 16] = [
+pub const RELOADABLE: [&str; 22] = [
     "log_level",
+    "control.max_connections",
+    "control.handshake_timeout",
+    "control.idle_timeout",
+    "monitoring.max_connections",
+    "monitoring.handshake_timeout",
+    "monitoring.idle_timeout",
     "dht.bootstrap",
     "relay.enabled",
     "relay.max_reservations",
@@ -310,6 +335,16 @@ impl Node {
                 Err(e) => report.failed.extend(keys("store.").map(|key| (key, e.to_string()))),
             }
         }
+        let control_keys: Vec<_> = keys("control.").filter(|key| reloadable(key)).collect();
+        if !control_keys.is_empty() {
+            self.control.set_limits(new.control.limits);
+            report.applied.extend(control_keys);
+        }
+        if changed("monitoring.") {
+            self.monitoring_limits.set(new.monitoring_limits);
+            report.applied.extend(keys("monitoring.").filter(|key| reloadable(key)));
+        }
+        self.reload_control_token(changes, new, &mut report);
         let quic_keys: Vec<_> = keys("quic.").filter(|key| reloadable(key)).collect();
         if !quic_keys.is_empty() {
             match self.ctx.exchange.set_quic_limits(&new.quic_limits) {
@@ -318,6 +353,44 @@ impl Node {
             }
         }
         report
+    }
+}
+
+impl Node {
+    /// Reads the control token again from the source now configured (a token file may have been rewritten while
+    /// its path stayed the same) and puts it in force on the TCP listener. A token that cannot be read leaves
+    /// the old one in force; a listener started without a token needs a restart to require one.
+    fn reload_control_token(
+        &self,
+        changes: &[crate::config::Change],
+        new: &Config,
+        report: &mut Reconfigured,
+    ) {
+        const KEYS: [&str; 2] = ["control.token", "control.token_file"];
+        let changed: Vec<&'static str> =
+            changes.iter().map(|c| c.key).filter(|key| KEYS.contains(key)).collect();
+        let key = match new.control.token {
+            Some(crate::config::TokenSource::File(_)) => "control.token_file",
+            _ => "control.token",
+        };
+        match self.control.reload_token(new.control.token.as_ref()) {
+            // No token check to update: a changed source keeps its "needs a restart".
+            Ok(None) => {}
+            Ok(Some(replaced)) => {
+                if replaced {
+                    tracing::info!("control token replaced: clients of the TCP listener need the new one");
+                }
+                report.need_restart.retain(|key| !changed.contains(key));
+                if changed.is_empty() && replaced {
+                    report.applied.push(key);
+                }
+                report.applied.extend(&changed);
+            }
+            Err(e) => {
+                report.need_restart.retain(|key| !changed.contains(key));
+                report.failed.push((key, e.to_string()));
+            }
+        }
     }
 }
 

@@ -1,4 +1,5 @@
-//! Locking shared tables that stay consistent even when a holder panicked, and throttling repeated log lines.
+//! Locking shared tables that stay consistent even when a holder panicked, throttling repeated log lines, and
+//! running async parsers from synchronous fuzz entry points.
 //!
 //! The node's in-memory tables (punch and relay state, relay circuits) are only ever changed by single inserts,
 //! removals and counter updates, so a panic in another holder cannot leave them half-changed: the lock is taken
@@ -10,6 +11,17 @@ use std::time::{Duration, Instant};
 /// Locks `mutex`, ignoring poisoning (see the module doc for when that is right).
 pub fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Runs `future` to completion on this thread's own single-threaded runtime (with timers), made once per
+/// thread: for fuzz entry points, which call async stream readers on in-memory input millions of times.
+/// `None` if no runtime could be made. Must not be called from inside a runtime.
+pub fn block_on_local<F: std::future::Future>(future: F) -> Option<F::Output> {
+    thread_local! {
+        static RUNTIME: Option<tokio::runtime::Runtime> =
+            tokio::runtime::Builder::new_current_thread().enable_time().build().ok();
+    }
+    RUNTIME.with(|runtime| runtime.as_ref().map(|runtime| runtime.block_on(future)))
 }
 
 /// Lets a repeated event be reported at most once per interval: each event is counted, and the first one after

@@ -529,3 +529,17 @@ fn free_tcp_port() -> u16 {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     listener.local_addr().expect("addr").port()
 }
+
+/// The harness starts every daemon with `--no-bootstrap`, as a lone seed is started: nothing is wrong, so
+/// nothing is logged at ERROR (mainline's "Could not bootstrap the routing table" used to be, every time).
+#[test]
+fn a_lone_seed_logs_no_error() {
+    let dir = NodeDir::new();
+    let node = dir.start();
+    assert!(dir.rnctl(&["topics", "join", "alone"]).status.success());
+    // mainline retries its bootstrap every few seconds while its routing table is empty.
+    std::thread::sleep(Duration::from_secs(5));
+    let (status, log) = node.terminate();
+    assert!(status.success(), "{log}");
+    assert!(!log.contains("ERROR"), "{log}");
+}

@@ -205,6 +205,8 @@ fn soak_quick_run_reports_samples_per_node() {
                 "jemalloc_allocated_bytes",
                 "rn_connected_peers",
                 "rn_store_peers",
+                "process_open_fds",
+                "rn_runtime_alive_tasks",
             ] {
                 assert!(sample[key].is_number(), "{name} sample lacks {key}: {sample}");
             }
@@ -214,6 +216,12 @@ fn soak_quick_run_reports_samples_per_node() {
             for key in ["start_bytes", "end_bytes", "delta_bytes", "slope_bytes_per_hour"] {
                 assert!(row[key].is_number(), "summary {name}.{what} lacks {key}: {report:#}");
             }
+        }
+        // A running daemon holds sockets and files, and runs tasks.
+        for what in ["fds", "tasks"] {
+            let row = &report["summary"][name][what];
+            assert!(row["min"].as_f64().is_some_and(|n| n >= 1.0), "summary {name}.{what}: {report:#}");
+            assert!(row["slope_per_hour"].is_number(), "summary {name}.{what}: {report:#}");
         }
     }
     let churn = report["churn"].as_array().expect("churn list");

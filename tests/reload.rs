@@ -44,12 +44,21 @@ fn sighup_applies_what_it_can_names_what_needs_a_restart_and_survives_a_bad_file
          [store]\nmax_peers = 5\n\
          [relay]\nmax_circuits = 2\n\
          [quic]\nretry_threshold = 8\n\
+         [control]\nmax_connections = 100\n\
+         [monitoring]\nidle_timeout = \"30s\"\n\
          [dht]\nannounce_interval = \"20m\"\n",
     )
     .expect("write config");
     node.signal(libc::SIGHUP);
     let log = wait_for_log(&node, "configuration reloaded applied=", 1);
-    for key in ["store.max_peers", "relay.max_circuits", "quic.retry_threshold", "log_level"] {
+    for key in [
+        "store.max_peers",
+        "relay.max_circuits",
+        "quic.retry_threshold",
+        "control.max_connections",
+        "monitoring.idle_timeout",
+        "log_level",
+    ] {
         let quoted = format!("setting=\"{key}\"");
         let bare = format!("setting={key} ");
         let line = log.lines().find(|l| l.contains(&quoted) || l.contains(&bare));
@@ -74,4 +83,45 @@ fn sighup_applies_what_it_can_names_what_needs_a_restart_and_survives_a_bad_file
 
     let (status, log) = node.terminate();
     assert!(status.success(), "{log}");
+}
+
+/// A rewritten token file is read again on SIGHUP, though the config names the same file: the TCP listener
+/// takes the new token at once and refuses the old one. A token file that became unreadable changes nothing.
+#[test]
+fn sighup_reads_the_control_token_file_again() {
+    use std::os::unix::fs::PermissionsExt;
+
+    let dir = NodeDir::new();
+    let token_file = dir.path().join("token");
+    std::fs::write(&token_file, "first-token\n").expect("token");
+    std::fs::set_permissions(&token_file, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+    let port = std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port();
+    let node = dir.start_with(|cmd| {
+        cmd.arg("--control-tcp")
+            .arg(format!("127.0.0.1:{port}"))
+            .arg("--control-token-file")
+            .arg(&token_file);
+    });
+    let endpoint = format!("http://127.0.0.1:{port}");
+    let with_token = |token: &str| {
+        common::rnctl_with(|cmd| {
+            cmd.args(["--endpoint", &endpoint, "node", "info"]).env("RNCTL_TOKEN", token);
+        })
+    };
+    assert!(with_token("first-token").status.success());
+
+    std::fs::write(&token_file, "second-token\n").expect("rewrite the token");
+    node.signal(libc::SIGHUP);
+    let log = wait_for_log(&node, "control token replaced", 1);
+    assert!(log.contains("setting reloaded from the file it names"), "{log}");
+    assert!(with_token("second-token").status.success(), "the new token is in force");
+    let old = with_token("first-token");
+    assert_eq!(old.status.code(), Some(4), "the old token is refused: {}", common::stderr(&old));
+
+    // Readable by everyone: refused with the usual message, the token in force stays.
+    std::fs::set_permissions(&token_file, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+    node.signal(libc::SIGHUP);
+    let log = wait_for_log(&node, "setting could not be reloaded", 1);
+    assert!(log.contains("chmod"), "{log}");
+    assert!(with_token("second-token").status.success(), "the token in force stays");
 }

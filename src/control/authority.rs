@@ -13,30 +13,39 @@
 //!
 //! Only the client-to-server direction is inspected; responses are copied unchanged.
 
+use std::collections::HashSet;
 use std::io;
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use loona_hpack::Decoder;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, DuplexStream};
-use tokio::net::UnixStream;
-use tokio::sync::Semaphore;
 
-use crate::sync::Throttle;
+use crate::limits::ServerLimits;
+use crate::sync::{Throttle, lock};
 use tonic::codegen::http::uri::Authority;
 
 /// The client connection preface of HTTP/2 (RFC 9113, section 3.4).
 const PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+const FRAME_DATA: u8 = 0x0;
 const FRAME_HEADERS: u8 = 0x1;
+const FRAME_RST_STREAM: u8 = 0x3;
 const FRAME_CONTINUATION: u8 = 0x9;
 const FLAG_END_STREAM: u8 = 0x1;
 const FLAG_END_HEADERS: u8 = 0x4;
 const FLAG_PADDED: u8 = 0x8;
 const FLAG_PRIORITY: u8 = 0x20;
-/// Frames we write stay within the smallest SETTINGS_MAX_FRAME_SIZE a server may announce.
+/// Frames we write stay within the smallest SETTINGS_MAX_FRAME_SIZE a server may announce. It is also the
+/// largest a client may send: the server announces no SETTINGS_MAX_FRAME_SIZE of its own, so the protocol's
+/// 16 KiB holds (RFC 9113 §4.2), and a larger frame is one it would refuse anyway.
 const MAX_FRAME: usize = 16_384;
+/// Largest frame the protocol can carry: what the server may send to a client that announced it takes it.
+const MAX_FRAME_ANY: usize = (1 << 24) - 1;
 /// A client's header block beyond this closes the connection (the server's own limit is far lower).
 const MAX_HEADER_BLOCK: usize = 256 * 1024;
+/// Largest decoded header list the shim re-encodes: four times what the HTTP/2 server accepts (hyper's
+/// default, 16 KiB), so nothing the server would take is refused here.
+const MAX_HEADER_LIST: usize = 64 * 1024;
 /// The HPACK table size the server announces (the protocol default, which tonic keeps).
 const HPACK_TABLE_SIZE: usize = 4096;
 /// What a frame's buffer holds before its payload arrives; it grows from there as bytes come in.
@@ -44,69 +53,151 @@ const FIRST_READ: usize = 1024;
 /// Buffer between the shim and the HTTP/2 server.
 const PIPE_BUFFER: usize = 64 * 1024;
 
-/// Control connections served at once; more are closed as they arrive, so that idle or stalled clients
-/// cannot take every file descriptor the daemon (and its database) needs.
-pub const MAX_CONNECTIONS: usize = 512;
-/// How long a new connection may take to send the HTTP/2 preface and its first request's headers; a client
-/// that stalls before it frees its slot (see [`MAX_CONNECTIONS`]).
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// Wraps an accepted connection; the returned stream goes to the HTTP/2 server. `slots` bounds the connections
-/// served at once: without a free one the client is disconnected at once (the server sees a connection that
-/// ends before its preface).
-pub fn wrap(client: UnixStream, slots: &Arc<Semaphore>) -> DuplexStream {
+/// Wraps an accepted connection; the returned stream goes to the HTTP/2 server. Without a free slot in `limits`
+/// the client is disconnected at once (the server sees a connection that ends before its preface), so that idle
+/// or stalled clients cannot take every file descriptor the daemon (and its database) needs. A connection with
+/// no call in progress for the idle timeout is closed; one that holds a call open (a watch) is not.
+pub fn wrap<S>(client: S, limits: &Arc<ServerLimits>) -> DuplexStream
+where
+    S: AsyncRead + AsyncWrite + Send + 'static,
+{
     let (server_side, shim_side) = tokio::io::duplex(PIPE_BUFFER);
-    let Ok(slot) = slots.clone().try_acquire_owned() else {
-        log_refused();
+    let Some(slot) = limits.try_open() else {
+        log_refused(limits.settings().max_connections);
         return server_side;
     };
     tokio::spawn(async move {
-        let _slot = slot;
-        let (mut client_read, mut client_write) = client.into_split();
+        let (mut client_read, mut client_write) = tokio::io::split(client);
         let (mut server_read, mut server_write) = tokio::io::split(shim_side);
+        let calls = Calls::new();
+        let handshake = slot.limits().handshake_timeout();
         // When either direction ends the connection is over: dropping both halves closes both sides.
         tokio::select! {
-            result = forward_requests(&mut client_read, &mut server_write) => {
+            result = forward_requests(&mut client_read, &mut server_write, handshake, &calls) => {
                 if let Err(e) = result {
                     tracing::debug!(error = %e, "control connection closed while reading the client");
                 }
             }
-            _ = tokio::io::copy(&mut server_read, &mut client_write) => {}
+            _ = forward_responses(&mut server_read, &mut client_write, &calls) => {}
+            () = calls.idle(slot.limits()) => {
+                tracing::debug!("control connection closed: idle");
+            }
         }
+        drop(slot);
         let _ = client_write.shutdown().await;
     });
     server_side
 }
 
 /// Logs refused connections at WARN, at most once per [`REFUSAL_WARN_INTERVAL`] with the count since.
-fn log_refused() {
+fn log_refused(limit: usize) {
     static REFUSALS: Throttle = Throttle::new(REFUSAL_WARN_INTERVAL);
     if let Some(refused) = REFUSALS.event() {
         tracing::warn!(
             refused,
-            limit = MAX_CONNECTIONS,
-            "control connections refused: too many are open; close idle clients"
+            limit,
+            "control connections refused: too many are open (control.max_connections); close idle clients"
         );
     }
 }
 
 const REFUSAL_WARN_INTERVAL: Duration = Duration::from_secs(10);
 
+/// The calls (HTTP/2 streams) open on one connection, as seen from its frames: opened by a client's HEADERS,
+/// ended by the server's END_STREAM or by a reset from either side.
+#[derive(Debug)]
+struct Calls(Mutex<CallState>);
+
+#[derive(Debug)]
+struct CallState {
+    open: HashSet<u32>,
+    /// Since when no call has been open.
+    idle_since: Option<Instant>,
+}
+
+impl Calls {
+    fn new() -> Self {
+        Self(Mutex::new(CallState { open: HashSet::new(), idle_since: Some(Instant::now()) }))
+    }
+
+    fn opened(&self, stream: u32) {
+        let mut state = lock(&self.0);
+        // A client that opens more streams than the server allows has them refused (and reset) by the server;
+        // the set is bounded by the same limit in practice, and by the connection's life in any case.
+        state.open.insert(stream);
+        state.idle_since = None;
+    }
+
+    fn ended(&self, stream: u32) {
+        let mut state = lock(&self.0);
+        if state.open.remove(&stream) && state.open.is_empty() {
+            state.idle_since = Some(Instant::now());
+        }
+    }
+
+    /// Resolves once no call has been open for the idle timeout of `limits` (read at each check, so a reload
+    /// applies).
+    async fn idle(&self, limits: &ServerLimits) {
+        loop {
+            let timeout = limits.idle_timeout();
+            let since = lock(&self.0).idle_since;
+            match since {
+                Some(since) if since.elapsed() >= timeout => return,
+                Some(since) => tokio::time::sleep_until((since + timeout).into()).await,
+                None => tokio::time::sleep(timeout).await,
+            }
+        }
+    }
+
+    /// Notes what a frame does to the calls: `from_client` tells the direction.
+    fn track(&self, frame: &Frame, from_client: bool) {
+        match frame.kind {
+            FRAME_HEADERS if from_client && frame.stream != 0 => self.opened(frame.stream),
+            FRAME_RST_STREAM => self.ended(frame.stream),
+            FRAME_HEADERS | FRAME_DATA if !from_client && frame.flags & FLAG_END_STREAM != 0 => {
+                self.ended(frame.stream)
+            }
+            _ => {}
+        }
+    }
+}
+
 /// What the first request of a connection decided.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Mode {
     Undecided,
     Rewrite,
+    /// Every frame passes unchanged.
+    PassThrough,
 }
 
-/// Copies the client's HTTP/2 stream to the server, fixing `:authority` where needed.
-async fn forward_requests<R, W>(client: &mut R, server: &mut W) -> io::Result<()>
+/// Copies the server's frames to the client unchanged, noting the calls they end.
+async fn forward_responses<R, W>(server: &mut R, client: &mut W, calls: &Calls) -> io::Result<()>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    while let Some(frame) = read_frame(server, MAX_FRAME_ANY).await? {
+        calls.track(&frame, false);
+        client.write_all(&frame.raw).await?;
+    }
+    client.shutdown().await
+}
+
+/// Copies the client's HTTP/2 stream to the server, fixing `:authority` where needed, noting the calls opened.
+/// The preface and the first request's headers must arrive within `handshake`.
+async fn forward_requests<R, W>(
+    client: &mut R,
+    server: &mut W,
+    handshake: Duration,
+    calls: &Calls,
+) -> io::Result<()>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
     let mut preface = [0u8; PREFACE.len()];
-    let deadline = tokio::time::Instant::now() + HANDSHAKE_TIMEOUT;
+    let deadline = tokio::time::Instant::now() + handshake;
     let too_slow =
         |_| io::Error::new(io::ErrorKind::TimedOut, "no HTTP/2 preface and request headers in time");
     tokio::time::timeout_at(deadline, client.read_exact(&mut preface)).await.map_err(too_slow)??;
@@ -123,12 +214,13 @@ where
         // connection is the server's (its own keep-alive and stream limits apply).
         let first = match mode {
             Mode::Undecided => {
-                tokio::time::timeout_at(deadline, read_frame(client)).await.map_err(too_slow)??
+                tokio::time::timeout_at(deadline, read_frame(client, MAX_FRAME)).await.map_err(too_slow)??
             }
-            Mode::Rewrite => read_frame(client).await?,
+            Mode::Rewrite | Mode::PassThrough => read_frame(client, MAX_FRAME).await?,
         };
         let Some(first) = first else { return server.shutdown().await };
-        if first.kind != FRAME_HEADERS {
+        calls.track(&first, true);
+        if first.kind != FRAME_HEADERS || mode == Mode::PassThrough {
             server.write_all(&first.raw).await?;
             continue;
         }
@@ -146,10 +238,10 @@ where
                 return Err(io::Error::new(io::ErrorKind::InvalidData, "header block too large"));
             }
             let next = match mode {
-                Mode::Undecided => {
-                    tokio::time::timeout_at(deadline, read_frame(client)).await.map_err(too_slow)??
-                }
-                Mode::Rewrite => read_frame(client).await?,
+                Mode::Undecided => tokio::time::timeout_at(deadline, read_frame(client, MAX_FRAME))
+                    .await
+                    .map_err(too_slow)??,
+                Mode::Rewrite | Mode::PassThrough => read_frame(client, MAX_FRAME).await?,
             };
             match next {
                 Some(next) if next.kind == FRAME_CONTINUATION && next.stream == frames[0].stream => {
@@ -157,18 +249,20 @@ where
                 }
                 Some(other) => {
                     // A protocol error the server will report; it must see exactly what the client sent.
+                    calls.track(&other, true);
                     frames.push(other);
                     break false;
                 }
                 None => break false,
             }
         };
-        let headers = if complete { decoder.decode(&block).ok() } else { None };
+        let headers = if complete { decode_bounded(&mut decoder, &block) } else { None };
         let Some(mut headers) = headers else {
             for frame in &frames {
                 server.write_all(&frame.raw).await?;
             }
-            return pass_through(client, server).await;
+            mode = Mode::PassThrough;
+            continue;
         };
         if mode == Mode::Undecided {
             let needs_fix =
@@ -177,7 +271,8 @@ where
                 for frame in &frames {
                     server.write_all(&frame.raw).await?;
                 }
-                return pass_through(client, server).await;
+                mode = Mode::PassThrough;
+                continue;
             }
             tracing::debug!("control client sent a socket path as :authority; rewriting it to localhost");
             mode = Mode::Rewrite;
@@ -199,6 +294,23 @@ where
 {
     tokio::io::copy(client, server).await?;
     server.shutdown().await
+}
+
+/// Decodes a header block, or `None` if it does not decode or its header list is larger than
+/// [`MAX_HEADER_LIST`] (counted as RFC 7541 section 4.1 does: name, value and 32 bytes per field). HPACK lets
+/// a one-byte index stand for a 4 KiB table entry, so a 256 KiB block could otherwise decode to a gigabyte.
+fn decode_bounded(decoder: &mut Decoder<'_>, block: &[u8]) -> Option<Vec<(Vec<u8>, Vec<u8>)>> {
+    let mut headers = Vec::new();
+    let mut size = 0usize;
+    decoder
+        .decode_with_cb(block, |name, value| {
+            size = size.saturating_add(name.len() + value.len() + 32);
+            if size <= MAX_HEADER_LIST {
+                headers.push((name.into_owned(), value.into_owned()));
+            }
+        })
+        .ok()?;
+    (size <= MAX_HEADER_LIST).then_some(headers)
 }
 
 fn valid_authority(value: &[u8]) -> bool {
@@ -235,7 +347,7 @@ impl Frame {
 }
 
 /// Reads one frame; `None` at a clean end of stream between frames.
-async fn read_frame<R: AsyncRead + Unpin>(client: &mut R) -> io::Result<Option<Frame>> {
+async fn read_frame<R: AsyncRead + Unpin>(client: &mut R, max_len: usize) -> io::Result<Option<Frame>> {
     let mut head = [0u8; 9];
     match client.read_exact(&mut head).await {
         Ok(_) => {}
@@ -243,9 +355,7 @@ async fn read_frame<R: AsyncRead + Unpin>(client: &mut R) -> io::Result<Option<F
         Err(e) => return Err(e),
     }
     let len = usize::from(head[0]) << 16 | usize::from(head[1]) << 8 | usize::from(head[2]);
-    // The server announces no SETTINGS_MAX_FRAME_SIZE of its own, so the protocol's 16 KiB holds (RFC 9113
-    // §4.2): a larger frame is one it would refuse anyway.
-    if len > MAX_FRAME {
+    if len > max_len {
         return Err(io::Error::new(io::ErrorKind::InvalidData, "frame larger than the server allows"));
     }
     // The buffer grows with the bytes that arrive, never to what the header merely announces: thousands of
@@ -312,6 +422,29 @@ fn header_frames(stream: u32, end_stream: u8, block: &[u8]) -> Vec<u8> {
     out
 }
 
+/// Runs `client_bytes` through the shim as one connection's client-to-server bytes, all arrived, into a buffer
+/// standing in for the server. For the fuzz target (`tests/fuzz`) and the randomised tests.
+///
+/// # Panics
+///
+/// Only if the shim changes bytes it promises to pass through: anything before a valid preface, or a connection
+/// whose first request needs no rewriting, must reach the server exactly as sent.
+pub fn fuzz_forward_requests(client_bytes: &[u8]) {
+    let mut server = Vec::new();
+    let mut client = client_bytes;
+    let calls = Calls::new();
+    let forwarded = crate::sync::block_on_local(forward_requests(
+        &mut client,
+        &mut server,
+        Duration::from_secs(10),
+        &calls,
+    ));
+    std::hint::black_box(forwarded.and_then(Result::err));
+    if client_bytes.len() >= PREFACE.len() && !client_bytes.starts_with(PREFACE) {
+        assert_eq!(server, client_bytes, "bytes that are not HTTP/2 were not passed through unchanged");
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -355,20 +488,22 @@ mod tests {
         let mut data = vec![0x00, 0x40, 0x00, FRAME_HEADERS, 0, 0, 0, 0, 1];
         data.extend_from_slice(b"abc");
         let mut client = Trickle { data, offered: 0 };
-        let error = read_frame(&mut client).await.err().expect("the frame never completes");
+        let error = read_frame(&mut client, MAX_FRAME).await.err().expect("the frame never completes");
         assert_eq!(error.kind(), io::ErrorKind::UnexpectedEof);
         assert!(client.offered <= FIRST_READ + 9, "offered {} bytes of buffer", client.offered);
 
         // Beyond the protocol's frame size: refused from the header alone.
         let mut client = &[0x04u8, 0x00, 0x00, FRAME_HEADERS, 0, 0, 0, 0, 1][..];
-        let error = read_frame(&mut client).await.err().expect("too large");
+        let error = read_frame(&mut client, MAX_FRAME).await.err().expect("too large");
         assert_eq!(error.kind(), io::ErrorKind::InvalidData);
     }
 
     async fn run(input: Vec<u8>) -> Vec<u8> {
         let mut client = &input[..];
         let mut server = Vec::new();
-        forward_requests(&mut client, &mut server).await.expect("forward");
+        forward_requests(&mut client, &mut server, Duration::from_secs(10), &Calls::new())
+            .await
+            .expect("forward");
         server
     }
 
@@ -386,6 +521,30 @@ mod tests {
             rest = &rest[9 + len..];
         }
         blocks
+    }
+
+    #[tokio::test]
+    async fn a_header_block_that_decodes_past_the_list_limit_is_not_rewritten() {
+        // One 4000-byte table entry, then 4000 one-byte references to it: 4 KB of block, 16 MB decoded.
+        let mut block = vec![0x40];
+        encode_string(b"x-big", &mut block);
+        encode_string(&[b'v'; 4000], &mut block);
+        block.extend(std::iter::repeat_n(0xbe, 4000)); // indexed: dynamic entry 62
+        assert!(decode_bounded(&mut Decoder::new(), &block).is_none());
+        let mut input = PREFACE.to_vec();
+        input.extend(request(1, &block));
+        // Passed on as sent, for the server to refuse by its own limit; nothing was decoded into memory.
+        assert_eq!(run(input.clone()).await, input);
+    }
+
+    #[test]
+    fn the_fuzz_entry_passes_through_what_is_not_http2() {
+        fuzz_forward_requests(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n");
+        let mut input = PREFACE.to_vec();
+        input.extend(request(1, &indexed_authority(b"/run/remote-network/control.sock")));
+        for cut in 0..=input.len() {
+            fuzz_forward_requests(&input[..cut]);
+        }
     }
 
     #[tokio::test]
@@ -415,7 +574,9 @@ mod tests {
         block.extend(indexed_authority(b"localhost"));
         input.extend(request(1, &block));
         input.extend(request(3, &[0x83, 0xbe]));
-        input.extend_from_slice(b"any bytes after the decision are copied as they are");
+        // Later frames of any kind are copied as they are: a DATA frame and a PING.
+        input.extend_from_slice(&[0, 0, 5, FRAME_DATA, FLAG_END_STREAM, 0, 0, 0, 3, 0, 0, 0, 0, 0]);
+        input.extend_from_slice(&[0, 0, 8, 0x6, 0, 0, 0, 0, 0, 1, 2, 3, 4, 5, 6, 7, 8]);
         assert_eq!(run(input.clone()).await, input);
     }
 

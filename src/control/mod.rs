@@ -33,8 +33,10 @@ use crate::api::control::node_service_server::NodeServiceServer;
 use crate::api::control::peer_service_server::PeerServiceServer;
 use crate::api::control::topic_service_server::TopicServiceServer;
 use crate::api::names::NodeId;
-use crate::config::ControlConfig;
+use crate::config::{ControlConfig, TokenSource};
+use crate::limits::{ServerLimitSettings, ServerLimits};
 use crate::store::Store;
+pub use authority::fuzz_forward_requests;
 pub use transport::{ControlSocket, TransportError};
 
 pub use peers::{DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE};
@@ -73,6 +75,7 @@ impl NodeContext {
 pub struct ControlListeners {
     socket: ControlSocket,
     tcp: Option<(tokio::net::TcpListener, SocketAddr, Option<String>)>,
+    limits: ServerLimitSettings,
 }
 
 impl ControlListeners {
@@ -90,7 +93,7 @@ impl ControlListeners {
             }
             None => None,
         };
-        Ok(Self { socket, tcp })
+        Ok(Self { socket, tcp, limits: config.limits })
     }
 
     pub fn socket_path(&self) -> &std::path::Path {
@@ -106,6 +109,10 @@ impl ControlListeners {
 pub struct ControlServer {
     servers: Vec<JoinHandle<Result<(), tonic::transport::Error>>>,
     health: HealthReporter,
+    /// The limits in force on each listener, changed in place on reload.
+    limits: Vec<Arc<ServerLimits>>,
+    /// The TCP listener's token check, if it has one; its token is replaced on reload.
+    token: Option<transport::RequireToken>,
     /// Removes the socket file when the server is dropped.
     _socket: ControlSocket,
 }
@@ -143,9 +150,10 @@ impl ControlServer {
         })?;
         let stop = ctx.shutdown.clone();
         let unix_routes = routes.clone();
-        let slots = Arc::new(tokio::sync::Semaphore::new(authority::MAX_CONNECTIONS));
+        let limits = ServerLimits::new(listeners.limits);
+        let unix_limits = limits.clone();
         let unix_incoming = UnixListenerStream::new(socket_listener)
-            .map(move |conn| conn.map(|conn| authority::wrap(conn, &slots)));
+            .map(move |conn| conn.map(|conn| authority::wrap(conn, &unix_limits)));
         servers.push(tokio::spawn(async move {
             Server::builder()
                 .layer(crate::telemetry::otel::GrpcTraceLayer)
@@ -155,13 +163,23 @@ impl ControlServer {
                 .await
         }));
 
+        let mut all_limits = vec![limits];
+        let mut token_check = None;
         if let Some((listener, addr, token)) = listeners.tcp.take() {
             let stop = ctx.shutdown.clone();
-            let incoming = TcpListenerStream::new(listener);
+            // Its own connection slots (a local script flooding one listener leaves the other usable), under
+            // the same limits.
+            let tcp_limits = ServerLimits::new(listeners.limits);
+            let tcp_slots = tcp_limits.clone();
+            all_limits.push(tcp_limits);
+            let incoming = TcpListenerStream::new(listener)
+                .map(move |conn| conn.map(|conn| authority::wrap(conn, &tcp_slots)));
             servers.push(match token {
                 Some(token) => {
                     tracing::info!(%addr, "control API on TCP, bearer token required");
-                    let layer = InterceptorLayer::new(transport::RequireToken::new(&token));
+                    let check = transport::RequireToken::new(&token);
+                    token_check = Some(check.clone());
+                    let layer = InterceptorLayer::new(check);
                     tokio::spawn(async move {
                         Server::builder()
                             .layer(crate::telemetry::otel::GrpcTraceLayer)
@@ -185,7 +203,23 @@ impl ControlServer {
                 }
             });
         }
-        Ok(Self { servers, health, _socket: listeners.socket })
+        Ok(Self { servers, health, limits: all_limits, token: token_check, _socket: listeners.socket })
+    }
+
+    /// Puts new connection limits in force on every listener.
+    pub fn set_limits(&self, settings: ServerLimitSettings) {
+        for limits in &self.limits {
+            limits.set(settings);
+        }
+    }
+
+    /// Reads the TCP listener's token again from `source` (a token file may have been rewritten) and puts it
+    /// in force; says whether it changed. A listener started without a token, or a source removed, needs a
+    /// restart: `Ok(None)`.
+    pub fn reload_token(&self, source: Option<&TokenSource>) -> Result<Option<bool>, TransportError> {
+        let (Some(check), Some(source)) = (&self.token, source) else { return Ok(None) };
+        let token = transport::load_token(source)?;
+        Ok(Some(check.replace(&token)))
     }
 
     /// Reports overall serving health (the empty service name) to health checkers.

@@ -141,20 +141,35 @@ pub fn load_token(source: &TokenSource) -> Result<String, TransportError> {
     Ok(token)
 }
 
-/// Checks `authorization: Bearer <token>` on every call of the TCP listener.
+/// Checks `authorization: Bearer <token>` on every call of the TCP listener. The token can be replaced while
+/// the listener runs (on reload); clones share it.
 #[derive(Clone)]
 pub struct RequireToken {
-    expected: std::sync::Arc<[u8]>,
+    expected: std::sync::Arc<std::sync::RwLock<std::sync::Arc<[u8]>>>,
 }
 
 impl RequireToken {
     pub fn new(token: &str) -> Self {
-        Self { expected: format!("Bearer {token}").into_bytes().into() }
+        Self { expected: std::sync::Arc::new(std::sync::RwLock::new(token.as_bytes().into())) }
+    }
+
+    /// Puts `token` in force for the calls that follow; says whether it differs from the one it replaces.
+    pub fn replace(&self, token: &str) -> bool {
+        let mut expected = self.expected.write().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let changed = !constant_time_eq(&expected, token.as_bytes());
+        *expected = token.as_bytes().into();
+        changed
     }
 
     fn check(&self, metadata: &MetadataMap) -> Result<(), Status> {
         let given = metadata.get("authorization").map(|v| v.as_bytes()).unwrap_or_default();
-        if constant_time_eq(given, &self.expected) {
+        // The scheme is case-insensitive (RFC 9110 section 11.1), the token is not.
+        let credentials = match given.iter().position(|&b| b == b' ') {
+            Some(space) if given[..space].eq_ignore_ascii_case(b"bearer") => &given[space + 1..],
+            _ => &[][..],
+        };
+        let expected = self.expected.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
+        if !credentials.is_empty() && constant_time_eq(credentials, &expected) {
             Ok(())
         } else {
             Err(Status::unauthenticated(
@@ -219,6 +234,22 @@ mod tests {
         assert!(check.check(&md).is_err());
         md.insert("authorization", "Bearer s3cret".parse().expect("ascii"));
         assert!(check.check(&md).is_ok());
+        for scheme in ["bearer", "BEARER", "BeArEr"] {
+            md.insert("authorization", format!("{scheme} s3cret").parse().expect("ascii"));
+            assert!(check.check(&md).is_ok(), "{scheme}");
+        }
+        for wrong in ["Bearer S3CRET", "Basic s3cret", "Bearers3cret", "Bearer ", "s3cret"] {
+            md.insert("authorization", wrong.parse().expect("ascii"));
+            assert!(check.check(&md).is_err(), "{wrong}");
+        }
+        // A replaced token is in force at once for every clone; the old one no longer is.
+        let clone = check.clone();
+        assert!(check.replace("n3w"));
+        assert!(!check.replace("n3w"));
+        md.insert("authorization", "Bearer s3cret".parse().expect("ascii"));
+        assert!(clone.check(&md).is_err());
+        md.insert("authorization", "Bearer n3w".parse().expect("ascii"));
+        assert!(clone.check(&md).is_ok());
     }
 
     #[test]

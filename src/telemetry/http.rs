@@ -2,10 +2,13 @@
 //!
 //! HTTP/1.1 only (Prometheus, curl and `go tool pprof` all speak it), on axum, which tonic already pulls in.
 //! Nothing here reads a request body, so a client cannot make the server buffer anything; the expensive
-//! request (a heap profile) runs on the blocking pool, one at a time.
+//! request (a heap profile) runs on the blocking pool, one at a time. Connections are capped, and closed when a
+//! request's headers take longer than the handshake timeout or nothing moves for the idle timeout
+//! (`monitoring.*` settings, see [`crate::limits`]).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::Router;
 use axum::extract::State;
@@ -18,6 +21,8 @@ use tokio_util::sync::CancellationToken;
 
 use super::heap::{self, HeapProfileError, HeapProfiling};
 use super::metrics::Registry;
+use crate::limits::{IdleTimeout, ServerLimits};
+use crate::sync::Throttle;
 
 /// Says whether the node can do its job; `Err` carries the reason shown by `/readyz`.
 pub type Readiness = Arc<dyn Fn() -> Result<(), String> + Send + Sync>;
@@ -90,6 +95,7 @@ pub async fn serve(
     listen: MonitoringListen,
     registry: Arc<Registry>,
     readiness: Readiness,
+    limits: Arc<ServerLimits>,
     shutdown: CancellationToken,
 ) -> Result<Monitoring, MonitoringError> {
     let listener = match (bind(listen.addr()).await, listen) {
@@ -118,14 +124,78 @@ pub async fn serve(
         );
     }
     let app = router(AppState { registry, readiness, local_addr });
-    let task = tokio::spawn(async move {
-        let server = axum::serve(listener, app).with_graceful_shutdown(shutdown.cancelled_owned());
-        if let Err(e) = server.await {
-            tracing::error!(error = %e, %local_addr, "the monitoring server stopped with an error");
-        }
-    });
+    let task = tokio::spawn(accept_loop(listener, app, limits, shutdown));
     tracing::info!(%local_addr, "monitoring endpoints listening (/metrics, /healthz, /readyz, /debug/pprof/heap)");
     Ok(Monitoring { local_addr, task })
+}
+
+/// Serves each accepted connection within `limits` until `shutdown`, then lets the requests in flight finish.
+///
+/// Not `axum::serve`: it has no connection cap and no timeouts, and each idle or slow client would hold a file
+/// descriptor for as long as it liked (about 230 idle connections starved the database at `ulimit -n` 256).
+async fn accept_loop(
+    listener: TcpListener,
+    app: Router,
+    limits: Arc<ServerLimits>,
+    shutdown: CancellationToken,
+) {
+    let mut connections = tokio::task::JoinSet::new();
+    loop {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            () = shutdown.cancelled() => break,
+        };
+        while connections.try_join_next().is_some() {}
+        let stream = match accepted {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                // Out of file descriptors, most likely: wait rather than spin, and keep serving the others.
+                tracing::warn!(error = %e, "monitoring server could not accept a connection");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let Some(slot) = limits.try_open() else {
+            log_refused(limits.settings().max_connections);
+            drop(stream);
+            continue;
+        };
+        let headers_within = limits.handshake_timeout();
+        let service = hyper_util::service::TowerToHyperService::new(app.clone());
+        let shutdown = shutdown.clone();
+        connections.spawn(async move {
+            let io = hyper_util::rt::TokioIo::new(IdleTimeout::new(stream, slot));
+            let mut builder =
+                hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
+            builder.http1().timer(hyper_util::rt::TokioTimer::new()).header_read_timeout(headers_within);
+            let builder = builder.http1_only();
+            let connection = builder.serve_connection(io, service);
+            tokio::pin!(connection);
+            let result = tokio::select! {
+                result = connection.as_mut() => result,
+                () = shutdown.cancelled() => {
+                    connection.as_mut().graceful_shutdown();
+                    connection.await
+                }
+            };
+            if let Err(e) = result {
+                tracing::debug!(error = %e, "monitoring connection ended with an error");
+            }
+        });
+    }
+    while connections.join_next().await.is_some() {}
+}
+
+/// Logs refused connections at WARN, at most once per 10 s with the count since.
+fn log_refused(limit: usize) {
+    static REFUSALS: Throttle = Throttle::new(Duration::from_secs(10));
+    if let Some(refused) = REFUSALS.event() {
+        tracing::warn!(
+            refused,
+            limit,
+            "monitoring connections refused: too many are open (monitoring.max_connections); close idle clients"
+        );
+    }
 }
 
 async fn bind(addr: SocketAddr) -> Result<TcpListener, MonitoringError> {

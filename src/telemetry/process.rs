@@ -90,6 +90,18 @@ pub fn register_process_metrics(registry: &Registry) {
             s.max_fds.map(Into::into)
         }),
     ];
+    // Tasks alive in the runtime serving the scrape (the daemon has one): a count that only grows under steady
+    // churn is a leaked task, which holds whatever it captured.
+    registry.register(
+        "rn_runtime_alive_tasks",
+        "Tasks alive in the daemon's async runtime.",
+        MetricKind::Gauge,
+        Box::new(|w| {
+            if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+                w.value(runtime.metrics().num_alive_tasks());
+            }
+        }),
+    );
     for (name, help, kind, field) in families {
         // A field that is `None` (no such limit, no /proc/self/fd) leaves the family without a sample.
         registry.register(

@@ -16,6 +16,7 @@ use tokio_util::sync::CancellationToken;
 use super::heap::DumpGate;
 use super::metrics::{is_valid_label_name, is_valid_metric_name};
 use super::*;
+use crate::limits::{ServerLimitSettings, ServerLimits};
 
 struct Reply {
     status: u16,
@@ -107,9 +108,14 @@ impl Server {
 async fn start(registry: Arc<Registry>, readiness: Readiness) -> Server {
     let shutdown = CancellationToken::new();
     let listen = MonitoringListen::Configured("127.0.0.1:0".parse().expect("addr"));
-    let monitoring =
-        serve(listen, registry, readiness, shutdown.clone()).await.expect("bind loopback port 0");
+    let monitoring = serve(listen, registry, readiness, default_limits(), shutdown.clone())
+        .await
+        .expect("bind loopback port 0");
     Server { monitoring, shutdown }
+}
+
+fn default_limits() -> Arc<ServerLimits> {
+    ServerLimits::new(ServerLimitSettings::MONITORING)
 }
 
 fn always_ready() -> Readiness {
@@ -280,6 +286,8 @@ async fn metrics_endpoint_serves_valid_exposition() {
     assert!(rss > 1e6, "resident memory {rss}");
     assert!(find(&samples, "process_open_fds", &[]).expect("fd sample").value >= 3.0);
     assert!(find(&samples, "process_threads", &[]).expect("threads sample").value >= 1.0);
+    // The server's own accept loop at least.
+    assert!(find(&samples, "rn_runtime_alive_tasks", &[]).expect("task count").value >= 1.0);
     assert!(find(&samples, "process_cpu_seconds_total", &[]).is_some());
     assert!(find(&samples, "process_start_time_seconds", &[]).expect("start time").value > 1.6e9);
     // jemalloc is not this test binary's allocator: no jemalloc families, profiling reported off.
@@ -529,6 +537,70 @@ fn one_dump_at_a_time() {
     assert!(gate.try_acquire().is_some(), "free again after the first ends");
 }
 
+/// Whether the server closed `stream` (end of stream or reset) within `within`.
+async fn closed_within(stream: &mut TcpStream, within: Duration) -> bool {
+    let mut buf = [0u8; 64];
+    matches!(tokio::time::timeout(within, stream.read(&mut buf)).await, Ok(Ok(0) | Err(_)))
+}
+
+#[tokio::test]
+async fn connections_are_capped_and_idle_or_slow_ones_closed() {
+    let limits = ServerLimits::new(ServerLimitSettings {
+        max_connections: 3,
+        handshake_timeout: Duration::from_secs(2),
+        idle_timeout: Duration::from_secs(3),
+    });
+    let shutdown = CancellationToken::new();
+    let listen = MonitoringListen::Configured("127.0.0.1:0".parse().expect("addr"));
+    let monitoring =
+        serve(listen, Arc::new(Registry::new()), always_ready(), limits.clone(), shutdown.clone())
+            .await
+            .expect("bind");
+    let addr = monitoring.local_addr;
+    // Three connections that send nothing take every slot; a fourth is closed at once.
+    let mut idle = Vec::new();
+    for _ in 0..3 {
+        idle.push(TcpStream::connect(addr).await.expect("connect"));
+    }
+    while limits.open_connections() < 3 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let mut refused = TcpStream::connect(addr).await.expect("the kernel accepts");
+    assert!(closed_within(&mut refused, Duration::from_secs(1)).await, "a fourth connection was served");
+    // Silent connections are closed after the handshake timeout (no request headers), freeing their slots.
+    for stream in &mut idle {
+        assert!(closed_within(stream, Duration::from_secs(10)).await, "a silent connection stayed open");
+    }
+    assert_eq!(request(addr, "GET", "/healthz").await.status, 200);
+    // A client that dribbles its headers a byte every half second (never idle) is closed once its headers
+    // took longer than the handshake timeout, long before it would finish.
+    let mut slow = TcpStream::connect(addr).await.expect("connect");
+    let dribbled = b"GET /metrics HTTP/1.1\r\nX-Padding: aaaaaaaaaaaaaaaa\r\n\r\n";
+    let mut closed = false;
+    for byte in dribbled {
+        if slow.write_all(&[*byte]).await.is_err()
+            || closed_within(&mut slow, Duration::from_millis(500)).await
+        {
+            closed = true;
+            break;
+        }
+    }
+    assert!(closed, "a client dribbling its headers for {} s held the connection", dribbled.len() / 2);
+    // A kept-alive connection that goes quiet after its answer is closed after the idle timeout.
+    let mut kept = TcpStream::connect(addr).await.expect("connect");
+    kept.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n").await.expect("write");
+    let mut buf = [0u8; 256];
+    let n = kept.read(&mut buf).await.expect("answer");
+    assert!(buf[..n].starts_with(b"HTTP/1.1 200"));
+    assert!(
+        closed_within(&mut kept, Duration::from_secs(10)).await,
+        "an idle kept-alive connection stayed open"
+    );
+    shutdown.cancel();
+    monitoring.wait().await;
+    assert_eq!(limits.open_connections(), 0);
+}
+
 #[tokio::test]
 async fn stops_on_cancel_and_reports_port_in_use() {
     let server = start(Arc::new(Registry::new()), always_ready()).await;
@@ -538,6 +610,7 @@ async fn stops_on_cancel_and_reports_port_in_use() {
         MonitoringListen::Configured(addr),
         Arc::new(Registry::new()),
         always_ready(),
+        default_limits(),
         CancellationToken::new(),
     )
     .await
@@ -562,10 +635,15 @@ async fn a_taken_default_address_gives_way_to_another_port_of_the_same_ip() {
     let taken = first.addr();
 
     let shutdown = CancellationToken::new();
-    let second =
-        serve(MonitoringListen::Default(taken), Arc::new(Registry::new()), always_ready(), shutdown.clone())
-            .await
-            .expect("the default gives way");
+    let second = serve(
+        MonitoringListen::Default(taken),
+        Arc::new(Registry::new()),
+        always_ready(),
+        default_limits(),
+        shutdown.clone(),
+    )
+    .await
+    .expect("the default gives way");
     assert_eq!(second.local_addr.ip(), taken.ip());
     assert_ne!(second.local_addr.port(), taken.port());
     assert_ne!(second.local_addr.port(), 0, "reports the port it got");
