@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 
 use prost::Message;
 use quinn::{RecvStream, SendStream};
+use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::sync::{mpsc, oneshot};
 
 use super::session::{SessionHandle, write_envelope};
@@ -159,7 +160,7 @@ impl RelayState {
 
 /// Reads exactly one frame (4-byte length, then an Envelope) without reading past it: what follows on a circuit
 /// stream is relayed bytes, not frames.
-async fn read_first_frame(recv: &mut RecvStream) -> Result<pb::Envelope, ExchangeError> {
+async fn read_first_frame<R: AsyncRead + Unpin>(recv: &mut R) -> Result<pb::Envelope, ExchangeError> {
     let read = async {
         let mut length = [0u8; 4];
         recv.read_exact(&mut length).await.map_err(|e| ExchangeError::Stream(e.to_string()))?;
@@ -177,6 +178,39 @@ async fn read_first_frame(recv: &mut RecvStream) -> Result<pb::Envelope, Exchang
     tokio::time::timeout(CIRCUIT_SETUP_TIMEOUT, read)
         .await
         .map_err(|_| ExchangeError::TimedOut("no circuit setup frame in time"))?
+}
+
+/// Reads the next relayed packet (2-byte length, then the packet) from a circuit stream; `None` when the
+/// stream ends or breaks, which ends the circuit.
+async fn read_circuit_packet<R: AsyncRead + Unpin>(recv: &mut R) -> Option<Vec<u8>> {
+    let mut length = [0u8; 2];
+    recv.read_exact(&mut length).await.ok()?;
+    // At most 64 KiB, the most two bytes can announce: no larger allocation is possible.
+    let mut packet = vec![0u8; usize::from(u16::from_be_bytes(length))];
+    recv.read_exact(&mut packet).await.ok()?;
+    Some(packet)
+}
+
+/// Reads `stream` as the far end of a circuit reads what a relay sends it: the setup frame, then relayed packets
+/// until the bytes end. For the fuzz target (`tests/fuzz`) and the randomised tests.
+///
+/// # Panics
+///
+/// Only if the reader takes more bytes than `stream` holds or yields a packet larger than two length bytes can
+/// announce, which would be a bug.
+pub fn fuzz_circuit_stream(stream: &[u8]) {
+    crate::sync::block_on_local(async {
+        let mut rest = stream;
+        if read_first_frame(&mut rest).await.is_err() {
+            return;
+        }
+        let mut taken = stream.len() - rest.len();
+        while let Some(packet) = read_circuit_packet(&mut rest).await {
+            assert!(packet.len() <= usize::from(u16::MAX), "a packet longer than its length field allows");
+            taken += 2 + packet.len();
+            assert_eq!(taken, stream.len() - rest.len(), "the reader skipped or re-read bytes");
+        }
+    });
 }
 
 fn envelope(kind: pb::envelope::Kind) -> pb::Envelope {
@@ -224,15 +258,7 @@ fn attach_circuit(
             }
         };
         let reading = async {
-            let mut length = [0u8; 2];
-            loop {
-                if recv.read_exact(&mut length).await.is_err() {
-                    return;
-                }
-                let mut packet = vec![0u8; usize::from(u16::from_be_bytes(length))];
-                if recv.read_exact(&mut packet).await.is_err() {
-                    return;
-                }
+            while let Some(packet) = read_circuit_packet(&mut recv).await {
                 paths.deliver(address, packet);
             }
         };
@@ -583,6 +609,35 @@ pub(super) async fn upgrade_relayed(
 mod tests {
     use super::*;
     use crate::quic::{QuicEndpoint, QuicLimits};
+
+    #[tokio::test]
+    async fn a_circuit_stream_is_read_as_a_setup_frame_then_packets() {
+        let setup = crate::wire::encode_frame(&circuit_response(true, "ok")).expect("frame");
+        let mut stream = setup.clone();
+        for packet in [&b"first"[..], &[], &[7; 1200]] {
+            stream.extend_from_slice(&u16::try_from(packet.len()).expect("short").to_be_bytes());
+            stream.extend_from_slice(packet);
+        }
+        let mut reader = &stream[..];
+        assert!(read_first_frame(&mut reader).await.is_ok());
+        let mut packets = Vec::new();
+        while let Some(packet) = read_circuit_packet(&mut reader).await {
+            packets.push(packet.len());
+        }
+        assert_eq!(packets, [5, 0, 1200]);
+        let mut oversized = u32::try_from(MAX_CIRCUIT_FRAME + 1).expect("small").to_be_bytes().to_vec();
+        oversized.extend(vec![0; MAX_CIRCUIT_FRAME + 1]);
+        assert!(matches!(read_first_frame(&mut &oversized[..]).await, Err(ExchangeError::Protocol(_))));
+    }
+
+    #[test]
+    fn a_circuit_stream_cut_anywhere_ends_the_reader_quietly() {
+        let mut stream = crate::wire::encode_frame(&circuit_response(false, "no")).expect("frame");
+        stream.extend_from_slice(&[0, 3, 1, 2, 3, 0xff, 0xff, 9]);
+        for cut in 0..=stream.len() {
+            fuzz_circuit_stream(&stream[..cut]);
+        }
+    }
 
     /// The echo task's outcome, with the connection it echoed on: dropping that would close it before the
     /// last echoed bytes are delivered.

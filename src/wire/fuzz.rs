@@ -1,13 +1,17 @@
-//! The whole receive path in one call over arbitrary bytes, for the fuzz target (`tests/fuzz`) and for the
-//! randomised tests below: framing, envelope rules, and verification of every record that arrives.
+//! Parsers of untrusted bytes in one call each over arbitrary input, for the fuzz targets (`tests/fuzz`) and
+//! for the randomised tests below: the receive path of a peer stream (framing, envelope rules, verification of
+//! every record and punch offer that arrives), and the UDP datagrams outside QUIC (address reflection,
+//! birthday probes and the KRPC replies the endpoint socket takes for itself).
 
 use std::hint::black_box;
 use std::time::Duration;
 
 use super::pb::{self, envelope::Kind};
 use super::{
-    DEFAULT_MAX_CLOCK_SKEW, FrameDecoder, MAX_FRAME_BYTES, VerifyPolicy, check_not_replayed, encode_frame,
-    negotiate_version, verify_record,
+    DEFAULT_MAX_CLOCK_SKEW, FrameDecoder, MAX_FRAME_BYTES, REFLECT_NONCE_BYTES, REFLECT_REQUEST_BYTES,
+    VerifyPolicy, birthday_probe, check_not_replayed, encode_frame, is_control_datagram, negotiate_version,
+    parse_birthday_probe, parse_krpc_reply, parse_reflect_reply, parse_reflect_request, punch_offer_parties,
+    reflect_reply, verify_punch_offer, verify_record,
 };
 use crate::api::names::{NODE_ID_LEN, NodeId};
 
@@ -69,6 +73,15 @@ fn handle_envelope(envelope: &pb::Envelope, policy: &VerifyPolicy) {
         Some(Kind::PeerExchangeResponse(response)) => response.records.iter().collect(),
         _ => Vec::new(),
     };
+    let offer = match &envelope.kind {
+        Some(Kind::PunchRequest(request)) => request.offer.as_ref(),
+        Some(Kind::PunchIntroduction(introduction)) => introduction.offer.as_ref(),
+        Some(Kind::PunchResponse(response)) => response.offer.as_ref(),
+        _ => None,
+    };
+    if let Some(offer) = offer {
+        check_punch_offer(offer);
+    }
     for signed in records {
         match verify_record(signed, None, policy) {
             Ok(verified) => {
@@ -86,6 +99,63 @@ fn handle_envelope(envelope: &pb::Envelope, policy: &VerifyPolicy) {
     }
     // Whatever was accepted can be sent on: re-encoding must not fail on anything but size.
     black_box(encode_frame(envelope).err());
+}
+
+/// A punch offer as a rendezvous and a target check it: parties first, then the signature against them.
+fn check_punch_offer(offer: &pb::SignedPunchOffer) {
+    let (from, to) = match punch_offer_parties(offer) {
+        Ok(parties) => parties,
+        Err(error) => {
+            black_box(error.to_string());
+            return;
+        }
+    };
+    match verify_punch_offer(offer, from, to, FUZZ_NOW_MS) {
+        Ok(verified) => {
+            assert!(verified.from == from && verified.to == to, "a verified offer names other parties");
+            let other = NodeId([0; NODE_ID_LEN]);
+            assert!(
+                verify_punch_offer(offer, other, to, FUZZ_NOW_MS).is_err(),
+                "an offer was accepted from a node that did not sign it"
+            );
+        }
+        Err(error) => {
+            black_box(error.to_string());
+        }
+    }
+}
+
+/// Feeds one received UDP datagram to every parser the endpoint and DHT sockets run on datagrams that are not
+/// QUIC, and checks what they promise: a reflection is answered only to a request at least as large as the
+/// answer (no amplification), and every address or nonce read back is exactly what its encoder would write.
+///
+/// # Panics
+///
+/// Only if one of those promises is broken.
+pub fn fuzz_datagram(datagram: &[u8]) {
+    if is_control_datagram(datagram) {
+        if let Some(nonce) = parse_reflect_request(datagram) {
+            let widest = "[ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff]:65535".parse().expect("an address");
+            assert!(datagram.len() >= REFLECT_REQUEST_BYTES, "a short reflection request was accepted");
+            assert!(reflect_reply(&nonce, widest).len() <= datagram.len(), "a reflection answer amplifies");
+        }
+        if let Some(nonce) = datagram.get(8..8 + REFLECT_NONCE_BYTES) {
+            let nonce: [u8; REFLECT_NONCE_BYTES] = nonce.try_into().expect("sixteen bytes");
+            if let Some(observed) = parse_reflect_reply(datagram, &nonce) {
+                assert_eq!(
+                    reflect_reply(&nonce, observed),
+                    datagram,
+                    "a reflection reply read back differently"
+                );
+            }
+        }
+        if let Some(nonce) = parse_birthday_probe(datagram) {
+            assert_eq!(birthday_probe(nonce).as_slice(), datagram, "a birthday probe read back differently");
+        }
+    }
+    if let Some(reply) = parse_krpc_reply(datagram) {
+        black_box(reply);
+    }
 }
 
 #[cfg(test)]
@@ -111,6 +181,33 @@ mod tests {
 
         fn bytes(&mut self, len: usize) -> Vec<u8> {
             (0..len).map(|_| self.next() as u8).collect()
+        }
+
+        /// One to four random edits of `input`: bit flips, byte changes, cuts, insertions, duplications and
+        /// removals.
+        fn mutate(&mut self, input: &mut Vec<u8>) {
+            for _ in 0..self.below(4) + 1 {
+                let at = self.below(input.len() + 1);
+                match self.below(6) {
+                    0 if at < input.len() => input[at] ^= 1 << self.below(8),
+                    1 if at < input.len() => input[at] = self.next() as u8,
+                    2 => input.truncate(at),
+                    3 => {
+                        let len = self.below(8) + 1;
+                        let insert = self.bytes(len);
+                        input.splice(at..at, insert);
+                    }
+                    4 => {
+                        let end = (at + self.below(64)).min(input.len());
+                        let copy = input[at..end].to_vec();
+                        input.splice(end..end, copy);
+                    }
+                    _ => {
+                        let end = (at + self.below(16)).min(input.len());
+                        input.drain(at..end);
+                    }
+                }
+            }
         }
     }
 
@@ -158,29 +255,36 @@ mod tests {
         let mut rng = Xorshift(0x0123_4567_89ab_cdef);
         for _ in 0..1000 {
             let mut input = bases[rng.below(bases.len())].clone();
-            for _ in 0..rng.below(4) + 1 {
-                let at = rng.below(input.len() + 1);
-                match rng.below(6) {
-                    0 if at < input.len() => input[at] ^= 1 << rng.below(8),
-                    1 if at < input.len() => input[at] = rng.next() as u8,
-                    2 => input.truncate(at),
-                    3 => {
-                        let len = rng.below(8) + 1;
-                        let insert = rng.bytes(len);
-                        input.splice(at..at, insert);
-                    }
-                    4 => {
-                        let end = (at + rng.below(64)).min(input.len());
-                        let copy = input[at..end].to_vec();
-                        input.splice(end..end, copy);
-                    }
-                    _ => {
-                        let end = (at + rng.below(16)).min(input.len());
-                        input.drain(at..end);
-                    }
-                }
-            }
+            rng.mutate(&mut input);
             fuzz_decode_and_verify(&input);
+        }
+    }
+
+    /// The datagrams nodes send, and random and mutated bytes behind each datagram tag and as KRPC.
+    fn datagram_bases() -> Vec<Vec<u8>> {
+        let nonce = [7u8; REFLECT_NONCE_BYTES];
+        vec![
+            super::super::reflect_request(&nonce).to_vec(),
+            reflect_reply(&nonce, "203.0.113.7:30906".parse().expect("v4")),
+            reflect_reply(&nonce, "[2001:db8::7]:1".parse().expect("v6")),
+            birthday_probe(0x0102_0304_0506_0708).to_vec(),
+            super::super::ping_query(*b"rn\0\x01", &[3; 20]),
+            b"d1:rd2:id20:abcdefghij01234567895:token8:aoeusnthe1:t4:rn\0\x011:y1:re".to_vec(),
+            b"d1:eli201e23:A Generic Error Ocurrede1:t4:rn\0\x011:y1:ee".to_vec(),
+        ]
+    }
+
+    #[test]
+    fn datagrams_nodes_send_read_back_and_random_ones_do_not_panic() {
+        for base in datagram_bases() {
+            fuzz_datagram(&base);
+        }
+        let mut rng = Xorshift(0x5151_2727_4343_8989);
+        let bases = datagram_bases();
+        for _ in 0..20_000 {
+            let mut input = bases[rng.below(bases.len())].clone();
+            rng.mutate(&mut input);
+            fuzz_datagram(&input);
         }
     }
 

@@ -15,7 +15,8 @@
 //! - Datagrams outside QUIC ([`reflect_request`], [`birthday_probe`]): address reflection and birthday probes
 //!   for punching through endpoint-dependent NATs.
 //! - Conversation helpers ([`negotiate_version`], [`build_peer_exchange_response`]).
-//! - [`fuzz_decode_and_verify`]: the whole receive path in one call, for the fuzz target and tests.
+//! - [`fuzz_decode_and_verify`], [`fuzz_datagram`]: a peer stream's receive path and the datagrams outside
+//!   QUIC, each in one call over arbitrary bytes, for the fuzz targets and tests.
 
 mod datagram;
 mod frame;
@@ -32,7 +33,7 @@ pub use datagram::{
     parse_birthday_probe, parse_reflect_reply, parse_reflect_request, reflect_reply, reflect_request,
 };
 pub use frame::{FrameDecoder, FrameError, encode_frame};
-pub use fuzz::fuzz_decode_and_verify;
+pub use fuzz::{fuzz_datagram, fuzz_decode_and_verify};
 pub use krpc::{
     KrpcRefusal, KrpcReply, KrpcResponse, MAX_KRPC_REPLY_BYTES, announce_query, get_peers_query,
     is_own_query_id, own_query_id, parse_krpc_reply, ping_query,
