@@ -634,22 +634,22 @@ impl Inner {
         let mut last_error = None;
         let mut session = None;
         loop {
+            // Enabled before the table is looked at, so a session admitted in between still wakes us.
+            let admitted = self.sessions.next_admission();
+            tokio::pin!(admitted);
+            admitted.as_mut().enable();
             if let Some(found) = self.direct_session(&peer) {
                 session = Some(found);
                 break;
             }
-            let tick = tokio::time::sleep(Duration::from_millis(20));
             tokio::select! {
                 finished = dials.join_next(), if !dials.is_empty() => {
                     if let Some(Ok(Err(e))) = finished {
                         last_error = Some(e);
                     }
                 }
-                _ = tick => {}
-                _ = tokio::time::sleep_until(deadline) => break,
-            }
-            if tokio::time::Instant::now() >= deadline {
-                break;
+                () = &mut admitted => {}
+                () = tokio::time::sleep_until(deadline) => break,
             }
         }
         // Dials still running are abandoned: the session exists, or the window is over.

@@ -43,22 +43,37 @@ pub enum Admission<S> {
 pub struct SessionTable<S> {
     local: NodeId,
     sessions: Mutex<HashMap<NodeId, S>>,
+    /// Woken on every admission, for those waiting for a session to appear (a punch waits for either side's
+    /// dial to win).
+    admitted: tokio::sync::Notify,
 }
 
 impl<S: Arbitrable + Clone> SessionTable<S> {
     pub fn new(local: NodeId) -> Self {
-        Self { local, sessions: Mutex::new(HashMap::new()) }
+        Self { local, sessions: Mutex::new(HashMap::new()), admitted: tokio::sync::Notify::new() }
+    }
+
+    /// Resolves at the next admission after it was enabled (`Notified::enable`) or first polled: enable it,
+    /// then look in the table, then await it, and no admission in between is missed.
+    pub fn next_admission(&self) -> tokio::sync::futures::Notified<'_> {
+        self.admitted.notified()
     }
 
     /// Offers a new authenticated session with `peer`.
     pub fn admit(&self, peer: NodeId, session: S) -> Admission<S> {
-        let mut sessions = self.lock();
-        match sessions.get(&peer) {
-            Some(existing) if !existing.is_closed() && !self.new_one_wins(peer, existing, &session) => {
-                Admission::Rejected
+        let admission = {
+            let mut sessions = self.lock();
+            match sessions.get(&peer) {
+                Some(existing) if !existing.is_closed() && !self.new_one_wins(peer, existing, &session) => {
+                    Admission::Rejected
+                }
+                _ => Admission::Admitted { replaced: sessions.insert(peer, session) },
             }
-            _ => Admission::Admitted { replaced: sessions.insert(peer, session) },
+        };
+        if matches!(admission, Admission::Admitted { .. }) {
+            self.admitted.notify_waiters();
         }
+        admission
     }
 
     /// Whether `candidate` should replace the live `existing` session with `peer`.
@@ -142,6 +157,26 @@ mod tests {
 
     fn fake(direction: Direction, id: u64) -> Fake {
         Fake { direction, closed: false, id, relayed: false }
+    }
+
+    #[tokio::test]
+    async fn waiters_wake_on_admission_not_on_rejection() {
+        let table = SessionTable::new(NodeId([1; 32]));
+        let peer = NodeId([2; 32]);
+        let waiting = table.next_admission();
+        tokio::pin!(waiting);
+        waiting.as_mut().enable();
+        table.admit(peer, fake(Direction::Outbound, 1));
+        tokio::time::timeout(std::time::Duration::from_secs(5), waiting)
+            .await
+            .expect("woken by the admission");
+        // Their inbound loses against our outbound (we have the smaller id): rejected, nobody is woken.
+        let rejected = table.next_admission();
+        tokio::pin!(rejected);
+        rejected.as_mut().enable();
+        assert!(matches!(table.admit(peer, fake(Direction::Inbound, 2)), Admission::Rejected));
+        let woken = tokio::time::timeout(std::time::Duration::from_millis(50), rejected).await;
+        assert!(woken.is_err(), "a rejected session woke a waiter");
     }
 
     #[test]
