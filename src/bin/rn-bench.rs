@@ -564,6 +564,16 @@ async fn handshake_ratio(sizes: &Sizes, work: &Path) -> anyhow::Result<f64> {
     Ok(best_ours / best_bare)
 }
 
+/// Says when the listener answered dials with a QUIC Retry: each costs the dialer a round trip, so the
+/// figures are only comparable when neither loop (or both alike) crossed the admission thresholds.
+fn report_retries(listener: &str, retries: u64) {
+    if retries > 0 {
+        println!(
+            "  ({listener} listener sent {retries} QUIC Retries: its admission thresholds were crossed)"
+        );
+    }
+}
+
 /// Bare: the listener only completes the authenticated handshake (same endpoint code, same TLS config).
 async fn bare_round(sizes: &Sizes, clients: &Arc<Vec<Client>>) -> anyhow::Result<f64> {
     let n = clients.len();
@@ -597,6 +607,7 @@ async fn bare_round(sizes: &Sizes, clients: &Arc<Vec<Client>>) -> anyhow::Result
         .await
         .context("bare listener did not authenticate every dial")?;
     let rate = n as f64 / started.elapsed().as_secs_f64();
+    report_retries("bare", server.admission_stats().retries_sent);
     for c in &held {
         c.close(0u32.into(), b"done");
     }
@@ -624,6 +635,7 @@ async fn exchange_round(
         .await
         .context("the exchange listener did not verify every dial")?;
     let rate = n as f64 / started.elapsed().as_secs_f64();
+    report_retries("exchange", exchange.quic_admission().retries_sent);
     for h in &held {
         h.connection.close(0u32.into(), b"done");
     }
