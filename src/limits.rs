@@ -17,6 +17,8 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::{Instant, Sleep};
 
+use crate::config::declared;
+
 /// The limits of one server, as configured.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ServerLimitSettings {
@@ -30,19 +32,27 @@ pub struct ServerLimitSettings {
 }
 
 impl ServerLimitSettings {
-    /// The control API's defaults: room for many scripts and watchers, a generous idle time for interactive
-    /// tools that keep a channel open.
-    pub const CONTROL: Self = Self {
-        max_connections: 512,
-        handshake_timeout: Duration::from_secs(10),
-        idle_timeout: Duration::from_secs(300),
-    };
-    /// The monitoring port's defaults: a few scrapers and a profiler, each reconnecting as it likes.
-    pub const MONITORING: Self = Self {
-        max_connections: 64,
-        handshake_timeout: Duration::from_secs(10),
-        idle_timeout: Duration::from_secs(60),
-    };
+    /// The control API's defaults (`control.*` in [`crate::config`]).
+    pub fn control() -> Self {
+        Self::declared(["control.max_connections", "control.handshake_timeout", "control.idle_timeout"])
+    }
+
+    /// The monitoring port's defaults (`monitoring.*` in [`crate::config`]).
+    pub fn monitoring() -> Self {
+        Self::declared([
+            "monitoring.max_connections",
+            "monitoring.handshake_timeout",
+            "monitoring.idle_timeout",
+        ])
+    }
+
+    fn declared([max_connections, handshake_timeout, idle_timeout]: [&str; 3]) -> Self {
+        Self {
+            max_connections: declared::count(max_connections),
+            handshake_timeout: declared::duration(handshake_timeout),
+            idle_timeout: declared::duration(idle_timeout),
+        }
+    }
 }
 
 /// A server's limits in force, changed in place by [`ServerLimits::set`], with the count of its open

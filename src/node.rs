@@ -15,8 +15,8 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::api::control::ListenAddresses;
-use crate::config::Config;
 use crate::config::DhtMode;
+use crate::config::{Config, reloadable};
 use crate::control::{ControlListeners, ControlServer, NodeContext, TransportError};
 use crate::dht::{self, Dht, DhtError, DhtOptions};
 use crate::exchange::record::RecordPublisher;
@@ -257,40 +257,10 @@ pub struct Reconfigured {
     pub failed: Vec<(&'static str, String)>,
 }
 
-/// Settings a running node applies on reload (SIGHUP). `log_level` is applied by the binary, which owns the
-/// log subscriber; every other setting (and any new one, until it is added here) needs a restart.
-pub const RELOADABLE: [&str; 22] = [
-    "log_level",
-    "control.max_connections",
-    "control.handshake_timeout",
-    "control.idle_timeout",
-    "monitoring.max_connections",
-    "monitoring.handshake_timeout",
-    "monitoring.idle_timeout",
-    "dht.bootstrap",
-    "relay.enabled",
-    "relay.max_reservations",
-    "relay.max_circuits",
-    "relay.max_bytes_per_second",
-    "relay.max_bytes_per_circuit",
-    "store.retention",
-    "store.max_peers",
-    "store.max_joined_topics",
-    "quic.max_connections",
-    "quic.handshake_timeout",
-    "quic.inbound_handshake_timeout",
-    "quic.max_pending_handshakes",
-    "quic.retry_threshold",
-    "quic.max_unvalidated_per_ip",
-];
-
-fn reloadable(key: &str) -> bool {
-    RELOADABLE.contains(&key)
-}
-
 impl Node {
-    /// Applies a reloaded configuration: the settings in `changes` that a running node can take (see
-    /// [`RELOADABLE`]) are put in force from `new`; the others are reported as needing a restart.
+    /// Applies a reloaded configuration: the settings in `changes` that a running node can take (declared
+    /// `reload` in the config's settings; `log_level` is applied by the binary, which owns the log subscriber)
+    /// are put in force from `new`; the others are reported as needing a restart.
     pub async fn reconfigure(&self, changes: &[crate::config::Change], new: &Config) -> Reconfigured {
         let mut report = Reconfigured::default();
         let changed = |prefix: &str| changes.iter().any(|change| change.key.starts_with(prefix));

@@ -18,7 +18,7 @@ mod tests;
 
 use std::collections::HashMap;
 use std::fmt;
-use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, ToSocketAddrs};
+use std::net::{SocketAddr, SocketAddrV4, ToSocketAddrs};
 use std::str::FromStr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -29,11 +29,7 @@ use tokio_util::sync::CancellationToken;
 
 use actor::Command;
 
-/// How often a joined topic is announced again. BEP 5 nodes forget peers after about 30 minutes, so 10
-/// minutes keeps us listed through two lost announces.
-pub const DEFAULT_ANNOUNCE_INTERVAL: Duration = Duration::from_secs(10 * 60);
-/// How often a joined topic is looked up once it has shown peers.
-pub const DEFAULT_LOOKUP_INTERVAL: Duration = Duration::from_secs(60);
+use crate::config::declared;
 
 /// Whether this node answers other nodes' DHT queries.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -96,11 +92,11 @@ pub struct DhtOptions {
 impl Default for DhtOptions {
     fn default() -> Self {
         DhtOptions {
-            listen: SocketAddr::from((Ipv4Addr::UNSPECIFIED, 6881)),
-            bootstrap: mainline::DEFAULT_BOOTSTRAP_NODES.iter().map(|node| (*node).to_owned()).collect(),
+            listen: declared::address("dht.listen"),
+            bootstrap: declared::list("dht.bootstrap"),
             mode: DhtMode::Auto,
-            announce_interval: DEFAULT_ANNOUNCE_INTERVAL,
-            lookup_interval: DEFAULT_LOOKUP_INTERVAL,
+            announce_interval: declared::duration("dht.announce_interval"),
+            lookup_interval: declared::duration("dht.lookup_interval"),
             announce_port: None,
         }
     }

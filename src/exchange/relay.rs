@@ -26,6 +26,7 @@ use tokio::sync::{mpsc, oneshot};
 use super::session::{SessionHandle, write_envelope};
 use super::{ExchangeError, Inner};
 use crate::api::names::NodeId;
+use crate::config::declared;
 use crate::quic::paths::RelayPaths;
 use crate::store::AddressSource;
 use crate::sync::lock;
@@ -46,14 +47,15 @@ pub struct RelayOptions {
     pub max_bytes_per_circuit: u64,
 }
 
+/// The declared defaults of the `relay.*` settings (see [`crate::config`]).
 impl Default for RelayOptions {
     fn default() -> Self {
         Self {
-            enabled: true,
-            max_reservations: 128,
-            max_circuits: 64,
-            max_bytes_per_second: 128 * 1024,
-            max_bytes_per_circuit: 32 * 1024 * 1024,
+            enabled: declared::flag("relay.enabled"),
+            max_reservations: declared::count("relay.max_reservations"),
+            max_circuits: declared::count("relay.max_circuits"),
+            max_bytes_per_second: declared::bytes("relay.max_bytes_per_second"),
+            max_bytes_per_circuit: declared::bytes("relay.max_bytes_per_circuit"),
         }
     }
 }

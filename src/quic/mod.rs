@@ -31,6 +31,7 @@ pub use admission::AdmissionStats;
 pub use error::QuicError;
 
 use crate::api::names::NodeId;
+use crate::config::declared;
 use admission::{Admission, AdmissionLimits, Decision, PendingHandshake};
 use tls::{SeenKey, SeenSlot, TlsIdentity};
 
@@ -95,10 +96,11 @@ pub struct QuicLimits {
     pub max_unvalidated_per_ip: usize,
 }
 
+/// The setting-backed limits come from their declarations in [`crate::config`]; the rest are the transport's.
 impl Default for QuicLimits {
     fn default() -> Self {
         Self {
-            max_connections: 1024,
+            max_connections: declared::count("quic.max_connections"),
             // The protocol runs exactly one stream per connection, and quinn keeps state for every stream the
             // peer may open, allocated when the connection starts.
             max_bi_streams: 1,
@@ -109,15 +111,16 @@ impl Default for QuicLimits {
             send_window: SEND_WINDOW,
             idle_timeout: Duration::from_secs(30),
             keep_alive: Duration::from_secs(10),
-            handshake_timeout: Duration::from_secs(10),
-            inbound_handshake_timeout: Duration::from_secs(5),
-            max_pending_handshakes: 256,
-            // Well above what honest bursts reach (rn-bench dials 16 at a time, all from 127.0.0.1), so that
-            // they never pay for a Retry; far below the slots a flood could otherwise take. The per-IP bound
-            // has twice the bench's concurrency: the listener still counts a handshake for a moment after the
-            // dialer has finished it and started the next (at 16, 3-5 % of the bench's dials got a Retry).
-            retry_threshold: 64,
-            max_unvalidated_per_ip: 32,
+            handshake_timeout: declared::duration("quic.handshake_timeout"),
+            inbound_handshake_timeout: declared::duration("quic.inbound_handshake_timeout"),
+            max_pending_handshakes: declared::count("quic.max_pending_handshakes"),
+            // The thresholds are well above what honest bursts reach (rn-bench dials 16 at a time, all from
+            // 127.0.0.1), so that they never pay for a Retry, and far below the slots a flood could otherwise
+            // take. The per-IP bound has twice the bench's concurrency: the listener still counts a handshake
+            // for a moment after the dialer has finished it and started the next (at 16, 3-5 % of the bench's
+            // dials got a Retry).
+            retry_threshold: declared::count("quic.retry_threshold"),
+            max_unvalidated_per_ip: declared::count("quic.max_unvalidated_per_ip"),
         }
     }
 }

@@ -4,6 +4,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::api::names::NodeId;
+use crate::config::declared;
 
 /// How the store is opened and bounded.
 #[derive(Debug, Clone)]
@@ -30,9 +31,9 @@ impl StoreOptions {
         Self {
             path: path.into(),
             read_pool_size: 4,
-            retention: Duration::from_secs(30 * 24 * 3600),
-            max_peers: 100_000,
-            max_joined_topics: 1024,
+            retention: declared::duration("store.retention"),
+            max_peers: u64::try_from(declared::count("store.max_peers")).unwrap_or(u64::MAX),
+            max_joined_topics: u64::try_from(declared::count("store.max_joined_topics")).unwrap_or(u64::MAX),
             prune_interval: Duration::from_secs(600),
             max_batch: 1024,
         }

@@ -115,7 +115,7 @@ async fn start(registry: Arc<Registry>, readiness: Readiness) -> Server {
 }
 
 fn default_limits() -> Arc<ServerLimits> {
-    ServerLimits::new(ServerLimitSettings::MONITORING)
+    ServerLimits::new(ServerLimitSettings::monitoring())
 }
 
 fn always_ready() -> Readiness {
