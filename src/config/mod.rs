@@ -1,9 +1,11 @@
 //! The node's configuration: a TOML file, `RN_*` environment variables and command-line flags, layered with
 //! precedence flags > environment > file > defaults.
 //!
-//! Every setting is declared once in [`SETTINGS`] (its key, environment variable, flag, meaning and kind). That
-//! one table drives loading, unknown-key detection, validation messages ("what was wrong and what is accepted")
-//! and `remote-network config show`, which prints the effective value of each key with where it came from.
+//! Every setting is declared once in [`SETTINGS`] (`settings.rs`: its key, environment variable, flag, kind,
+//! default, whether a running node applies a new value on SIGHUP, and meaning). That one table drives loading,
+//! defaults (the daemon's and the modules' own, through [`declared`]), unknown-key detection, validation
+//! messages ("what was wrong and what is accepted"), reloading, and `remote-network config show`, which prints
+//! the effective value of each key with where it came from.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
@@ -292,6 +294,9 @@ impl Loaded {
                 out.push_str(&format!("\n# {}\n# env {}", setting.doc, setting.env));
                 if let Some(flag) = setting.flag {
                     out.push_str(&format!(", flag {flag}"));
+                }
+                if setting.reload {
+                    out.push_str("; SIGHUP applies a new value");
                 }
                 out.push('\n');
             }
