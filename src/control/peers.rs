@@ -237,19 +237,35 @@ async fn resolve_address(text: &str) -> Result<std::net::SocketAddr, Status> {
     }
 }
 
-/// The gRPC status for a failed dial or query, saying what was attempted.
+/// The gRPC status for a failed dial or query, saying what was attempted: the one mapping from the exchange's
+/// errors to status codes (and through them to `rnctl`'s exit codes).
 fn exchange_status(action: &str, error: ExchangeError) -> Status {
     let message = format!("{action}: {error}");
     match error {
         ExchangeError::SelfConnection => Status::invalid_argument(format!("address: {error}")),
+        // The peer is not who it claims to be, or replays an old record: retrying will not help.
         ExchangeError::Record(_) | ExchangeError::Replay { .. } => Status::permission_denied(message),
         // A handshake that timed out is a timeout like any other, whichever layer noticed it.
         ExchangeError::TimedOut(_) | ExchangeError::Quic(QuicError::TimedOut) => {
             Status::deadline_exceeded(message)
         }
         ExchangeError::Unreachable(_) => Status::not_found(message),
-        ExchangeError::Stopping => Status::unavailable(message),
-        _ => Status::unavailable(message),
+        // This node's own limits: try again later.
+        ExchangeError::Busy => Status::resource_exhausted(message),
+        ExchangeError::Store(e) => store_status(e),
+        // The peer refused, broke the protocol or could not be reached (its NAT, its relays): the peer's
+        // side, maybe transient.
+        ExchangeError::Quic(_)
+        | ExchangeError::Frame(_)
+        | ExchangeError::Stream(_)
+        | ExchangeError::Protocol(_)
+        | ExchangeError::Remote(_)
+        | ExchangeError::SessionClosed
+        | ExchangeError::NotReached { .. }
+        | ExchangeError::Punch(_)
+        | ExchangeError::Relay(_)
+        | ExchangeError::DialBack
+        | ExchangeError::Stopping => Status::unavailable(message),
     }
 }
 

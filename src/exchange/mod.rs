@@ -9,6 +9,7 @@
 
 pub mod dial_back;
 pub mod dialer;
+mod error;
 pub mod punch;
 pub mod record;
 pub mod relay;
@@ -25,6 +26,9 @@ use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 
 use self::dialer::{DialOutcome, Dialer};
+pub use self::error::{
+    ExchangeError, IntroductionFailure, PeerRefusal, ProtocolViolation, PunchError, RelayError, StreamError,
+};
 use self::record::{RecordPublisher, upsert_from_record};
 use self::session::{CloseCode, EnvelopeReader, RequestHandler, SessionHandle, write_envelope};
 use self::table::{Admission, Direction, SessionTable};
@@ -62,67 +66,6 @@ impl Default for ExchangeOptions {
             peer_exchange_records: 16,
             dialer: dialer::DialerOptions::default(),
             relay: relay::RelayOptions::default(),
-        }
-    }
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum ExchangeError {
-    #[error("QUIC: {0}")]
-    Quic(#[from] QuicError),
-    #[error("frame: {0}")]
-    Frame(wire::FrameError),
-    #[error("record rejected: {0}")]
-    Record(#[from] wire::RecordError),
-    #[error("record rejected: seq {seq} is lower than the stored {stored} (a replay)")]
-    Replay { seq: u64, stored: u64 },
-    #[error("stream: {0}")]
-    Stream(String),
-    #[error("timed out: {0}")]
-    TimedOut(&'static str),
-    #[error("the peer broke the protocol: {0}")]
-    Protocol(String),
-    #[error("the peer answered with an error: {0}")]
-    Remote(String),
-    #[error("the session is closed")]
-    SessionClosed,
-    #[error("too many requests are waiting on this session")]
-    Busy,
-    #[error("that address is this node itself")]
-    SelfConnection,
-    #[error("no connection to {0} and no stored address answered")]
-    Unreachable(NodeId),
-    #[error("store: {0}")]
-    Store(#[from] crate::store::StoreError),
-    #[error("the node is stopping")]
-    Stopping,
-    #[error("a dial-back we asked for (not a session)")]
-    DialBack,
-    #[error("hole punch failed: {0}")]
-    Punch(String),
-    #[error("relay failed: {0}")]
-    Relay(String),
-}
-
-impl ExchangeError {
-    /// A short, stable label for counters and logs.
-    pub fn reason(&self) -> &'static str {
-        match self {
-            Self::Quic(_) => "quic",
-            Self::Frame(_) | Self::Protocol(_) => "protocol",
-            Self::Record(_) => "verification",
-            Self::Replay { .. } => "replay",
-            Self::Stream(_) | Self::SessionClosed => "stream",
-            Self::TimedOut(_) => "timeout",
-            Self::Remote(_) => "remote",
-            Self::Busy => "busy",
-            Self::SelfConnection => "self",
-            Self::Unreachable(_) => "unreachable",
-            Self::Store(_) => "store",
-            Self::Stopping => "stopping",
-            Self::DialBack => "dial-back",
-            Self::Punch(_) => "punch",
-            Self::Relay(_) => "relay",
         }
     }
 }
@@ -363,11 +306,11 @@ impl Exchange {
         let request = pb::envelope::Kind::GetRecordRequest(pb::GetRecordRequest {});
         let (answer, rtt) = session.request(request, self.inner.options.request_timeout).await?;
         let pb::envelope::Kind::GetRecordResponse(response) = answer else {
-            return Err(ExchangeError::Protocol("answered GetRecord with another message".into()));
+            return Err(ProtocolViolation::UnexpectedAnswer { request: "GetRecord" }.into());
         };
         let signed = response
             .record
-            .ok_or_else(|| ExchangeError::Protocol("GetRecord answer without a record".into()))?;
+            .ok_or(ProtocolViolation::MissingField { message: "GetRecordResponse", field: "record" })?;
         let verified = wire::verify_record(&signed, Some(peer), &self.inner.policy())?;
         self.inner.store_verified(&verified, None, None).await?;
         Ok((verified, rtt))
@@ -422,9 +365,7 @@ impl Exchange {
             Ok((pb::envelope::Kind::DialBackResponse(response), _)) => response,
             Ok(_) => {
                 self.inner.dial_backs_expected.forget(&helper);
-                return Err(ExchangeError::Protocol(
-                    "answered a dial-back request with another message".into(),
-                ));
+                return Err(ProtocolViolation::UnexpectedAnswer { request: "DialBackRequest" }.into());
             }
             Err(e) => {
                 self.inner.dial_backs_expected.forget(&helper);
@@ -695,8 +636,7 @@ impl Inner {
         let started = Instant::now();
         let connection = inbound.connection.clone();
         let remote = inbound.remote;
-        let (mut send, recv) =
-            connection.open_bi().await.map_err(|e| ExchangeError::Stream(e.to_string()))?;
+        let (mut send, recv) = connection.open_bi().await.map_err(StreamError::Open)?;
         write_envelope(&mut send, &self.hello(remote)).await?;
         let peer = inbound.authenticated().await?;
         tracing::Span::current().record("peer", tracing::field::display(peer));
@@ -744,8 +684,7 @@ impl Inner {
             CloseCode::SelfConnection.close(&connection, "self");
             return Err(ExchangeError::SelfConnection);
         }
-        let (mut send, recv) =
-            connection.accept_bi().await.map_err(|e| ExchangeError::Stream(e.to_string()))?;
+        let (mut send, recv) = connection.accept_bi().await.map_err(StreamError::Accept)?;
         let mut reader = EnvelopeReader::new(recv);
         let (verified, observed) = self.read_hello(&mut reader, peer, &connection).await?;
         let elapsed = started.elapsed();
@@ -782,10 +721,10 @@ impl Inner {
         let result = async {
             let envelope = reader.next().await?.ok_or(ExchangeError::SessionClosed)?;
             let Some(pb::envelope::Kind::Hello(hello)) = envelope.kind else {
-                return Err(ExchangeError::Protocol("the first message was not a Hello".into()));
+                return Err(ProtocolViolation::NoHello.into());
             };
             let signed =
-                hello.record.ok_or_else(|| ExchangeError::Protocol("Hello without a record".into()))?;
+                hello.record.ok_or(ProtocolViolation::MissingField { message: "Hello", field: "record" })?;
             let verified = wire::verify_record(&signed, Some(peer), &self.policy())?;
             Ok((verified, hello.observed_address.parse().ok()))
         };
@@ -1028,9 +967,11 @@ impl Inner {
             }
         }
         // No stored address let us in: the peer may be behind a NAT that a punch gets through.
-        self.punch_or_relay(peer).await.map_err(|e| match addresses.is_empty() {
-            true => e,
-            false => ExchangeError::Relay(format!("no stored address of {peer} answered; {e}")),
+        self.punch_or_relay(peer).await.map_err(|e| match e {
+            ExchangeError::NotReached { punch, relay, .. } => {
+                ExchangeError::NotReached { addresses: addresses.len(), punch, relay }
+            }
+            other => other,
         })
     }
 
@@ -1044,7 +985,7 @@ impl Inner {
         match tokio::time::timeout(RELAY_AFTER, &mut punch).await {
             Ok(Ok(Ok(session))) => return Ok(session),
             Ok(Ok(Err(e))) => punch_error = Some(e),
-            Ok(Err(e)) => punch_error = Some(ExchangeError::Punch(e.to_string())),
+            Ok(Err(e)) => punch_error = Some(PunchError::Task(e).into()),
             Err(_still_punching) => {}
         }
         // Last resort: a relay that holds the peer's reservation.
@@ -1057,10 +998,14 @@ impl Inner {
             None => match punch.await {
                 Ok(Ok(session)) => return Ok(session),
                 Ok(Err(e)) => e,
-                Err(e) => ExchangeError::Punch(e.to_string()),
+                Err(e) => PunchError::Task(e).into(),
             },
         };
-        Err(ExchangeError::Relay(format!("{punch_error}; {relay_error}")))
+        Err(ExchangeError::NotReached {
+            addresses: 0,
+            punch: Box::new(punch_error),
+            relay: Box::new(relay_error),
+        })
     }
 
     /// Records a failed contact with a known peer.

@@ -34,7 +34,7 @@ use tokio::task::JoinSet;
 
 use super::session::SessionHandle;
 use super::traversal::{self, BirthdayReport, Strategy};
-use super::{ExchangeError, Inner, now_ms};
+use super::{ExchangeError, Inner, IntroductionFailure, PunchError, now_ms};
 use crate::api::names::NodeId;
 use crate::store::{AddressSource, PunchOutcome};
 use crate::sync::lock;
@@ -417,10 +417,10 @@ impl Inner {
         let _permit = self.punch.running.clone().try_acquire_owned().map_err(|_| ExchangeError::Busy)?;
         let rendezvous = self.rendezvous_for(peer).await;
         if rendezvous.is_empty() {
-            return Err(ExchangeError::Punch("no connected peer can introduce us (no rendezvous)".into()));
+            return Err(PunchError::NoRendezvous.into());
         }
         let local = self.endpoint.local_addr()?;
-        let mut last_error = String::new();
+        let mut last_error = None;
         let our_nat = self.own_nat();
         for via in rendezvous {
             let nonce = random_nonce();
@@ -440,12 +440,12 @@ impl Inner {
             let response = match answer {
                 Ok((pb::envelope::Kind::PunchResponse(response), _)) => response,
                 Ok(_) => {
-                    last_error = format!("rendezvous {} answered with another message", via.peer());
+                    last_error = Some((via.peer(), IntroductionFailure::UnexpectedAnswer));
                     continue;
                 }
                 Err(e) => {
                     tracing::debug!(rendezvous = %via.peer(), error = %e, "rendezvous could not introduce us");
-                    last_error = format!("rendezvous {}: {e}", via.peer());
+                    last_error = Some((via.peer(), IntroductionFailure::Request(Box::new(e))));
                     continue;
                 }
             };
@@ -453,11 +453,11 @@ impl Inner {
             let theirs = match wire::verify_punch_offer(offer, peer, self.local, now_ms()) {
                 Ok(theirs) if theirs.nonce == nonce => theirs,
                 Ok(_) => {
-                    last_error = "the answer echoed another nonce".into();
+                    last_error = Some((via.peer(), IntroductionFailure::WrongNonce));
                     continue;
                 }
                 Err(e) => {
-                    last_error = format!("the answer was refused: {e}");
+                    last_error = Some((via.peer(), IntroductionFailure::BadOffer(e)));
                     continue;
                 }
             };
@@ -475,7 +475,11 @@ impl Inner {
             self.note_punch(pair, &attempt).await;
             return attempt.outcome.map(|(session, _)| session);
         }
-        Err(ExchangeError::Punch(last_error))
+        Err(match last_error {
+            Some((rendezvous, failure)) => PunchError::Introduction { rendezvous, failure }.into(),
+            // Every answer lacked an offer.
+            None => PunchError::NoRendezvous.into(),
+        })
     }
 
     /// The rendezvous: passes `requester`'s offer to its target and returns the target's answer.
@@ -613,7 +617,7 @@ impl Inner {
     ) -> PunchAttempt {
         let _active = ActivePunch::new(&self.punch, peer);
         if candidates.is_empty() && plan.strategy == Strategy::Dial {
-            let outcome = Err(ExchangeError::Punch("the peer offered no address we can dial".into()));
+            let outcome = Err(PunchError::NoDialableAddress.into());
             return PunchAttempt { outcome, note: None };
         }
         let started = Instant::now();
@@ -664,8 +668,10 @@ impl Inner {
         let outcome = match session.or_else(|| self.direct_session(&peer)) {
             Some(session) => Ok((session, started.elapsed())),
             None => Err(ExchangeError::Punch(match last_error {
-                Some(e) => format!("no connection within {} s (last dial: {e})", PUNCH_WINDOW.as_secs()),
-                None => format!("no connection within {} s", PUNCH_WINDOW.as_secs()),
+                Some(e) => {
+                    PunchError::LastDialFailed { window_secs: PUNCH_WINDOW.as_secs(), last_dial: Box::new(e) }
+                }
+                None => PunchError::NoConnection { window_secs: PUNCH_WINDOW.as_secs() },
             })),
         };
         PunchAttempt { outcome, note }
@@ -732,7 +738,7 @@ impl Inner {
             drop(permit);
             *lock(&report) = Some(BirthdayReport::Hard { sockets: opened, hit: true });
             let dial = async {
-                let socket = socket.into_std().map_err(|e| ExchangeError::Punch(e.to_string()))?;
+                let socket = socket.into_std().map_err(PunchError::Socket)?;
                 let outbound = inner.endpoint.connect_from(socket, easy, Some(peer)).await?;
                 inner.run_outbound(outbound, started, AddressSource::Record).await
             };

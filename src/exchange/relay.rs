@@ -24,7 +24,7 @@ use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::sync::{mpsc, oneshot};
 
 use super::session::{SessionHandle, write_envelope};
-use super::{ExchangeError, Inner};
+use super::{ExchangeError, Inner, ProtocolViolation, RelayError, StreamError};
 use crate::api::names::NodeId;
 use crate::config::declared;
 use crate::quic::paths::RelayPaths;
@@ -165,17 +165,16 @@ impl RelayState {
 async fn read_first_frame<R: AsyncRead + Unpin>(recv: &mut R) -> Result<pb::Envelope, ExchangeError> {
     let read = async {
         let mut length = [0u8; 4];
-        recv.read_exact(&mut length).await.map_err(|e| ExchangeError::Stream(e.to_string()))?;
+        recv.read_exact(&mut length).await.map_err(StreamError::Read)?;
         let length = u32::from_be_bytes(length) as usize;
         if length > MAX_CIRCUIT_FRAME {
-            return Err(ExchangeError::Protocol(format!(
-                "circuit setup frame of {length} bytes, more than {MAX_CIRCUIT_FRAME}"
-            )));
+            return Err(
+                ProtocolViolation::CircuitFrameTooLarge { len: length, max: MAX_CIRCUIT_FRAME }.into()
+            );
         }
         let mut body = vec![0u8; length];
-        recv.read_exact(&mut body).await.map_err(|e| ExchangeError::Stream(e.to_string()))?;
-        pb::Envelope::decode(body.as_slice())
-            .map_err(|e| ExchangeError::Protocol(format!("circuit setup frame: {e}")))
+        recv.read_exact(&mut body).await.map_err(StreamError::Read)?;
+        pb::Envelope::decode(body.as_slice()).map_err(|e| ProtocolViolation::CircuitFrame(e).into())
     };
     tokio::time::timeout(CIRCUIT_SETUP_TIMEOUT, read)
         .await
@@ -226,8 +225,8 @@ fn circuit_response(accepted: bool, detail: impl Into<String>) -> pb::Envelope {
 async fn read_circuit_response(recv: &mut RecvStream) -> Result<(), ExchangeError> {
     match read_first_frame(recv).await?.kind {
         Some(pb::envelope::Kind::CircuitResponse(response)) if response.accepted => Ok(()),
-        Some(pb::envelope::Kind::CircuitResponse(response)) => Err(ExchangeError::Remote(response.detail)),
-        _ => Err(ExchangeError::Protocol("a circuit setup was answered with another message".into())),
+        Some(pb::envelope::Kind::CircuitResponse(response)) => Err(ExchangeError::refused(response.detail)),
+        _ => Err(ProtocolViolation::UnexpectedAnswer { request: "a circuit setup" }.into()),
     }
 }
 
@@ -369,7 +368,7 @@ impl Inner {
                 lock(&self.relay.refused_by).insert(relay);
                 Ok(false)
             }
-            _ => Err(ExchangeError::Protocol("answered a reservation with another message".into())),
+            _ => Err(ProtocolViolation::UnexpectedAnswer { request: "RelayReservationRequest" }.into()),
         }
     }
 
@@ -398,9 +397,7 @@ impl Inner {
                             None => inner.accept_circuit(relay, incoming, send, recv).await,
                         }
                     }
-                    Ok(_) => {
-                        Err(ExchangeError::Protocol("a stream opened with an unexpected message".into()))
-                    }
+                    Ok(_) => Err(ProtocolViolation::UnexpectedStream.into()),
                     Err(e) => Err(e),
                 };
                 if let Err(e) = result {
@@ -445,7 +442,7 @@ impl Inner {
                 tokio::time::timeout(CIRCUIT_SETUP_TIMEOUT, session.connection().open_bi())
                     .await
                     .map_err(|_| ExchangeError::TimedOut("no stream credit for a circuit"))?
-                    .map_err(|e| ExchangeError::Stream(e.to_string()))?;
+                    .map_err(StreamError::Open)?;
             let incoming = pb::CircuitIncoming { from: from.as_bytes().to_vec(), circuit };
             write_envelope(&mut send, &envelope(pb::envelope::Kind::CircuitIncoming(incoming))).await?;
             Ok::<_, ExchangeError>((send, recv))
@@ -512,7 +509,7 @@ impl Inner {
         if let Some(session) = self.sessions.get(&peer) {
             return Ok(session);
         }
-        let mut last_error = String::from("no connected peer relays for it");
+        let mut last_error = RelayError::NoRelay;
         for via in self.rendezvous_for(peer).await {
             let started = Instant::now();
             let circuit = super::punch::random_nonce();
@@ -535,12 +532,10 @@ impl Inner {
                 match answer {
                     (pb::envelope::Kind::CircuitResponse(r), _) if r.accepted => {}
                     (pb::envelope::Kind::CircuitResponse(r), _) => {
-                        return Err(ExchangeError::Remote(r.detail));
+                        return Err(ExchangeError::refused(r.detail));
                     }
                     _ => {
-                        return Err(ExchangeError::Protocol(
-                            "answered a circuit request with another message".into(),
-                        ));
+                        return Err(ProtocolViolation::UnexpectedAnswer { request: "CircuitRequest" }.into());
                     }
                 }
                 let (send, recv) = tokio::time::timeout(CIRCUIT_SETUP_TIMEOUT, arrival)
@@ -563,11 +558,11 @@ impl Inner {
                 }
                 Err(e) => {
                     tracing::debug!(relay = %via.peer(), error = %e, "no circuit through this relay");
-                    last_error = format!("relay {}: {e}", via.peer());
+                    last_error = RelayError::Circuit { relay: via.peer(), failure: Box::new(e) };
                 }
             }
         }
-        Err(ExchangeError::Relay(last_error))
+        Err(last_error.into())
     }
 }
 
@@ -629,7 +624,10 @@ mod tests {
         assert_eq!(packets, [5, 0, 1200]);
         let mut oversized = u32::try_from(MAX_CIRCUIT_FRAME + 1).expect("small").to_be_bytes().to_vec();
         oversized.extend(vec![0; MAX_CIRCUIT_FRAME + 1]);
-        assert!(matches!(read_first_frame(&mut &oversized[..]).await, Err(ExchangeError::Protocol(_))));
+        assert!(matches!(
+            read_first_frame(&mut &oversized[..]).await,
+            Err(ExchangeError::Protocol(ProtocolViolation::CircuitFrameTooLarge { .. }))
+        ));
     }
 
     #[test]

@@ -17,8 +17,8 @@ use std::time::{Duration, Instant};
 use quinn::{RecvStream, SendStream, VarInt};
 use tokio::sync::{mpsc, oneshot};
 
-use super::ExchangeError;
 use super::table::{Arbitrable, Direction};
+use super::{ExchangeError, StreamError};
 use crate::api::names::NodeId;
 use crate::wire::{self, FrameDecoder, pb};
 
@@ -78,7 +78,7 @@ impl EnvelopeReader {
             match self.recv.read_chunk(READ_CHUNK, true).await {
                 Ok(Some(chunk)) => self.decoder.push(&chunk.bytes),
                 Ok(None) => return Ok(None),
-                Err(e) => return Err(ExchangeError::Stream(e.to_string())),
+                Err(e) => return Err(StreamError::read(e).into()),
             }
         }
     }
@@ -87,7 +87,7 @@ impl EnvelopeReader {
 /// Writes one envelope as a frame.
 pub async fn write_envelope(send: &mut SendStream, envelope: &pb::Envelope) -> Result<(), ExchangeError> {
     let frame = wire::encode_frame(envelope).map_err(ExchangeError::Frame)?;
-    send.write_all(&frame).await.map_err(|e| ExchangeError::Stream(e.to_string()))
+    send.write_all(&frame).await.map_err(|e| StreamError::Write(e).into())
 }
 
 /// A live session, shared by the table, the dialer and control requests.
@@ -245,7 +245,7 @@ impl SessionHandle {
             return Err(ExchangeError::SessionClosed);
         }
         match tokio::time::timeout(timeout, answer).await {
-            Ok(Ok(pb::envelope::Kind::Error(e))) => Err(ExchangeError::Remote(e.message)),
+            Ok(Ok(pb::envelope::Kind::Error(e))) => Err(ExchangeError::refused(e.message)),
             Ok(Ok(kind)) => Ok((kind, started.elapsed())),
             Ok(Err(_)) => Err(ExchangeError::SessionClosed),
             Err(_) => {
