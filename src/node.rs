@@ -79,27 +79,9 @@ impl Node {
     pub async fn start(config: &Config) -> Result<Self, StartError> {
         let started_at = SystemTime::now();
         let started = Instant::now();
-        identity::ensure_private_dir(&config.data_dir)?;
-        let data_dir_lock = ExclusiveLock::acquire(
-            &config.data_dir.join("lock"),
-            &format!("data dir {}", config.data_dir.display()),
-        )?;
-        let (identity, created) = Identity::load_or_create(&config.data_dir)?;
-        let node_id = identity.node_id();
-        // Spans exported from here on carry the node id (the trace resource is fixed before it is known).
-        crate::telemetry::otel::set_node_id(node_id.to_string());
-        if created {
-            tracing::info!(%node_id, "created a new node identity");
-        }
-
-        let mut options = StoreOptions::new(config.data_dir.join(DATABASE_FILE));
-        options.retention = config.store.retention;
-        options.max_peers = config.store.max_peers;
-        options.max_joined_topics = config.store.max_joined_topics;
-        let store = Store::open(options)?;
-
+        let (data_dir_lock, identity, store) = open_local_state(config)?;
         let shutdown = CancellationToken::new();
-        let parts = match start_network(config, &identity, &store, &shutdown).await {
+        let (exchange, dht) = match start_network(config, &identity, &store, &shutdown).await {
             Ok(parts) => parts,
             Err(e) => {
                 shutdown.cancel();
@@ -107,76 +89,35 @@ impl Node {
                 return Err(e);
             }
         };
-        let (exchange, dht) = parts;
         let nat = crate::nat::prober::NatProber::start(
             exchange.clone(),
             dht.clone(),
             store.clone(),
             shutdown.clone(),
         );
-
-        let listeners = match ControlListeners::bind(&config.control).await {
-            Ok(listeners) => listeners,
-            Err(e) => {
-                abandon_start(&shutdown, &exchange, &store).await;
-                return Err(e.into());
-            }
-        };
-        let serving = Arc::new(AtomicBool::new(false));
-        let registry = node_metrics(&store, &exchange, &dht);
-        let readiness = node_readiness(&store, &serving);
-        // Only the built-in default may give way to another port: an address the operator chose is kept or the
-        // node does not start.
-        let monitoring_listen = if config.monitoring_listen_source.is_default() {
-            telemetry::MonitoringListen::Default(config.monitoring_listen)
-        } else {
-            telemetry::MonitoringListen::Configured(config.monitoring_listen)
-        };
-        let monitoring_limits = ServerLimits::new(config.monitoring_limits);
-        let monitoring = match telemetry::serve(
-            monitoring_listen,
-            registry,
-            readiness,
-            monitoring_limits.clone(),
-            shutdown.clone(),
-        )
-        .await
-        {
-            Ok(monitoring) => monitoring,
-            Err(e) => {
-                abandon_start(&shutdown, &exchange, &store).await;
-                return Err(e.into());
-            }
-        };
-        let listen = ListenAddresses {
-            control_socket: listeners.socket_path().display().to_string(),
-            control_tcp: listeners.tcp_addr().map(|a| a.to_string()).unwrap_or_default(),
-            quic: exchange.local_addr().map(|a| a.to_string()).unwrap_or_default(),
-            dht: dht.local_addr().to_string(),
-            monitoring: monitoring.local_addr.to_string(),
-        };
-        let ctx = Arc::new(NodeContext {
-            node_id,
+        let ctx = NodeContext {
+            node_id: identity.node_id(),
             started_at,
             started,
             data_dir: config.data_dir.clone(),
-            listen,
+            listen: ListenAddresses::default(),
             store: store.clone(),
             exchange: exchange.clone(),
-            dht: dht.clone(),
+            dht,
             nat,
             shutdown: shutdown.clone(),
-        });
-        let control = match ControlServer::start(listeners, ctx.clone()).await {
-            Ok(control) => control,
+        };
+        let serving = Arc::new(AtomicBool::new(false));
+        let servers = match serve(config, ctx, &serving).await {
+            Ok(servers) => servers,
             Err(e) => {
                 abandon_start(&shutdown, &exchange, &store).await;
-                return Err(e.into());
+                return Err(e);
             }
         };
-
+        let Servers { ctx, control, monitoring, monitoring_limits } = servers;
         tracing::info!(
-            %node_id,
+            node_id = %ctx.node_id,
             control_socket = %ctx.listen.control_socket,
             control_tcp = %ctx.listen.control_tcp,
             quic = %ctx.listen.quic,
@@ -364,6 +305,73 @@ impl Node {
     }
 }
 
+/// The data dir (made private and locked against a second daemon), the node's identity, and its store.
+fn open_local_state(config: &Config) -> Result<(ExclusiveLock, Identity, Store), StartError> {
+    identity::ensure_private_dir(&config.data_dir)?;
+    let data_dir_lock = ExclusiveLock::acquire(
+        &config.data_dir.join("lock"),
+        &format!("data dir {}", config.data_dir.display()),
+    )?;
+    let (identity, created) = Identity::load_or_create(&config.data_dir)?;
+    let node_id = identity.node_id();
+    // Spans exported from here on carry the node id (the trace resource is fixed before it is known).
+    crate::telemetry::otel::set_node_id(node_id.to_string());
+    if created {
+        tracing::info!(%node_id, "created a new node identity");
+    }
+    let mut options = StoreOptions::new(config.data_dir.join(DATABASE_FILE));
+    options.retention = config.store.retention;
+    options.max_peers = config.store.max_peers;
+    options.max_joined_topics = config.store.max_joined_topics;
+    Ok((data_dir_lock, identity, Store::open(options)?))
+}
+
+/// The local servers of a started node, and the context they serve.
+struct Servers {
+    ctx: Arc<NodeContext>,
+    control: ControlServer,
+    monitoring: Monitoring,
+    monitoring_limits: Arc<ServerLimits>,
+}
+
+/// Binds the control listeners and the monitoring port, then serves the control API on `ctx` (its listen
+/// addresses filled in from what was bound).
+async fn serve(
+    config: &Config,
+    mut ctx: NodeContext,
+    serving: &Arc<AtomicBool>,
+) -> Result<Servers, StartError> {
+    let listeners = ControlListeners::bind(&config.control).await?;
+    let registry = node_metrics(&ctx.store, &ctx.exchange, &ctx.dht);
+    let readiness = node_readiness(&ctx.store, serving);
+    // Only the built-in default may give way to another port: an address the operator chose is kept or the
+    // node does not start.
+    let monitoring_listen = if config.monitoring_listen_source.is_default() {
+        telemetry::MonitoringListen::Default(config.monitoring_listen)
+    } else {
+        telemetry::MonitoringListen::Configured(config.monitoring_listen)
+    };
+    let monitoring_limits = ServerLimits::new(config.monitoring_limits);
+    let monitoring = telemetry::serve(
+        monitoring_listen,
+        registry,
+        readiness,
+        monitoring_limits.clone(),
+        ctx.shutdown.clone(),
+    )
+    .await?;
+    ctx.listen = ListenAddresses {
+        control_socket: listeners.socket_path().display().to_string(),
+        control_tcp: listeners.tcp_addr().map(|a| a.to_string()).unwrap_or_default(),
+        quic: ctx.exchange.local_addr().map(|a| a.to_string()).unwrap_or_default(),
+        dht: ctx.dht.local_addr().to_string(),
+        monitoring: monitoring.local_addr.to_string(),
+    };
+    let ctx = Arc::new(ctx);
+    let control = ControlServer::start(listeners, ctx.clone()).await?;
+    Ok(Servers { ctx, control, monitoring, monitoring_limits })
+}
+
 /// Undoes a start that failed after the network parts were running: stops them and closes the store, so that
 /// nothing acknowledged is lost and no task outlives the error.
 async fn abandon_start(shutdown: &CancellationToken, exchange: &Exchange, store: &Store) {
@@ -480,7 +488,6 @@ fn node_readiness(store: &Store, serving: &Arc<AtomicBool>) -> Readiness {
 /// The node's metric families: the exchange's and DHT's counters and the store's statistics, read where they
 /// live at scrape time, plus process and allocator metrics.
 fn node_metrics(store: &Store, exchange: &Exchange, dht: &Dht) -> Arc<Registry> {
-    use std::convert::Infallible;
     let registry = Arc::new(Registry::new());
     telemetry::register_process_metrics(&registry);
     telemetry::register_allocator_metrics(&registry);
@@ -503,6 +510,14 @@ fn node_metrics(store: &Store, exchange: &Exchange, dht: &Dht) -> Arc<Registry> 
         Box::new(|w| w.sample(&[("version", env!("CARGO_PKG_VERSION"))], 1u8)),
     );
 
+    register_exchange_metrics(&registry, exchange);
+    register_dht_metrics(&registry, dht);
+    register_store_metrics(&registry, store);
+    registry
+}
+
+/// The exchange's families: exchanges, rejected records, QUIC admission, then those of traversal.
+fn register_exchange_metrics(registry: &Registry, exchange: &Exchange) {
     let ex = exchange.clone();
     registry.register(
         "rn_exchanges_total",
@@ -553,6 +568,11 @@ fn node_metrics(store: &Store, exchange: &Exchange, dht: &Dht) -> Arc<Registry> 
         MetricKind::Gauge,
         move || ex.quic_admission().pending_handshakes,
     );
+    register_traversal_metrics(registry, exchange);
+}
+
+/// Hole punching and relaying, and the peers connected by any path.
+fn register_traversal_metrics(registry: &Registry, exchange: &Exchange) {
     let ex = exchange.clone();
     registry.register(
         "rn_nat_punches_total",
@@ -589,7 +609,11 @@ fn node_metrics(store: &Store, exchange: &Exchange, dht: &Dht) -> Arc<Registry> 
         MetricKind::Gauge,
         move || ex.connected_peers(),
     );
+}
 
+/// The DHT's families: counters and the routing table's state, each read once per scrape.
+fn register_dht_metrics(registry: &Registry, dht: &Dht) {
+    use std::convert::Infallible;
     // One counters snapshot per scrape instead of one per family.
     let d = dht.clone();
     let counters = registry.snapshot("DHT counters", move || {
@@ -633,9 +657,6 @@ fn node_metrics(store: &Store, exchange: &Exchange, dht: &Dht) -> Arc<Registry> 
         &status,
         |s| s.firewalled,
     );
-
-    register_store_metrics(&registry, store);
-    registry
 }
 
 /// The store's families: statistics read at scrape time, and the writer's batch histograms.

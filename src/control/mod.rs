@@ -105,9 +105,84 @@ impl ControlListeners {
     }
 }
 
+/// Every service of the control API, health and reflection included, with the health reporter.
+async fn routes(ctx: &Context) -> Result<(Routes, HealthReporter), TransportError> {
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health.set_serving::<NodeServiceServer<node_info::Node>>().await;
+    health.set_serving::<PeerServiceServer<peers::Peers>>().await;
+    health.set_serving::<TopicServiceServer<topics::Topics>>().await;
+
+    let reflection_error = |e: tonic_reflection::server::Error| TransportError::Reflection(e.to_string());
+    // grpcurl 1.8 and Python's reflection client speak only v1alpha; newer tools use v1.
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(CONTROL_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let reflection_v1 = reflection().build_v1().map_err(reflection_error)?;
+    let reflection_v1alpha = reflection().build_v1alpha().map_err(reflection_error)?;
+
+    let routes = Routes::new(NodeServiceServer::new(node_info::Node(ctx.clone())))
+        .add_service(PeerServiceServer::new(peers::Peers(ctx.clone())))
+        .add_service(TopicServiceServer::new(topics::Topics(ctx.clone())))
+        .add_service(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha);
+    Ok((routes, health))
+}
+
+/// The optional TCP listener of the control API, bound.
+struct TcpListener {
+    listener: tokio::net::TcpListener,
+    addr: SocketAddr,
+    token: Option<String>,
+    limits: Arc<ServerLimits>,
+}
+
+type ServerTask = JoinHandle<Result<(), tonic::transport::Error>>;
+
+impl TcpListener {
+    /// Serves `routes` until `stop`; with a token, every call must carry it (the check is returned, so that a
+    /// reload can replace its token).
+    fn serve(self, routes: Routes, stop: CancellationToken) -> (ServerTask, Option<transport::RequireToken>) {
+        let Self { listener, addr, token, limits } = self;
+        let incoming =
+            TcpListenerStream::new(listener).map(move |conn| conn.map(|conn| authority::wrap(conn, &limits)));
+        match token {
+            Some(token) => {
+                tracing::info!(%addr, "control API on TCP, bearer token required");
+                let check = transport::RequireToken::new(&token);
+                let layer = InterceptorLayer::new(check.clone());
+                let server = tokio::spawn(async move {
+                    Server::builder()
+                        .layer(crate::telemetry::otel::GrpcTraceLayer)
+                        .layer(status::ClientFaultsLayer)
+                        .layer(layer)
+                        .add_routes(routes)
+                        .serve_with_incoming_shutdown(incoming, stop.cancelled_owned())
+                        .await
+                });
+                (server, Some(check))
+            }
+            None => {
+                tracing::warn!(%addr, "control API on loopback TCP without a token: any local user can use it");
+                let server = tokio::spawn(async move {
+                    Server::builder()
+                        .layer(crate::telemetry::otel::GrpcTraceLayer)
+                        .layer(status::ClientFaultsLayer)
+                        .add_routes(routes)
+                        .serve_with_incoming_shutdown(incoming, stop.cancelled_owned())
+                        .await
+                });
+                (server, None)
+            }
+        }
+    }
+}
+
 /// The running control servers.
 pub struct ControlServer {
-    servers: Vec<JoinHandle<Result<(), tonic::transport::Error>>>,
+    servers: Vec<ServerTask>,
     health: HealthReporter,
     /// The limits in force on each listener, changed in place on reload.
     limits: Vec<Arc<ServerLimits>>,
@@ -120,27 +195,7 @@ pub struct ControlServer {
 impl ControlServer {
     /// Starts serving on the bound listeners until `ctx.shutdown` is cancelled.
     pub async fn start(mut listeners: ControlListeners, ctx: Context) -> Result<Self, TransportError> {
-        let (health, health_service) = tonic_health::server::health_reporter();
-        health.set_serving::<NodeServiceServer<node_info::Node>>().await;
-        health.set_serving::<PeerServiceServer<peers::Peers>>().await;
-        health.set_serving::<TopicServiceServer<topics::Topics>>().await;
-
-        let reflection_error = |e: tonic_reflection::server::Error| TransportError::Reflection(e.to_string());
-        // grpcurl 1.8 and Python's reflection client speak only v1alpha; newer tools use v1.
-        let reflection = || {
-            tonic_reflection::server::Builder::configure()
-                .register_encoded_file_descriptor_set(CONTROL_DESCRIPTOR_SET)
-                .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        };
-        let reflection_v1 = reflection().build_v1().map_err(reflection_error)?;
-        let reflection_v1alpha = reflection().build_v1alpha().map_err(reflection_error)?;
-
-        let routes = Routes::new(NodeServiceServer::new(node_info::Node(ctx.clone())))
-            .add_service(PeerServiceServer::new(peers::Peers(ctx.clone())))
-            .add_service(TopicServiceServer::new(topics::Topics(ctx.clone())))
-            .add_service(health_service)
-            .add_service(reflection_v1)
-            .add_service(reflection_v1alpha);
+        let (routes, health) = routes(&ctx).await?;
 
         let mut servers = Vec::new();
         let socket_listener = listeners.socket.take_listener().ok_or_else(|| TransportError::Io {
@@ -166,42 +221,14 @@ impl ControlServer {
         let mut all_limits = vec![limits];
         let mut token_check = None;
         if let Some((listener, addr, token)) = listeners.tcp.take() {
-            let stop = ctx.shutdown.clone();
             // Its own connection slots (a local script flooding one listener leaves the other usable), under
             // the same limits.
             let tcp_limits = ServerLimits::new(listeners.limits);
-            let tcp_slots = tcp_limits.clone();
-            all_limits.push(tcp_limits);
-            let incoming = TcpListenerStream::new(listener)
-                .map(move |conn| conn.map(|conn| authority::wrap(conn, &tcp_slots)));
-            servers.push(match token {
-                Some(token) => {
-                    tracing::info!(%addr, "control API on TCP, bearer token required");
-                    let check = transport::RequireToken::new(&token);
-                    token_check = Some(check.clone());
-                    let layer = InterceptorLayer::new(check);
-                    tokio::spawn(async move {
-                        Server::builder()
-                            .layer(crate::telemetry::otel::GrpcTraceLayer)
-                            .layer(status::ClientFaultsLayer)
-                            .layer(layer)
-                            .add_routes(routes)
-                            .serve_with_incoming_shutdown(incoming, stop.cancelled_owned())
-                            .await
-                    })
-                }
-                None => {
-                    tracing::warn!(%addr, "control API on loopback TCP without a token: any local user can use it");
-                    tokio::spawn(async move {
-                        Server::builder()
-                            .layer(crate::telemetry::otel::GrpcTraceLayer)
-                            .layer(status::ClientFaultsLayer)
-                            .add_routes(routes)
-                            .serve_with_incoming_shutdown(incoming, stop.cancelled_owned())
-                            .await
-                    })
-                }
-            });
+            all_limits.push(tcp_limits.clone());
+            let tcp = TcpListener { listener, addr, token, limits: tcp_limits };
+            let (server, check) = tcp.serve(routes, ctx.shutdown.clone());
+            servers.push(server);
+            token_check = check;
         }
         Ok(Self { servers, health, limits: all_limits, token: token_check, _socket: listeners.socket })
     }

@@ -125,7 +125,6 @@ async fn nat_report(
     knowledge: crate::nat::prober::NatKnowledge,
 ) -> crate::api::control::NatReport {
     use crate::api::control as pb;
-    use crate::nat::classify::{Filtering, Hairpin, Mapping, PortAllocation};
     let observed = ctx
         .exchange
         .observed_addresses()
@@ -136,28 +135,7 @@ async fn nat_report(
             last_report: Some(convert::timestamp(o.last_report_ms)),
         })
         .collect();
-    let dial_backs = knowledge
-        .dial_backs
-        .iter()
-        .map(|record| pb::DialBackResult {
-            helper: record.outcome.helper.to_string(),
-            kind: match record.outcome.kind {
-                crate::wire::pb::DialBackKind::OtherPort => pb::DialBackKind::OtherPort,
-                crate::wire::pb::DialBackKind::OtherIp => pb::DialBackKind::OtherIp,
-                crate::wire::pb::DialBackKind::Unspecified => pb::DialBackKind::Unspecified,
-            } as i32,
-            attempted: record.outcome.attempted,
-            arrived: record.outcome.arrived_from.is_some(),
-            from_address: record
-                .outcome
-                .arrived_from
-                .or(record.outcome.declared_from)
-                .map(|a| a.to_string())
-                .unwrap_or_default(),
-            detail: record.outcome.detail.clone(),
-            at: Some(convert::timestamp(record.at_ms)),
-        })
-        .collect();
+    let dial_backs = knowledge.dial_backs.iter().map(dial_back_result).collect();
     // wire.proto's NatType and control.proto's share their numbers, so values pass through unchanged. Reading
     // the store can fail (a broken disk); the rest of the report is still worth showing.
     let punches = match ctx.exchange.punch_stats().await {
@@ -190,35 +168,65 @@ async fn nat_report(
         ..Default::default()
     };
     if let Some(verdict) = &knowledge.verdict {
-        let (_, info) = crate::nat::prober::record_nat_info(verdict);
-        report.nat_type = info.mapping;
-        report.reachability = info.reachability;
-        report.mapping = match verdict.mapping {
-            Mapping::Unknown => pb::MappingBehavior::Unknown,
-            Mapping::NoTranslation => pb::MappingBehavior::None,
-            Mapping::EndpointIndependent => pb::MappingBehavior::EndpointIndependent,
-            Mapping::EndpointDependent(_) => pb::MappingBehavior::EndpointDependent,
-        } as i32;
-        report.port_allocation = match verdict.mapping {
-            Mapping::EndpointDependent(PortAllocation::Sequential { delta }) => {
-                format!("sequential, delta {delta}")
-            }
-            Mapping::EndpointDependent(PortAllocation::Unpredictable) => "unpredictable".to_owned(),
-            _ => String::new(),
-        };
-        report.port_preservation = verdict.port_preservation;
-        report.filtering = match verdict.filtering {
-            Filtering::Unknown => pb::FilteringBehavior::Unknown,
-            Filtering::EndpointIndependent => pb::FilteringBehavior::EndpointIndependent,
-            Filtering::AddressDependent => pb::FilteringBehavior::AddressDependent,
-            Filtering::AddressAndPortDependent => pb::FilteringBehavior::AddressAndPortDependent,
-        } as i32;
-        report.hairpin = match verdict.hairpin {
-            Hairpin::Unknown => pb::HairpinSupport::Unknown,
-            Hairpin::Supported => pb::HairpinSupport::Supported,
-            Hairpin::NotSupported => pb::HairpinSupport::NotSupported,
-        } as i32;
-        report.explanation = verdict.explain();
+        describe_verdict(verdict, &mut report);
     }
     report
+}
+
+/// A dial-back outcome as the API shows it.
+fn dial_back_result(record: &crate::nat::prober::DialBackRecord) -> crate::api::control::DialBackResult {
+    use crate::api::control as pb;
+    pb::DialBackResult {
+        helper: record.outcome.helper.to_string(),
+        kind: match record.outcome.kind {
+            crate::wire::pb::DialBackKind::OtherPort => pb::DialBackKind::OtherPort,
+            crate::wire::pb::DialBackKind::OtherIp => pb::DialBackKind::OtherIp,
+            crate::wire::pb::DialBackKind::Unspecified => pb::DialBackKind::Unspecified,
+        } as i32,
+        attempted: record.outcome.attempted,
+        arrived: record.outcome.arrived_from.is_some(),
+        from_address: record
+            .outcome
+            .arrived_from
+            .or(record.outcome.declared_from)
+            .map(|a| a.to_string())
+            .unwrap_or_default(),
+        detail: record.outcome.detail.clone(),
+        at: Some(convert::timestamp(record.at_ms)),
+    }
+}
+
+/// The NAT verdict's fields of the report, with its explanation.
+fn describe_verdict(verdict: &crate::nat::classify::NatVerdict, report: &mut crate::api::control::NatReport) {
+    use crate::api::control as pb;
+    use crate::nat::classify::{Filtering, Hairpin, Mapping, PortAllocation};
+    let (_, info) = crate::nat::prober::record_nat_info(verdict);
+    report.nat_type = info.mapping;
+    report.reachability = info.reachability;
+    report.mapping = match verdict.mapping {
+        Mapping::Unknown => pb::MappingBehavior::Unknown,
+        Mapping::NoTranslation => pb::MappingBehavior::None,
+        Mapping::EndpointIndependent => pb::MappingBehavior::EndpointIndependent,
+        Mapping::EndpointDependent(_) => pb::MappingBehavior::EndpointDependent,
+    } as i32;
+    report.port_allocation = match verdict.mapping {
+        Mapping::EndpointDependent(PortAllocation::Sequential { delta }) => {
+            format!("sequential, delta {delta}")
+        }
+        Mapping::EndpointDependent(PortAllocation::Unpredictable) => "unpredictable".to_owned(),
+        _ => String::new(),
+    };
+    report.port_preservation = verdict.port_preservation;
+    report.filtering = match verdict.filtering {
+        Filtering::Unknown => pb::FilteringBehavior::Unknown,
+        Filtering::EndpointIndependent => pb::FilteringBehavior::EndpointIndependent,
+        Filtering::AddressDependent => pb::FilteringBehavior::AddressDependent,
+        Filtering::AddressAndPortDependent => pb::FilteringBehavior::AddressAndPortDependent,
+    } as i32;
+    report.hairpin = match verdict.hairpin {
+        Hairpin::Unknown => pb::HairpinSupport::Unknown,
+        Hairpin::Supported => pb::HairpinSupport::Supported,
+        Hairpin::NotSupported => pb::HairpinSupport::NotSupported,
+    } as i32;
+    report.explanation = verdict.explain();
 }
