@@ -43,7 +43,7 @@ fn sighup_applies_what_it_can_names_what_needs_a_restart_and_survives_a_bad_file
         "log_level = \"debug\"\n\
          [store]\nmax_peers = 5\n\
          [relay]\nmax_circuits = 2\n\
-         [quic]\nretry_threshold = 8\n\
+         [quic]\nretry_threshold = 8\nreflections_per_ip = 5\n\
          [control]\nmax_connections = 100\n\
          [monitoring]\nidle_timeout = \"30s\"\n\
          [dht]\nannounce_interval = \"20m\"\n",
@@ -55,6 +55,7 @@ fn sighup_applies_what_it_can_names_what_needs_a_restart_and_survives_a_bad_file
         "store.max_peers",
         "relay.max_circuits",
         "quic.retry_threshold",
+        "quic.reflections_per_ip",
         "control.max_connections",
         "monitoring.idle_timeout",
         "log_level",

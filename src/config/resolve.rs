@@ -216,6 +216,9 @@ impl Resolver<'_> {
             max_pending_handshakes: count(self, "quic.max_pending_handshakes")?,
             retry_threshold: count(self, "quic.retry_threshold")?,
             max_unvalidated_per_ip: count(self, "quic.max_unvalidated_per_ip")?,
+            reflections_per_ip: count(self, "quic.reflections_per_ip")?,
+            reflection_burst: count(self, "quic.reflection_burst")?,
+            reflections_per_second: count(self, "quic.reflections_per_second")?,
             ..crate::quic::QuicLimits::default()
         })
     }

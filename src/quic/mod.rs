@@ -11,6 +11,8 @@ mod admission;
 mod error;
 pub mod paths;
 mod source_limit;
+
+use source_limit::Rate;
 mod tls;
 
 #[cfg(test)]
@@ -94,6 +96,13 @@ pub struct QuicLimits {
     pub retry_threshold: usize,
     /// Unvalidated inbound handshakes one IP may have in progress before its further attempts get a Retry.
     pub max_unvalidated_per_ip: usize,
+    /// Address reflections answered per second to one IP, after a burst of `reflection_burst`; beyond that
+    /// they are dropped. A node behind a NAT asks once per punch (a few at once when it predicts its mappings),
+    /// so this only caps what a flood can make us send, and one flooder cannot use up what other askers get.
+    pub reflections_per_ip: usize,
+    pub reflection_burst: usize,
+    /// Address reflections answered per second to everyone together.
+    pub reflections_per_second: usize,
 }
 
 /// The setting-backed limits come from their declarations in [`crate::config`]; the rest are the transport's.
@@ -121,6 +130,9 @@ impl Default for QuicLimits {
             // dials got a Retry).
             retry_threshold: declared::count("quic.retry_threshold"),
             max_unvalidated_per_ip: declared::count("quic.max_unvalidated_per_ip"),
+            reflections_per_ip: declared::count("quic.reflections_per_ip"),
+            reflection_burst: declared::count("quic.reflection_burst"),
+            reflections_per_second: declared::count("quic.reflections_per_second"),
         }
     }
 }
@@ -148,7 +160,7 @@ impl QuicLimits {
         if self.max_pending_handshakes == 0 || self.retry_threshold == 0 || self.max_unvalidated_per_ip == 0 {
             return invalid(
                 "max_pending_handshakes, retry_threshold and max_unvalidated_per_ip must be at least 1 \
-                 (defaults 256, 64 and 16)",
+                 (defaults 256, 64 and 32)",
             );
         }
         if !self.keep_alive.is_zero() && self.keep_alive >= self.idle_timeout {
@@ -157,6 +169,17 @@ impl QuicLimits {
             );
         }
         Ok(())
+    }
+
+    /// The token buckets of address reflections: per IP, and for everyone together.
+    fn reflection_rates(&self) -> (Rate, Rate) {
+        let per_second = |n: usize| n as f64;
+        let per_ip = Rate {
+            per_second: per_second(self.reflections_per_ip),
+            burst: per_second(self.reflection_burst),
+        };
+        let total = per_second(self.reflections_per_second);
+        (per_ip, Rate { per_second: total, burst: total })
     }
 
     fn admission(&self) -> AdmissionLimits {
@@ -216,6 +239,8 @@ struct Inner {
     udp: Arc<dyn quinn::AsyncUdpSocket>,
     /// Replies to KRPC pings sent from the socket (see [`Self::mapping_towards`]).
     krpc: Arc<paths::KrpcWaiters>,
+    /// The socket wrapper the endpoint runs on, whose reflection budgets follow [`QuicEndpoint::set_limits`].
+    socket: Arc<paths::PathSocket>,
     closed: AtomicBool,
     /// Makes "count the connections, then accept" one step, so that concurrent `accept` callers cannot both
     /// take the last free slot.
@@ -307,11 +332,16 @@ impl QuicEndpoint {
         let udp = quinn::Runtime::wrap_udp_socket(&*runtime, socket).map_err(bind_error)?;
         let relay_paths = Arc::new(paths::RelayPaths::default());
         let krpc = Arc::new(paths::KrpcWaiters::default());
-        let socket = Arc::new(paths::PathSocket::new(udp.clone(), relay_paths.clone(), krpc.clone()));
+        let socket = Arc::new(paths::PathSocket::new(
+            udp.clone(),
+            relay_paths.clone(),
+            krpc.clone(),
+            limits.reflection_rates(),
+        ));
         let endpoint = quinn::Endpoint::new_with_abstract_socket(
             endpoint_config,
             Some(server_base.clone()),
-            socket,
+            socket.clone(),
             runtime,
         )
         .map_err(bind_error)?;
@@ -325,6 +355,7 @@ impl QuicEndpoint {
                 limits: std::sync::RwLock::new(limits),
                 relay_paths,
                 udp,
+                socket,
                 krpc,
                 closed: AtomicBool::new(false),
                 admission_lock: Mutex::new(()),
@@ -361,8 +392,12 @@ impl QuicEndpoint {
             max_pending_handshakes: new.max_pending_handshakes,
             retry_threshold: new.retry_threshold,
             max_unvalidated_per_ip: new.max_unvalidated_per_ip,
+            reflections_per_ip: new.reflections_per_ip,
+            reflection_burst: new.reflection_burst,
+            reflections_per_second: new.reflections_per_second,
             ..limits.clone()
         };
+        self.inner.socket.set_reflection_rates(new.reflection_rates());
         Ok(())
     }
 
@@ -400,7 +435,9 @@ impl QuicEndpoint {
         let runtime = Arc::new(quinn::TokioRuntime);
         let udp = quinn::Runtime::wrap_udp_socket(&*runtime, socket).map_err(bind_error)?;
         // The same socket wrapper as the node's: one datagram per send, and stray probes kept from QUIC.
-        let socket = Arc::new(paths::PathSocket::new(udp, Arc::default(), Arc::default()));
+        let rates =
+            self.inner.limits.read().unwrap_or_else(std::sync::PoisonError::into_inner).reflection_rates();
+        let socket = Arc::new(paths::PathSocket::new(udp, Arc::default(), Arc::default(), rates));
         let mut endpoint_config = quinn::EndpointConfig::default();
         endpoint_config.supported_versions(vec![QUIC_V1]);
         let endpoint = quinn::Endpoint::new_with_abstract_socket(endpoint_config, None, socket, runtime)

@@ -35,11 +35,6 @@ use tokio::sync::mpsc;
 /// Packets received over circuits and not yet read by QUIC; beyond this they are dropped, as a full socket
 /// buffer drops datagrams.
 const MAX_QUEUED_PACKETS: usize = 1024;
-/// Reflection requests answered per source IP, and from all sources together; beyond that they are dropped. A
-/// node behind a NAT asks once per punch (a few at once when it predicts its mappings), so this only caps what
-/// a flood can make us send, and one flooder cannot use up what other askers get.
-const REFLECTIONS_PER_SOURCE: Rate = Rate { per_second: 10.0, burst: 20.0 };
-const REFLECTIONS_GLOBAL: Rate = Rate { per_second: 200.0, burst: 200.0 };
 /// Sources whose reflection budget is tracked at once (see [`SourceLimiter`]).
 const REFLECTION_SOURCES: usize = 4096;
 
@@ -202,9 +197,20 @@ pub struct PathSocket {
 }
 
 impl PathSocket {
-    pub fn new(udp: Arc<dyn AsyncUdpSocket>, paths: Arc<RelayPaths>, krpc: Arc<KrpcWaiters>) -> Self {
-        let reflections = SourceLimiter::new(REFLECTIONS_PER_SOURCE, REFLECTIONS_GLOBAL, REFLECTION_SOURCES);
+    /// `reflections`: the token buckets of address reflections, per IP and for everyone together.
+    pub fn new(
+        udp: Arc<dyn AsyncUdpSocket>,
+        paths: Arc<RelayPaths>,
+        krpc: Arc<KrpcWaiters>,
+        (per_ip, total): (Rate, Rate),
+    ) -> Self {
+        let reflections = SourceLimiter::new(per_ip, total, REFLECTION_SOURCES);
         Self { udp, paths, krpc, reflections: Mutex::new(reflections) }
+    }
+
+    /// New budgets for address reflections, from the next one on.
+    pub fn set_reflection_rates(&self, (per_ip, total): (Rate, Rate)) {
+        lock(&self.reflections).set_rates(per_ip, total);
     }
 
     /// Handles a datagram that is not QUIC: answers a reflection request (within the rate limit) and drops

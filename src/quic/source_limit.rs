@@ -65,6 +65,16 @@ impl SourceLimiter {
         }
     }
 
+    /// New rates from now on; buckets keep their tokens, up to the new bursts.
+    pub fn set_rates(&mut self, per_source: Rate, global: Rate) {
+        self.per_source = per_source;
+        self.global_rate = global;
+        for bucket in self.sources.values_mut().chain([&mut self.overflow]) {
+            bucket.tokens = bucket.tokens.min(per_source.burst);
+        }
+        self.global.tokens = self.global.tokens.min(global.burst);
+    }
+
     /// Whether a datagram from `source` may be answered now; takes a token from its bucket and the global one.
     pub fn allow(&mut self, source: IpAddr, now: Instant) -> bool {
         self.global.refill(self.global_rate, now);
@@ -119,6 +129,18 @@ mod tests {
         );
         // A second later the flooder has earned ten more.
         assert_eq!(allowed(&mut limiter, ip(1), 1000, now + Duration::from_secs(1)), 10);
+    }
+
+    #[test]
+    fn new_rates_apply_at_once_and_cap_saved_tokens() {
+        let mut limiter = SourceLimiter::new(PER_SOURCE, GLOBAL, 64);
+        let now = Instant::now();
+        assert_eq!(allowed(&mut limiter, ip(1), 3, now), 3);
+        limiter.set_rates(Rate { per_second: 1.0, burst: 2.0 }, GLOBAL);
+        // 17 tokens were left; the new burst holds two.
+        assert_eq!(allowed(&mut limiter, ip(1), 100, now), 2);
+        assert_eq!(allowed(&mut limiter, ip(2), 100, now), 2, "a new source starts with the new burst");
+        assert_eq!(allowed(&mut limiter, ip(1), 100, now + Duration::from_secs(1)), 1);
     }
 
     #[test]
