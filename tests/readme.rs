@@ -7,6 +7,8 @@
 //! The daemons start in the background, one after the other once the previous one is ready, without
 //! `--monitoring-listen` (the README passes none), so the second one finds the default monitoring address taken
 //! by the first. A fixed port the block uses that another program holds fails the test with that said.
+//!
+//! The README's architecture table is checked against the source tree: every file and folder of `src/` is in it.
 
 mod common;
 
@@ -261,4 +263,28 @@ fn the_readme_two_daemon_example_runs_as_written() {
     // Both daemons are still up: neither gave up on the monitoring address the other holds.
     let exited = daemons.running.iter_mut().any(|(child, _)| !matches!(child.try_wait(), Ok(None)));
     assert!(!exited, "a daemon exited:\n{}", daemons.logs());
+}
+
+#[test]
+fn the_architecture_table_names_every_part_of_src() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let readme = std::fs::read_to_string(root.join("README.md")).expect("README.md");
+    let table: String = readme
+        .lines()
+        .skip_while(|line| !line.starts_with("| path | holds |"))
+        .take_while(|line| line.starts_with('|'))
+        .map(|line| line.split('|').nth(1).unwrap_or_default().to_owned())
+        .collect();
+    assert!(!table.is_empty(), "README has no architecture table (| path | holds |)");
+    let mut missing = Vec::new();
+    for entry in std::fs::read_dir(root.join("src")).expect("src/") {
+        let entry = entry.expect("entry");
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let named = if entry.path().is_dir() { format!("`src/{name}/") } else { format!("`src/{name}`") };
+        if !table.contains(&named) {
+            missing.push(named);
+        }
+    }
+    missing.sort();
+    assert!(missing.is_empty(), "the README's architecture table does not name {missing:?}");
 }
