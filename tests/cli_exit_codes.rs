@@ -10,17 +10,10 @@ use std::os::unix::net::UnixListener;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::{NodeDir, json, stderr, stdout};
-
-const EXIT_OK: i32 = 0;
-const EXIT_FAILURE: i32 = 1;
-const EXIT_USAGE: i32 = 2;
-const EXIT_CONNECT: i32 = 3;
-const EXIT_DAEMON: i32 = 4;
-const EXIT_NOT_FOUND: i32 = 5;
+use common::{NodeDir, exit, json, stderr, stdout};
 
 /// Every code this file tests, each by the test named beside it.
-const TESTED: [i32; 6] = [EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_CONNECT, EXIT_DAEMON, EXIT_NOT_FOUND];
+const TESTED: [i32; 6] = [exit::OK, exit::FAILURE, exit::USAGE, exit::CONNECT, exit::DAEMON, exit::NOT_FOUND];
 
 /// A node id no test daemon has heard of.
 const UNKNOWN_ID: &str = "5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a5a";
@@ -56,7 +49,7 @@ fn exit_0_on_success() {
     let dir = NodeDir::new();
     let _node = dir.start();
     let out = dir.rnctl(&["node", "info"]);
-    assert_eq!(code(&out), Some(EXIT_OK), "{}", stderr(&out));
+    assert_eq!(code(&out), Some(exit::OK), "{}", stderr(&out));
     assert!(stdout(&out).contains("node"), "{}", stdout(&out));
 }
 
@@ -68,7 +61,7 @@ fn exit_1_when_the_output_cannot_be_written() {
     let out = common::rnctl_with(|cmd| {
         cmd.arg("--socket").arg(dir.socket()).args(["node", "info"]).stdout(full);
     });
-    assert_eq!(code(&out), Some(EXIT_FAILURE), "{}", stderr(&out));
+    assert_eq!(code(&out), Some(exit::FAILURE), "{}", stderr(&out));
     assert!(stderr(&out).contains("cannot write output"), "{}", stderr(&out));
 }
 
@@ -87,7 +80,7 @@ fn exit_2_for_usage_errors_and_invalid_input() {
         &["node", "nonsense"],
     ] {
         let out = dir.rnctl(args);
-        assert_eq!(code(&out), Some(EXIT_USAGE), "{args:?}: {}", stderr(&out));
+        assert_eq!(code(&out), Some(exit::USAGE), "{args:?}: {}", stderr(&out));
     }
     // Refused before anything is sent, with what is expected.
     let out = dir.rnctl(&["connect", "notanaddress"]);
@@ -99,7 +92,7 @@ fn exit_3_when_the_daemon_cannot_be_reached() {
     let dir = NodeDir::new();
     // No daemon at all.
     let out = dir.rnctl(&["node", "info"]);
-    assert_eq!(code(&out), Some(EXIT_CONNECT), "{}", stderr(&out));
+    assert_eq!(code(&out), Some(exit::CONNECT), "{}", stderr(&out));
 
     // Something listens on the socket but drops every connection: the connection breaks, no daemon answers.
     let listener = UnixListener::bind(dir.socket()).expect("bind a socket");
@@ -109,7 +102,7 @@ fn exit_3_when_the_daemon_cannot_be_reached() {
         }
     });
     let out = dir.rnctl(&["--timeout", "5", "node", "info"]);
-    assert_eq!(code(&out), Some(EXIT_CONNECT), "{}", stderr(&out));
+    assert_eq!(code(&out), Some(exit::CONNECT), "{}", stderr(&out));
     drop(dropper);
 }
 
@@ -122,7 +115,7 @@ fn exit_4_when_the_daemon_answers_with_an_error() {
         .expect("quic address")
         .to_owned();
     let out = dir.rnctl(&["connect", &own]);
-    assert_eq!(code(&out), Some(EXIT_DAEMON), "{}", stderr(&out));
+    assert_eq!(code(&out), Some(exit::DAEMON), "{}", stderr(&out));
     assert!(stderr(&out).contains("this node itself"), "{}", stderr(&out));
 }
 
@@ -138,7 +131,7 @@ fn exit_4_with_the_daemons_error_for_a_dead_address() {
     let started = Instant::now();
     let out = dir.rnctl(&["connect", &address]);
     let err = stderr(&out);
-    assert_eq!(code(&out), Some(EXIT_DAEMON), "{err}");
+    assert_eq!(code(&out), Some(exit::DAEMON), "{err}");
     assert!(err.contains("QUIC handshake"), "the daemon's error, not a client deadline: {err}");
     assert!(!err.contains("did not answer"), "{err}");
     assert!(started.elapsed() < Duration::from_secs(60), "took {:?}", started.elapsed());
@@ -157,7 +150,7 @@ fn exit_5_when_the_peer_is_not_found() {
     ] {
         let out = dir.rnctl(args);
         let err = stderr(&out);
-        assert_eq!(code(&out), Some(EXIT_NOT_FOUND), "{args:?}: {err}");
+        assert_eq!(code(&out), Some(exit::NOT_FOUND), "{args:?}: {err}");
         assert_eq!(err.trim().lines().count(), 1, "{args:?}: one line: {err}");
         assert!(err.contains("not found"), "{args:?}: {err}");
         assert!(!err.contains("punch") && !err.contains("relay"), "{args:?}: no chain of attempts: {err}");

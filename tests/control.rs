@@ -9,7 +9,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::{NodeDir, json, stderr, stdout};
+use common::{NodeDir, exit, json, stderr, stdout};
 use remote_network::api::control::node_service_client::NodeServiceClient;
 use remote_network::api::control::peer_service_client::PeerServiceClient;
 use remote_network::api::control::topic_service_client::TopicServiceClient;
@@ -17,11 +17,6 @@ use remote_network::api::control::{
     ForgetPeerRequest, GetNodeInfoRequest, GetPeerRequest, JoinTopicRequest, LeaveTopicRequest,
     ListPeersRequest, ListTopicsRequest, StoreHealth, WatchPeersRequest,
 };
-
-/// rnctl's documented exit codes.
-const EXIT_USAGE: i32 = 2;
-const EXIT_CONNECT: i32 = 3;
-const EXIT_SERVER: i32 = 4;
 
 fn topics_in_db(dir: &NodeDir) -> BTreeSet<String> {
     let db = rusqlite::Connection::open(dir.database()).expect("open db");
@@ -197,10 +192,10 @@ async fn invalid_arguments_are_rejected_with_the_field_and_rule_and_nothing_is_s
 
     // rnctl checks input before sending it and says which rule was broken.
     let out = dir.rnctl(&["topics", "join", ""]);
-    assert_eq!(out.status.code(), Some(EXIT_USAGE), "{}", stderr(&out));
+    assert_eq!(out.status.code(), Some(exit::USAGE), "{}", stderr(&out));
     assert!(stderr(&out).contains("topic"), "{}", stderr(&out));
     let out = dir.rnctl(&["peers", "show", "not-a-node-id"]);
-    assert_eq!(out.status.code(), Some(EXIT_USAGE), "{}", stderr(&out));
+    assert_eq!(out.status.code(), Some(exit::USAGE), "{}", stderr(&out));
     assert!(stderr(&out).contains("64 lowercase hexadecimal"), "{}", stderr(&out));
 }
 
@@ -386,7 +381,7 @@ fn systemd_readiness_status_and_watchdog() {
 fn rnctl_without_a_daemon_says_where_it_looked() {
     let dir = NodeDir::new();
     let out = dir.rnctl(&["node", "info"]);
-    assert_eq!(out.status.code(), Some(EXIT_CONNECT), "{}", stderr(&out));
+    assert_eq!(out.status.code(), Some(exit::CONNECT), "{}", stderr(&out));
     let err = stderr(&out);
     assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
     assert!(err.contains(&dir.socket().display().to_string()), "{err}");
@@ -396,7 +391,7 @@ fn rnctl_without_a_daemon_says_where_it_looked() {
     let out = common::rnctl_with(|cmd| {
         cmd.env("XDG_RUNTIME_DIR", dir.path()).env("HOME", dir.path()).args(["topics", "list"]);
     });
-    assert_eq!(out.status.code(), Some(EXIT_CONNECT), "{}", stderr(&out));
+    assert_eq!(out.status.code(), Some(exit::CONNECT), "{}", stderr(&out));
     let err = stderr(&out);
     assert!(err.contains(&dir.path().join("remote-network/control.sock").display().to_string()), "{err}");
 }
@@ -435,12 +430,12 @@ fn tcp_control_listener_requires_its_token() {
     let out = common::rnctl_with(|cmd| {
         cmd.args(["--endpoint", &endpoint, "node", "info"]);
     });
-    assert_eq!(out.status.code(), Some(EXIT_SERVER), "{}", stderr(&out));
+    assert_eq!(out.status.code(), Some(exit::DAEMON), "{}", stderr(&out));
     assert!(stderr(&out).contains("unauthenticated"), "{}", stderr(&out));
     let out = common::rnctl_with(|cmd| {
         cmd.args(["--endpoint", &endpoint, "--token", "wrong", "node", "info"]);
     });
-    assert_eq!(out.status.code(), Some(EXIT_SERVER), "{}", stderr(&out));
+    assert_eq!(out.status.code(), Some(exit::DAEMON), "{}", stderr(&out));
     let out = common::rnctl_with(|cmd| {
         cmd.args(["--endpoint", &endpoint, "-o", "json", "node", "info"]).env("RNCTL_TOKEN", "s3cret-token");
     });

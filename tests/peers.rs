@@ -9,7 +9,7 @@ use std::io::{BufRead, BufReader};
 use std::process::Stdio;
 use std::time::Duration;
 
-use common::{NodeDir, json, stderr, stdout};
+use common::{NodeDir, exit, json, stderr, stdout};
 use remote_network::api::control::peer_service_client::PeerServiceClient;
 use remote_network::api::control::{
     GetPeerRequest, ListPeersRequest, NodeType, PeerEventKind, PeerOrder, WatchPeersRequest,
@@ -19,7 +19,6 @@ use remote_network::store::{
     AddressSource, Capabilities, PeerUpsert, QualitySample, Store, StoreOptions, UpsertOutcome,
 };
 
-const EXIT_NOT_FOUND: i32 = 5;
 const PEERS: u32 = 1100;
 
 /// Peers are dated within the last day so that the store's retention (30 days by default) keeps them all.
@@ -215,7 +214,7 @@ async fn show_returns_addresses_quality_and_capabilities() {
 
     let unknown = NodeId([0xee; 32]).to_string();
     let out = dir.rnctl(&["peers", "show", &unknown]);
-    assert_eq!(out.status.code(), Some(EXIT_NOT_FOUND), "{}", stderr(&out));
+    assert_eq!(out.status.code(), Some(exit::NOT_FOUND), "{}", stderr(&out));
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -280,7 +279,7 @@ async fn watch_streams_a_snapshot_then_live_removals() {
     let _ = watcher.wait();
 
     let out = dir.rnctl(&["peers", "forget", &peer_id(4).to_string()]);
-    assert_eq!(out.status.code(), Some(EXIT_NOT_FOUND), "{}", stderr(&out));
+    assert_eq!(out.status.code(), Some(exit::NOT_FOUND), "{}", stderr(&out));
     let out = dir.rnctl(&["-o", "json", "peers", "list"]);
     assert_eq!(json(&out)["total"], serde_json::json!((PEERS - 2).to_string()));
 }

@@ -131,6 +131,22 @@ async fn routes(ctx: &Context) -> Result<(Routes, HealthReporter), TransportErro
     Ok((routes, health))
 }
 
+/// Serves `routes` on `incoming` until `stop`, with tracing and client-fault statuses and no token check (the
+/// Unix socket, guarded by its file mode, and a loopback TCP listener without a token).
+fn serve_open<S>(routes: Routes, incoming: S, stop: CancellationToken) -> ServerTask
+where
+    S: tokio_stream::Stream<Item = std::io::Result<tokio::io::DuplexStream>> + Send + 'static,
+{
+    tokio::spawn(async move {
+        Server::builder()
+            .layer(crate::telemetry::otel::GrpcTraceLayer)
+            .layer(status::ClientFaultsLayer)
+            .add_routes(routes)
+            .serve_with_incoming_shutdown(incoming, stop.cancelled_owned())
+            .await
+    })
+}
+
 /// The optional TCP listener of the control API, bound.
 struct TcpListener {
     listener: tokio::net::TcpListener,
@@ -166,15 +182,7 @@ impl TcpListener {
             }
             None => {
                 tracing::warn!(%addr, "control API on loopback TCP without a token: any local user can use it");
-                let server = tokio::spawn(async move {
-                    Server::builder()
-                        .layer(crate::telemetry::otel::GrpcTraceLayer)
-                        .layer(status::ClientFaultsLayer)
-                        .add_routes(routes)
-                        .serve_with_incoming_shutdown(incoming, stop.cancelled_owned())
-                        .await
-                });
-                (server, None)
+                (serve_open(routes, incoming, stop), None)
             }
         }
     }
@@ -209,14 +217,7 @@ impl ControlServer {
         let unix_limits = limits.clone();
         let unix_incoming = UnixListenerStream::new(socket_listener)
             .map(move |conn| conn.map(|conn| authority::wrap(conn, &unix_limits)));
-        servers.push(tokio::spawn(async move {
-            Server::builder()
-                .layer(crate::telemetry::otel::GrpcTraceLayer)
-                .layer(status::ClientFaultsLayer)
-                .add_routes(unix_routes)
-                .serve_with_incoming_shutdown(unix_incoming, stop.cancelled_owned())
-                .await
-        }));
+        servers.push(serve_open(unix_routes, unix_incoming, stop));
 
         let mut all_limits = vec![limits];
         let mut token_check = None;

@@ -4,6 +4,16 @@
 
 #![allow(dead_code)]
 
+/// `rnctl`'s exit statuses, as the README's table states them (`tests/cli_exit_codes.rs` checks every row).
+pub mod exit {
+    pub const OK: i32 = 0;
+    pub const FAILURE: i32 = 1;
+    pub const USAGE: i32 = 2;
+    pub const CONNECT: i32 = 3;
+    pub const DAEMON: i32 = 4;
+    pub const NOT_FOUND: i32 = 5;
+}
+
 pub mod lab;
 use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
