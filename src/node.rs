@@ -13,6 +13,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::api::control::ListenAddresses;
 use crate::config::DhtMode;
@@ -32,6 +33,9 @@ use crate::telemetry::{self, MetricKind, Monitoring, MonitoringError, Readiness,
 
 /// File name of the peer database inside the data dir.
 pub const DATABASE_FILE: &str = "peers.db";
+/// How long stop waits for the node's own tasks once the exchange is closed (a warm-start dial in flight
+/// fails as soon as the endpoint is gone).
+const NODE_TASKS_STOP_WAIT: Duration = Duration::from_secs(5);
 /// How often the store's health is checked and reported to systemd and health checkers.
 const HEALTH_INTERVAL: Duration = Duration::from_secs(5);
 
@@ -65,6 +69,8 @@ pub struct Node {
     ctx: Arc<NodeContext>,
     control: ControlServer,
     background: Vec<JoinHandle<()>>,
+    /// The node's own tasks (the NAT prober, the warm start, the discovery feed); stop waits for them.
+    tasks: TaskTracker,
     monitoring: Monitoring,
     /// The monitoring port's connection limits in force, changed in place on reload.
     monitoring_limits: Arc<ServerLimits>,
@@ -81,7 +87,8 @@ impl Node {
         let started = Instant::now();
         let (data_dir_lock, identity, store) = open_local_state(config)?;
         let shutdown = CancellationToken::new();
-        let (exchange, dht) = match start_network(config, &identity, &store, &shutdown).await {
+        let tasks = TaskTracker::new();
+        let (exchange, dht) = match start_network(config, &identity, &store, &tasks, &shutdown).await {
             Ok(parts) => parts,
             Err(e) => {
                 shutdown.cancel();
@@ -91,8 +98,10 @@ impl Node {
         };
         let nat = crate::nat::prober::NatProber::start(
             exchange.clone(),
+            exchange.evidence(),
             dht.clone(),
             store.clone(),
+            &tasks,
             shutdown.clone(),
         );
         let ctx = NodeContext {
@@ -134,6 +143,7 @@ impl Node {
             ctx,
             control,
             background,
+            tasks,
             monitoring,
             monitoring_limits,
             serving,
@@ -179,6 +189,10 @@ impl Node {
         lifecycle::stop_stage("waiting for background tasks");
         for task in self.background {
             let _ = task.await;
+        }
+        self.tasks.close();
+        if tokio::time::timeout(NODE_TASKS_STOP_WAIT, self.tasks.wait()).await.is_err() {
+            tracing::warn!(running = self.tasks.len(), "node tasks still running at shutdown");
         }
         lifecycle::stop_stage("closing the store");
         let result = self.ctx.store.close().await;
@@ -388,6 +402,7 @@ async fn start_network(
     config: &Config,
     identity: &Identity,
     store: &Store,
+    tasks: &TaskTracker,
     shutdown: &CancellationToken,
 ) -> Result<(Exchange, Dht), StartError> {
     let endpoint =
@@ -444,12 +459,18 @@ async fn start_network(
         dht.join(topic);
     }
     let dialer = exchange.clone();
-    tokio::spawn(async move {
-        while let Some(discovery) = found.recv().await {
+    let stopping = shutdown.clone();
+    tasks.spawn(async move {
+        loop {
+            let discovery = tokio::select! {
+                () = stopping.cancelled() => return,
+                discovery = found.recv() => discovery,
+            };
+            let Some(discovery) = discovery else { return };
             dialer.dial_candidates(discovery.peers, AddressSource::Dht);
         }
     });
-    tokio::spawn(warm_start::reconnect(exchange.clone(), known_peers, shutdown.clone()));
+    tasks.spawn(warm_start::reconnect(exchange.clone(), known_peers, shutdown.clone()));
     Ok((exchange, dht))
 }
 

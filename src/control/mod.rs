@@ -51,7 +51,7 @@ pub struct NodeContext {
     pub store: Store,
     pub exchange: crate::exchange::Exchange,
     pub dht: crate::dht::Dht,
-    pub nat: crate::nat::prober::NatProber,
+    pub nat: crate::nat::prober::NatProber<crate::exchange::Exchange>,
     /// Cancelled when the node stops; ends long-lived streams so the server can drain.
     pub shutdown: CancellationToken,
 }

@@ -109,7 +109,7 @@ fn nat_status(ctx: &super::NodeContext) -> NatStatus {
     let knowledge = ctx.nat.knowledge();
     let (_, info) = knowledge.verdict.as_ref().map(crate::nat::prober::record_nat_info).unwrap_or_default();
     let mut public: Vec<String> =
-        ctx.exchange.confirmed_public_addresses().iter().map(|a| a.to_string()).collect();
+        ctx.exchange.evidence().confirmed_public().iter().map(|a| a.to_string()).collect();
     if let Some(external) = knowledge.verdict.as_ref().and_then(|v| v.external_address) {
         let external = external.to_string();
         if !public.contains(&external) {
@@ -127,7 +127,8 @@ async fn nat_report(
     use crate::api::control as pb;
     let observed = ctx
         .exchange
-        .observed_addresses()
+        .evidence()
+        .observations()
         .into_iter()
         .map(|o| pb::ObservedAddress {
             address: o.address.to_string(),

@@ -11,12 +11,15 @@
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::sync::{Semaphore, oneshot};
 
+use super::Inner;
+use super::router::Protocol;
 use crate::api::names::NodeId;
+use crate::quic::paths::is_relayed;
 use crate::quic::{QuicEndpoint, QuicLimits};
 use crate::wire::pb;
 
@@ -24,22 +27,6 @@ use crate::wire::pb;
 const MAX_CONCURRENT: usize = 2;
 /// How long a served dial-back may take to complete its handshake.
 pub const DIAL_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// What the requester learned from one dial-back.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DialBackOutcome {
-    pub helper: NodeId,
-    pub kind: pb::DialBackKind,
-    /// Whether the helper made the attempt (it may have no second address, or be busy).
-    pub attempted: bool,
-    /// The address the helper said it dialed from.
-    pub declared_from: Option<SocketAddr>,
-    /// The address the dial-back arrived from, if it arrived.
-    pub arrived_from: Option<SocketAddr>,
-    pub detail: String,
-    /// Not attempted because the helper was busy with other dial-backs.
-    pub busy: bool,
-}
 
 /// Dial-backs we asked for and are waiting to receive, by helper.
 #[derive(Default)]
@@ -92,6 +79,7 @@ impl Server {
     /// `session_local` is our address on that session, to choose "the same IP" or "another IP".
     pub async fn serve(
         &self,
+        tasks: &tokio_util::task::TaskTracker,
         key: &ed25519_dalek::SigningKey,
         requester: NodeId,
         target: SocketAddr,
@@ -137,8 +125,46 @@ impl Server {
         };
         tracing::debug!(%requester, %target, %from, %detail, "dial-back: done");
         // Answer now; telling a silent requester that the endpoint closes can take a while and changes nothing.
-        tokio::spawn(async move { endpoint.close().await });
+        tasks.spawn(async move { endpoint.close().await });
         pb::DialBackResponse { attempted: true, from_address: from, detail, busy: false }
+    }
+}
+
+/// Serves `DialBackRequest`s: dials the requester back at the address its session comes from.
+#[derive(Default)]
+pub(super) struct DialBacks {
+    server: Server,
+}
+
+impl Protocol for DialBacks {
+    type Request = pb::DialBackRequest;
+
+    fn accepts(kind: pb::envelope::Kind) -> Result<Self::Request, pb::envelope::Kind> {
+        match kind {
+            pb::envelope::Kind::DialBackRequest(request) => Ok(request),
+            other => Err(other),
+        }
+    }
+
+    async fn answer(&self, node: &Arc<Inner>, peer: NodeId, request: Self::Request) -> pb::envelope::Kind {
+        let declined = |detail: &str| {
+            pb::envelope::Kind::DialBackResponse(pb::DialBackResponse {
+                attempted: false,
+                detail: detail.to_owned(),
+                ..Default::default()
+            })
+        };
+        let Some(session) = node.sessions.get(&peer) else {
+            return declined("no session with the requester");
+        };
+        let target = session.connection().remote_address();
+        if is_relayed(&target) {
+            return declined("we are connected through a relay: a dial-back would measure nothing");
+        }
+        let local = session.connection().local_ip();
+        let key = node.publisher.signing_key().clone();
+        let response = self.server.serve(&node.tasks, &key, peer, target, local, request.kind()).await;
+        pb::envelope::Kind::DialBackResponse(response)
     }
 }
 

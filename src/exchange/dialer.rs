@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
+use super::connector::Dial;
 use super::{ExchangeError, Inner, Verified};
 use crate::api::names::NodeId;
 use crate::store::{AddressSource, PeerQuery};
@@ -69,10 +70,15 @@ pub struct Dialer {
 }
 
 impl Dialer {
-    pub(super) fn start(options: DialerOptions, exchange: Weak<Inner>, shutdown: CancellationToken) -> Self {
+    pub(super) fn start(
+        options: DialerOptions,
+        exchange: Weak<Inner>,
+        shutdown: CancellationToken,
+        tasks: &tokio_util::task::TaskTracker,
+    ) -> Self {
         let (jobs, queue) = mpsc::channel(256);
         let state = DialerState::new(options, exchange);
-        tokio::spawn(state.run(queue, shutdown));
+        tasks.spawn(state.run(queue, shutdown));
         Self { jobs }
     }
 
@@ -208,28 +214,10 @@ impl DialerState {
         let done = done.clone();
         let timeout = self.options.dial_timeout;
         let span = tracing::info_span!("exchange.dial", %address, ?source);
-        tokio::spawn(tracing::Instrument::instrument(
+        exchange.tasks.clone().spawn(tracing::Instrument::instrument(
             async move {
-                let started = Instant::now();
-                let attempt = async {
-                    exchange.contacted(address, false);
-                    let outbound = exchange.endpoint.connect(address, None).await?;
-                    exchange.run_outbound(outbound, started, source).await
-                };
-                let result = match tokio::time::timeout(timeout, attempt).await {
-                    Ok(result) => result,
-                    Err(_) => Err(ExchangeError::TimedOut("dial")),
-                };
-                match &result {
-                    Ok(verified) => tracing::info!(
-                        peer = %verified.node_id, %address, seq = verified.seq,
-                        elapsed_ms = verified.elapsed.as_millis() as u64, "outbound peer verified"
-                    ),
-                    Err(e) => {
-                        exchange.counters.exchanges_failed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                        tracing::debug!(%address, error = %e, "dial failed");
-                    }
-                }
+                let dial = Dial { deadline: Some(timeout), ..Dial::to(address, None, source) };
+                let result = exchange.dial(dial).await;
                 let _ = done.send(Finished { address, result }).await;
             },
             span,

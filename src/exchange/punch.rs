@@ -32,6 +32,8 @@ use std::time::{Duration, Instant};
 use prost::Message;
 use tokio::task::JoinSet;
 
+use super::connector::{Dial, Route};
+use super::router::Protocol;
 use super::session::SessionHandle;
 use super::traversal::{self, BirthdayReport, Strategy};
 use super::{ExchangeError, Inner, IntroductionFailure, PunchError, now_ms};
@@ -591,7 +593,7 @@ impl Inner {
         let delay =
             (rtt_to_rendezvous + Duration::from_micros(introduction.rtt_to_sender_us.min(2_000_000))) / 2;
         let inner = self.clone();
-        tokio::spawn(async move {
+        self.tasks.spawn(async move {
             let _permit = permit;
             tracing::info!(peer = %from, %rendezvous, ?candidates, ?delay, strategy = ?plan.strategy, "punching on introduction");
             let attempt = inner.dial_simultaneously(from, candidates, delay, plan).await;
@@ -629,9 +631,7 @@ impl Inner {
         for address in candidates {
             let inner = self.clone();
             dials.spawn(async move {
-                inner.contacted(address, false);
-                let outbound = inner.endpoint.connect(address, Some(peer)).await?;
-                inner.run_outbound(outbound, started, AddressSource::Record).await
+                inner.dial(Dial { started, ..Dial::to(address, Some(peer), AddressSource::Record) }).await
             });
         }
         let deadline = tokio::time::Instant::now() + PUNCH_WINDOW;
@@ -703,7 +703,7 @@ impl Inner {
                 *lock(&report) = Some(BirthdayReport::Skipped("other birthday punches are spraying".into()));
                 return None;
             };
-            return Some(tokio::spawn(async move {
+            return Some(self.tasks.spawn(async move {
                 let _permit = permit;
                 tokio::time::sleep(delay + BIRTHDAY_START_MARGIN).await;
                 let connected = || inner.direct_session(&peer).is_some();
@@ -712,7 +712,7 @@ impl Inner {
                     .await;
             }));
         }
-        Some(tokio::spawn(async move {
+        Some(self.tasks.spawn(async move {
             let sockets = inner.punch.birthday_sockets.clone();
             let Ok(Ok(permit)) = tokio::time::timeout(BIRTHDAY_SOCKETS_WAIT, sockets.acquire_owned()).await
             else {
@@ -739,13 +739,56 @@ impl Inner {
             *lock(&report) = Some(BirthdayReport::Hard { sockets: opened, hit: true });
             let dial = async {
                 let socket = socket.into_std().map_err(PunchError::Socket)?;
-                let outbound = inner.endpoint.connect_from(socket, easy, Some(peer)).await?;
-                inner.run_outbound(outbound, started, AddressSource::Record).await
+                let route = Route::Socket { socket, to: easy };
+                let dial =
+                    Dial { route, peer: Some(peer), source: AddressSource::Record, started, deadline: None };
+                inner.dial(dial).await
             };
             if let Err(e) = dial.await {
                 tracing::debug!(%peer, %easy, error = %e, "dial from the birthday socket failed");
             }
         }))
+    }
+}
+
+/// Serves `PunchRequest` as a rendezvous: forwards the requester's offer to the target it names.
+pub(super) struct ForwardPunch;
+
+impl Protocol for ForwardPunch {
+    type Request = pb::PunchRequest;
+
+    fn accepts(kind: pb::envelope::Kind) -> Result<Self::Request, pb::envelope::Kind> {
+        match kind {
+            pb::envelope::Kind::PunchRequest(request) => Ok(request),
+            other => Err(other),
+        }
+    }
+
+    async fn answer(&self, node: &Arc<Inner>, peer: NodeId, request: Self::Request) -> pb::envelope::Kind {
+        node.forward_punch(peer, request).await
+    }
+}
+
+/// Takes a `PunchIntroduction` from a rendezvous: answers with our offer and dials the requester at once.
+pub(super) struct AcceptIntroduction;
+
+impl Protocol for AcceptIntroduction {
+    type Request = pb::PunchIntroduction;
+
+    fn accepts(kind: pb::envelope::Kind) -> Result<Self::Request, pb::envelope::Kind> {
+        match kind {
+            pb::envelope::Kind::PunchIntroduction(introduction) => Ok(introduction),
+            other => Err(other),
+        }
+    }
+
+    async fn answer(
+        &self,
+        node: &Arc<Inner>,
+        peer: NodeId,
+        introduction: Self::Request,
+    ) -> pb::envelope::Kind {
+        node.accept_introduction(peer, introduction).await
     }
 }
 

@@ -23,6 +23,8 @@ use quinn::{RecvStream, SendStream};
 use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::sync::{mpsc, oneshot};
 
+use super::connector::{Dial, Route};
+use super::router::Protocol;
 use super::session::{SessionHandle, write_envelope};
 use super::{ExchangeError, Inner, ProtocolViolation, RelayError, StreamError};
 use crate::api::names::NodeId;
@@ -238,6 +240,7 @@ fn attach_circuit(
     mut send: SendStream,
     mut recv: RecvStream,
     permit: Option<tokio::sync::OwnedSemaphorePermit>,
+    tasks: &tokio_util::task::TaskTracker,
 ) -> SocketAddr {
     let (outgoing, mut queue) = mpsc::channel::<Vec<u8>>(CIRCUIT_QUEUE);
     let address = paths.register(outgoing);
@@ -245,7 +248,7 @@ fn attach_circuit(
     let (state, relay) = via;
     lock(&state.via).insert(address, relay);
     let via = state.via.clone();
-    tokio::spawn(async move {
+    tasks.spawn(async move {
         // Counts the circuit against its limit for as long as it lives.
         let _permit = permit;
         let writing = async {
@@ -382,7 +385,7 @@ impl Inner {
             };
             let inner = self.clone();
             let relay = session.peer();
-            tokio::spawn(async move {
+            self.tasks.spawn(async move {
                 let result = match read_first_frame(&mut recv).await {
                     Ok(pb::Envelope {
                         kind: Some(pb::envelope::Kind::CircuitIncoming(incoming)), ..
@@ -463,7 +466,7 @@ impl Inner {
         let budget = Arc::new(AtomicU64::new(options.max_bytes_per_circuit));
         let total = self.relay.bytes_relayed.clone();
         let rate = options.max_bytes_per_second;
-        tokio::spawn(async move {
+        self.tasks.spawn(async move {
             let _permit = permit;
             // Whichever direction ends (or breaks a limit) ends the circuit; dropping the other direction's
             // streams resets them.
@@ -497,8 +500,14 @@ impl Inner {
         write_envelope(&mut send, &circuit_response(true, "")).await?;
         // The peer's QUIC handshake arrives over the circuit like any inbound connection, and TLS tells who it
         // really is: `from` is only what the relay says.
-        let address =
-            attach_circuit(self.endpoint.relay_paths(), (&self.relay, relay), send, recv, Some(permit));
+        let address = attach_circuit(
+            self.endpoint.relay_paths(),
+            (&self.relay, relay),
+            send,
+            recv,
+            Some(permit),
+            &self.tasks,
+        );
         tracing::info!(%relay, from = ?from, %address, "accepted a relay circuit");
         Ok(())
     }
@@ -542,10 +551,18 @@ impl Inner {
                     .await
                     .map_err(|_| ExchangeError::TimedOut("the relay accepted but opened no circuit stream"))?
                     .map_err(|_| ExchangeError::SessionClosed)?;
-                let address =
-                    attach_circuit(self.endpoint.relay_paths(), (&self.relay, via.peer()), send, recv, None);
-                let outbound = self.endpoint.connect(address, Some(peer)).await?;
-                self.run_outbound(outbound, started, AddressSource::Record).await
+                let address = attach_circuit(
+                    self.endpoint.relay_paths(),
+                    (&self.relay, via.peer()),
+                    send,
+                    recv,
+                    None,
+                    &self.tasks,
+                );
+                let route = Route::Circuit(address);
+                let dial =
+                    Dial { route, peer: Some(peer), source: AddressSource::Record, started, deadline: None };
+                self.dial(dial).await
             };
             let result = attempt.await;
             lock(&self.relay.pending).remove(&key);
@@ -563,6 +580,42 @@ impl Inner {
             }
         }
         Err(last_error.into())
+    }
+}
+
+/// Serves `RelayReservationRequest`: a peer behind a NAT asks us to carry circuits to it.
+pub(super) struct Reservations;
+
+impl Protocol for Reservations {
+    type Request = pb::RelayReservationRequest;
+
+    fn accepts(kind: pb::envelope::Kind) -> Result<Self::Request, pb::envelope::Kind> {
+        match kind {
+            pb::envelope::Kind::RelayReservationRequest(request) => Ok(request),
+            other => Err(other),
+        }
+    }
+
+    async fn answer(&self, node: &Arc<Inner>, peer: NodeId, _request: Self::Request) -> pb::envelope::Kind {
+        node.answer_reservation(peer)
+    }
+}
+
+/// Serves `CircuitRequest`: opens a circuit from the requester to a peer that holds a reservation with us.
+pub(super) struct Circuits;
+
+impl Protocol for Circuits {
+    type Request = pb::CircuitRequest;
+
+    fn accepts(kind: pb::envelope::Kind) -> Result<Self::Request, pb::envelope::Kind> {
+        match kind {
+            pb::envelope::Kind::CircuitRequest(request) => Ok(request),
+            other => Err(other),
+        }
+    }
+
+    async fn answer(&self, node: &Arc<Inner>, peer: NodeId, request: Self::Request) -> pb::envelope::Kind {
+        node.carry_circuit(peer, request).await
     }
 }
 
@@ -591,9 +644,9 @@ pub(super) async fn upgrade_relayed(
             if session.path() != super::ConnectionPath::Relayed || !inner.punch.auto_punch_due(peer) {
                 continue;
             }
-            let inner = inner.clone();
-            tokio::spawn(async move {
-                match inner.punch_to(peer).await {
+            let punching = inner.clone();
+            inner.tasks.spawn(async move {
+                match punching.punch_to(peer).await {
                     Ok(_) => tracing::info!(%peer, "relayed session upgraded to a direct one"),
                     Err(e) => tracing::debug!(%peer, error = %e, "still no direct path"),
                 }

@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 
 use quinn::{RecvStream, SendStream, VarInt};
 use tokio::sync::{mpsc, oneshot};
+use tokio_util::task::TaskTracker;
 
 use super::table::{Arbitrable, Direction};
 use super::{ExchangeError, StreamError};
@@ -108,6 +109,8 @@ struct SessionInner {
     outgoing: mpsc::Sender<Box<pb::Envelope>>,
     pending: std::sync::Mutex<HashMap<u64, oneshot::Sender<pb::envelope::Kind>>>,
     next_request: AtomicU64,
+    /// The exchange's tracker: the session's loops and request handlers are joined at shutdown.
+    tasks: TaskTracker,
 }
 
 impl Arbitrable for SessionHandle {
@@ -154,6 +157,7 @@ impl SessionHandle {
     pub fn start<H: RequestHandler>(
         parts: SessionParts,
         handler: Arc<H>,
+        tasks: &TaskTracker,
         on_end: impl FnOnce(&SessionHandle, Option<ExchangeError>) + Send + 'static,
     ) -> Self {
         let SessionParts { id, peer, direction, path, connection, send, reader, since_ms } = parts;
@@ -169,11 +173,12 @@ impl SessionHandle {
                 outgoing,
                 pending: std::sync::Mutex::new(HashMap::new()),
                 next_request: AtomicU64::new(1),
+                tasks: tasks.clone(),
             }),
         };
-        tokio::spawn(write_loop(send, queue));
+        tasks.spawn(write_loop(send, queue));
         let session = handle.clone();
-        tokio::spawn(async move {
+        tasks.spawn(async move {
             let result = session.read_loop(reader, handler).await;
             let error = result.err();
             match &error {
@@ -291,7 +296,7 @@ impl SessionHandle {
             let permit = handling.clone().acquire_owned().await.map_err(|_| ExchangeError::SessionClosed)?;
             let (handler, outgoing, peer) = (handler.clone(), self.inner.outgoing.clone(), self.inner.peer);
             let request_id = envelope.request_id;
-            tokio::spawn(async move {
+            self.inner.tasks.spawn(async move {
                 let _permit = permit;
                 let answer = handler.handle(peer, kind).await.unwrap_or_else(|| {
                     pb::envelope::Kind::Error(pb::ErrorResponse {

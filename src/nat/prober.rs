@@ -1,33 +1,43 @@
 //! The NAT prober: gathers evidence about the NAT in front of our QUIC socket, classifies it with
 //! [`super::classify`], and acts on the verdict.
 //!
-//! Evidence comes from the exchange: every peer's report of where our packets come from (mapping samples), and
-//! dial-backs that connected peers make to us from a fresh 4-tuple (another port of their IP, another of their
-//! IPs). The verdict goes into our signed record (node type and NAT info, so peers know how to reach us), into
+//! Evidence comes from sessions, through [`super::evidence::NatEvidence`]: every peer's report of where our
+//! packets come from (mapping samples), and dial-backs that connected peers make to us from a fresh 4-tuple
+//! (another port of their IP, another of their IPs), asked for through [`NatProbes`]. The verdict goes into our signed record (node type and NAT info, so peers know how to reach us), into
 //! `GetNodeInfo` / `GetNatStatus`, and — once the mapping is known to be endpoint-independent — the external
 //! port becomes the port the DHT announces.
 //!
-//! Probing runs once peers are connected, again every [`REPROBE_INTERVAL`], and on demand (`ProbeNat`).
+//! Probing runs once peers report our address (the prober waits on the evidence, it does not poll it), again
+//! every [`REPROBE_INTERVAL`], and on demand (`ProbeNat`). What is known goes out through a `watch` channel
+//! ([`NatProber::subscribe`]).
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use super::classify::{self, NatVerdict, Observations};
+use super::evidence::NatEvidence;
+use super::probes::{DialBackOutcome, NatProbes};
 use crate::api::names::NodeId;
+use crate::clock::now_ms;
 use crate::dht::Dht;
-use crate::exchange::dial_back::DialBackOutcome;
-use crate::exchange::{Exchange, now_ms};
 use crate::store::{NodeType, Store};
 use crate::wire::pb;
 
 /// How often the NAT is probed again (NATs and networks change under a long-running node).
 pub const REPROBE_INTERVAL: Duration = Duration::from_secs(600);
-/// How often the prober checks whether a first probe is possible.
-const WAKE_INTERVAL: Duration = Duration::from_secs(5);
+/// How often the published rendezvous peers are checked against live sessions and the peers' current records
+/// (a peer's record says it is public only once its own verdict is in), and our interface addresses are read
+/// again (a change of network).
+const MAINTENANCE_INTERVAL: Duration = Duration::from_secs(5);
+/// How long new evidence settles before a probe: the session of the peer that reported it is registered
+/// just after its report, and it is the helper the probe asks for dial-backs.
+const EVIDENCE_SETTLE: Duration = Duration::from_secs(1);
 /// Helpers asked per probe.
 const HELPERS_PER_PROBE: usize = 2;
 /// Public peers named as rendezvous (and asked for a relay reservation) while we are behind a NAT.
@@ -57,39 +67,58 @@ pub struct NatKnowledge {
 }
 
 /// Handle to the prober.
-#[derive(Clone)]
-pub struct NatProber {
-    inner: Arc<ProberInner>,
+pub struct NatProber<P> {
+    inner: Arc<ProberInner<P>>,
 }
 
-struct ProberInner {
-    exchange: Exchange,
+impl<P> Clone for NatProber<P> {
+    fn clone(&self) -> Self {
+        Self { inner: self.inner.clone() }
+    }
+}
+
+struct ProberInner<P> {
+    probes: P,
+    evidence: Arc<NatEvidence>,
     dht: Dht,
     store: Store,
-    knowledge: Mutex<NatKnowledge>,
+    knowledge: watch::Sender<NatKnowledge>,
     /// One probe at a time: a second caller waits for the running one and reads its result.
     probing: tokio::sync::Mutex<()>,
 }
 
-impl NatProber {
-    /// Starts the background schedule; probes run until `shutdown`.
-    pub fn start(exchange: Exchange, dht: Dht, store: Store, shutdown: CancellationToken) -> Self {
+impl<P: NatProbes> NatProber<P> {
+    /// Starts the background schedule (a task of `tasks`); probes run until `shutdown`.
+    pub fn start(
+        probes: P,
+        evidence: Arc<NatEvidence>,
+        dht: Dht,
+        store: Store,
+        tasks: &TaskTracker,
+        shutdown: CancellationToken,
+    ) -> Self {
         let prober = Self {
             inner: Arc::new(ProberInner {
-                exchange,
+                probes,
+                evidence,
                 dht,
                 store,
-                knowledge: Mutex::new(NatKnowledge::default()),
+                knowledge: watch::Sender::new(NatKnowledge::default()),
                 probing: tokio::sync::Mutex::new(()),
             }),
         };
         let background = prober.clone();
-        tokio::spawn(async move { background.schedule(shutdown).await });
+        tasks.spawn(async move { background.schedule(shutdown).await });
         prober
     }
 
     pub fn knowledge(&self) -> NatKnowledge {
-        self.lock().clone()
+        self.inner.knowledge.borrow().clone()
+    }
+
+    /// What is known, now and whenever it changes.
+    pub fn subscribe(&self) -> watch::Receiver<NatKnowledge> {
+        self.inner.knowledge.subscribe()
     }
 
     /// Runs a probe now and returns what is known afterwards.
@@ -103,7 +132,7 @@ impl NatProber {
                 // (a network starting up), it says so and we ask again shortly.
                 let mut busy_retries = 0;
                 loop {
-                    match self.inner.exchange.request_dial_back(helper, kind).await {
+                    match self.inner.probes.request_dial_back(helper, kind).await {
                         Ok(outcome) if outcome.busy && busy_retries < BUSY_RETRIES => {
                             busy_retries += 1;
                             tokio::time::sleep(BUSY_BACKOFF * busy_retries).await;
@@ -122,7 +151,7 @@ impl NatProber {
         }
         // A second port of each helper (its DHT socket): with a single public peer, the one witness there is.
         for helper in self.pick_helpers().await {
-            self.inner.exchange.probe_mapping_via_dht(helper).await;
+            self.inner.probes.probe_mapping_via_dht(helper).await;
         }
         let mut observations = self.observations(&outcomes);
         let mut verdict = classify::classify(&observations);
@@ -131,7 +160,7 @@ impl NatProber {
         // host itself (Linux does: the packet would leave with its own address as destination and source),
         // so a probe that did not come back leaves the verdict unknown rather than "not supported".
         if let (Some(external), true) = (verdict.external_address, announces_external_port(&verdict)) {
-            let arrived = self.inner.exchange.probe_hairpin(external).await;
+            let arrived = self.inner.probes.probe_hairpin(external).await;
             tracing::debug!(%external, arrived, "hairpin probe");
             if arrived {
                 observations.hairpin.push(classify::HairpinProbe { target: external, arrived });
@@ -139,8 +168,8 @@ impl NatProber {
             }
         }
         let now = now_ms();
-        let previous = {
-            let mut knowledge = self.lock();
+        let mut previous = None;
+        self.inner.knowledge.send_modify(|knowledge| {
             for outcome in outcomes {
                 if knowledge.dial_backs.len() >= DIAL_BACK_HISTORY {
                     knowledge.dial_backs.pop_front();
@@ -148,60 +177,79 @@ impl NatProber {
                 knowledge.dial_backs.push_back(DialBackRecord { outcome, at_ms: now });
             }
             knowledge.last_probe_ms = Some(now);
-            knowledge.verdict.replace(verdict.clone())
-        };
+            previous = knowledge.verdict.replace(verdict.clone());
+        });
         self.act_on(&verdict).await;
         // A punch planned with what we knew before may have chosen a strategy that could not work (a plain dial
         // where the birthday strategy was needed): peers reached only through a relay are worth another try.
         if previous.as_ref().map(record_nat_info) != Some(record_nat_info(&verdict)) {
-            self.inner.exchange.punch_relayed_peers();
+            self.inner.probes.punch_relayed_peers();
         }
         self.knowledge()
     }
 
     async fn schedule(&self, shutdown: CancellationToken) {
-        let mut last_samples = 0;
+        let mut evidence = self.inner.evidence.changes();
+        let mut probed_with = *evidence.borrow_and_update();
+        let mut maintenance = tokio::time::interval(MAINTENANCE_INTERVAL);
+        maintenance.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
+            let reprobe = match self.knowledge().last_probe_ms {
+                Some(at) => Duration::from_millis(
+                    u64::try_from(at + REPROBE_INTERVAL.as_millis() as i64 - now_ms()).unwrap_or(0),
+                ),
+                None => Duration::MAX,
+            };
             tokio::select! {
-                _ = shutdown.cancelled() => return,
-                _ = tokio::time::sleep(WAKE_INTERVAL) => {}
+                () = shutdown.cancelled() => return,
+                changed = evidence.changed() => {
+                    if changed.is_err() {
+                        return;
+                    }
+                    tokio::time::sleep(EVIDENCE_SETTLE).await;
+                }
+                () = sleep_for(reprobe) => {}
+                _ = maintenance.tick() => {
+                    // A new network (other interface addresses) invalidates what we measured of the old one's NAT.
+                    if self.inner.probes.refresh_interfaces().await {
+                        self.inner.evidence.forget();
+                        self.inner.knowledge.send_modify(|knowledge| knowledge.last_probe_ms = None);
+                    }
+                    // Sessions come and go between probes: keep the published rendezvous peers live ones.
+                    self.maintain_rendezvous().await;
+                    continue;
+                }
             }
-            // A new network (other interface addresses) invalidates what we measured of the old one's NAT.
-            if self.inner.exchange.publisher().refresh_interfaces().await {
-                self.inner.exchange.forget_network_evidence();
-                self.lock().last_probe_ms = None;
-                last_samples = 0;
-            }
-            let samples = self.inner.exchange.mapping_samples().len();
-            // Read under the lock, then release it: `undecided` below takes the same lock.
-            let last_probe_ms = self.lock().last_probe_ms;
-            let due = match last_probe_ms {
-                None => samples > 0,
+            let now = *evidence.borrow_and_update();
+            let due = match self.knowledge().last_probe_ms {
+                None => now.samples > 0,
                 Some(at) => {
                     now_ms().saturating_sub(at) >= REPROBE_INTERVAL.as_millis() as i64
                         // New witnesses can settle an undecided verdict: probe again soon after they report.
-                        || (samples != last_samples && self.undecided())
+                        || (now != probed_with && self.undecided())
                 }
             };
             if due {
-                last_samples = samples;
+                probed_with = now;
                 self.probe().await;
-            } else {
-                // Sessions come and go between probes: keep the published rendezvous peers live ones.
-                self.maintain_rendezvous().await;
             }
         }
     }
 
     fn undecided(&self) -> bool {
-        self.lock().verdict.as_ref().is_none_or(|v| v.reachability == classify::Reachability::Unknown)
+        self.inner
+            .knowledge
+            .borrow()
+            .verdict
+            .as_ref()
+            .is_none_or(|v| v.reachability == classify::Reachability::Unknown)
     }
 
     /// Connected peers to ask for dial-backs, those that say they are public first.
     async fn pick_helpers(&self) -> Vec<NodeId> {
         let mut public = Vec::new();
         let mut others = Vec::new();
-        for peer in self.inner.exchange.directly_connected() {
+        for peer in self.inner.probes.witnesses().into_iter().map(|w| w.peer) {
             let is_public = matches!(
                 self.inner.store.get_peer(peer).await,
                 Ok(Some(detail)) if detail.summary.node_type == NodeType::Public
@@ -214,12 +262,12 @@ impl NatProber {
     /// The classifier's input: mapping samples, the endpoints we talk to, and the dial-backs (each helper's
     /// live session is its control probe: it shows that helper reaches us at all).
     fn observations(&self, outcomes: &[DialBackOutcome]) -> Observations {
-        let exchange = &self.inner.exchange;
-        let local = exchange.local_addr().unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
+        let evidence = &self.inner.evidence;
+        let local = self.inner.probes.local_addr().unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)));
         let mut observations = Observations::new(local);
         observations.interfaces =
             if_addrs::get_if_addrs().map(|list| list.iter().map(|i| i.ip()).collect()).unwrap_or_default();
-        observations.mappings = exchange
+        observations.mappings = evidence
             .mapping_samples()
             .iter()
             .map(|s| classify::MappingObservation {
@@ -228,12 +276,9 @@ impl NatProber {
                 observed: s.observed,
             })
             .collect();
-        let sessions: Vec<(NodeId, SocketAddr)> = exchange
-            .directly_connected()
-            .into_iter()
-            .filter_map(|id| exchange.session_info(&id).map(|s| (id, s.remote)))
-            .collect();
-        let contacted = exchange.contacted_since(now_ms() - CONTACT_WINDOW.as_millis() as i64);
+        let sessions: Vec<(NodeId, SocketAddr)> =
+            self.inner.probes.witnesses().into_iter().map(|w| (w.peer, w.remote)).collect();
+        let contacted = evidence.contacted_since(now_ms() - CONTACT_WINDOW.as_millis() as i64);
         observations.contacted = contacted.iter().map(|(endpoint, _)| *endpoint).collect();
         observations.contacted.extend(sessions.iter().map(|(_, remote)| *remote));
         for outcome in outcomes.iter().filter(|o| o.attempted) {
@@ -262,7 +307,7 @@ impl NatProber {
     /// mapping, as the port the DHT announces (the port the world sees).
     async fn act_on(&self, verdict: &NatVerdict) {
         let (node_type, nat) = record_nat_info(verdict);
-        if let Err(e) = self.inner.exchange.publisher().set_nat(node_type, nat).await {
+        if let Err(e) = self.inner.probes.publish_nat(node_type, nat).await {
             tracing::warn!(error = %e, "could not re-sign the record with the NAT verdict");
         }
         self.maintain_rendezvous().await;
@@ -281,27 +326,26 @@ impl NatProber {
     async fn maintain_rendezvous(&self) {
         let mut rendezvous = Vec::new();
         if self.behind_nat() {
-            let exchange = &self.inner.exchange;
             // In node id order, so the choice only changes when sessions do (each change re-signs the record
             // and pushes it to every peer), and no further than needed through a large session table.
-            let mut peers = exchange.directly_connected();
-            peers.sort();
-            for peer in peers {
+            let mut witnesses = self.inner.probes.witnesses();
+            witnesses.sort_by_key(|w| w.peer);
+            for session in witnesses {
                 if rendezvous.len() >= RENDEZVOUS_PEERS {
                     break;
                 }
-                let Some(session) = exchange.session_info(&peer) else { continue };
+                let peer = session.peer;
                 let Ok(Some(detail)) = self.inner.store.get_peer(peer).await else { continue };
                 // A peer that says it is public, or one whose own verdict is still open but whose packets come
                 // from an address its record names as one of its interfaces': nothing translates its address,
                 // which from behind our NAT is what a public peer looks like (whoever dialed whom).
                 let public = detail.summary.node_type == NodeType::Public
                     || (detail.summary.node_type == NodeType::Unknown
-                        && session.path == crate::exchange::ConnectionPath::Direct
+                        && !session.punched
                         && own_interface_address(&detail.record, session.remote));
                 if public {
                     // A punch may not get through the NATs on both sides: the rendezvous also relays.
-                    match exchange.reserve_relay(peer).await {
+                    match self.inner.probes.reserve_relay(peer).await {
                         Ok(true) => {}
                         Ok(false) => tracing::debug!(%peer, "public peer does not relay for us"),
                         Err(e) => tracing::debug!(%peer, error = %e, "relay reservation failed"),
@@ -310,14 +354,14 @@ impl NatProber {
                 }
             }
         }
-        self.inner.exchange.publisher().set_rendezvous(rendezvous).await;
+        self.inner.probes.publish_rendezvous(rendezvous).await;
     }
 
     /// Whether others need a rendezvous to reach us: the verdict says so, or, while it is still open (too few
     /// witnesses, as in a network with a single public node), a peer saw our packets come from an address that
     /// is none of our interfaces'. An open verdict must not keep a node behind a NAT unreachable.
     fn behind_nat(&self) -> bool {
-        let reachability = self.lock().verdict.as_ref().map(|v| v.reachability);
+        let reachability = self.inner.knowledge.borrow().verdict.as_ref().map(|v| v.reachability);
         match reachability {
             Some(classify::Reachability::PrivatePunchable | classify::Reachability::PrivateHard) => true,
             Some(classify::Reachability::Public) => false,
@@ -328,16 +372,20 @@ impl NatProber {
                     .map(|list| list.iter().map(|i| canonical(i.ip())).collect())
                     .unwrap_or_default();
                 self.inner
-                    .exchange
+                    .evidence
                     .mapping_samples()
                     .iter()
                     .any(|s| !interfaces.contains(&canonical(s.observed.ip())))
             }
         }
     }
+}
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, NatKnowledge> {
-        self.inner.knowledge.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+/// A sleep that a `Duration::MAX` turns into "never".
+async fn sleep_for(wait: Duration) {
+    match tokio::time::Instant::now().checked_add(wait) {
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        None => std::future::pending().await,
     }
 }
 
