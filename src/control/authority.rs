@@ -198,8 +198,6 @@ where
 {
     let mut preface = [0u8; PREFACE.len()];
     let deadline = tokio::time::Instant::now() + handshake;
-    let too_slow =
-        |_| io::Error::new(io::ErrorKind::TimedOut, "no HTTP/2 preface and request headers in time");
     tokio::time::timeout_at(deadline, client.read_exact(&mut preface)).await.map_err(too_slow)??;
     server.write_all(&preface).await?;
     if &preface != PREFACE {
@@ -210,53 +208,14 @@ where
     decoder.set_max_allowed_table_size(HPACK_TABLE_SIZE);
     let mut mode = Mode::Undecided;
     loop {
-        // Until the first request decided the mode, the client has the handshake deadline; after that, the
-        // connection is the server's (its own keep-alive and stream limits apply).
-        let first = match mode {
-            Mode::Undecided => {
-                tokio::time::timeout_at(deadline, read_frame(client, MAX_FRAME)).await.map_err(too_slow)??
-            }
-            Mode::Rewrite | Mode::PassThrough => read_frame(client, MAX_FRAME).await?,
-        };
-        let Some(first) = first else { return server.shutdown().await };
+        let Some(first) = read_in_mode(client, mode, deadline).await? else { return server.shutdown().await };
         calls.track(&first, true);
         if first.kind != FRAME_HEADERS || mode == Mode::PassThrough {
             server.write_all(&first.raw).await?;
             continue;
         }
-        // Gather the whole header block: HEADERS then CONTINUATION frames of the same stream.
-        let mut frames = vec![first];
-        let mut block = Vec::new();
-        let complete = loop {
-            let frame = frames.last().expect("at least the HEADERS frame");
-            let Some(fragment) = frame.fragment() else { break false };
-            block.extend_from_slice(fragment);
-            if frame.flags & FLAG_END_HEADERS != 0 {
-                break true;
-            }
-            if block.len() > MAX_HEADER_BLOCK {
-                return Err(io::Error::new(io::ErrorKind::InvalidData, "header block too large"));
-            }
-            let next = match mode {
-                Mode::Undecided => tokio::time::timeout_at(deadline, read_frame(client, MAX_FRAME))
-                    .await
-                    .map_err(too_slow)??,
-                Mode::Rewrite | Mode::PassThrough => read_frame(client, MAX_FRAME).await?,
-            };
-            match next {
-                Some(next) if next.kind == FRAME_CONTINUATION && next.stream == frames[0].stream => {
-                    frames.push(next)
-                }
-                Some(other) => {
-                    // A protocol error the server will report; it must see exactly what the client sent.
-                    calls.track(&other, true);
-                    frames.push(other);
-                    break false;
-                }
-                None => break false,
-            }
-        };
-        let headers = if complete { decode_bounded(&mut decoder, &block) } else { None };
+        let (frames, block) = read_header_block(client, first, mode, deadline, calls).await?;
+        let headers = block.and_then(|block| decode_bounded(&mut decoder, &block));
         let Some(mut headers) = headers else {
             for frame in &frames {
                 server.write_all(&frame.raw).await?;
@@ -284,6 +243,60 @@ where
         }
         let end_stream = frames[0].flags & FLAG_END_STREAM;
         server.write_all(&header_frames(frames[0].stream, end_stream, &encode_block(&headers))).await?;
+    }
+}
+
+fn too_slow<E>(_: E) -> io::Error {
+    io::Error::new(io::ErrorKind::TimedOut, "no HTTP/2 preface and request headers in time")
+}
+
+/// The client's next frame. Until the first request decided the mode, the client has the handshake deadline;
+/// after that, the connection is the server's (its own keep-alive and stream limits apply).
+async fn read_in_mode<R: AsyncRead + Unpin>(
+    client: &mut R,
+    mode: Mode,
+    deadline: tokio::time::Instant,
+) -> io::Result<Option<Frame>> {
+    match mode {
+        Mode::Undecided => {
+            tokio::time::timeout_at(deadline, read_frame(client, MAX_FRAME)).await.map_err(too_slow)?
+        }
+        Mode::Rewrite | Mode::PassThrough => read_frame(client, MAX_FRAME).await,
+    }
+}
+
+/// Gathers a whole header block: the HEADERS frame `first`, then CONTINUATION frames of the same stream.
+/// Returns the frames as read, and the block when it is complete (`None` when the client broke the sequence,
+/// which the server must see exactly as sent to report it).
+async fn read_header_block<R: AsyncRead + Unpin>(
+    client: &mut R,
+    first: Frame,
+    mode: Mode,
+    deadline: tokio::time::Instant,
+    calls: &Calls,
+) -> io::Result<(Vec<Frame>, Option<Vec<u8>>)> {
+    let stream = first.stream;
+    let mut frames = vec![first];
+    let mut block = Vec::new();
+    loop {
+        let frame = frames.last().expect("at least the HEADERS frame");
+        let Some(fragment) = frame.fragment() else { return Ok((frames, None)) };
+        block.extend_from_slice(fragment);
+        if frame.flags & FLAG_END_HEADERS != 0 {
+            return Ok((frames, Some(block)));
+        }
+        if block.len() > MAX_HEADER_BLOCK {
+            return Err(io::Error::new(io::ErrorKind::InvalidData, "header block too large"));
+        }
+        match read_in_mode(client, mode, deadline).await? {
+            Some(next) if next.kind == FRAME_CONTINUATION && next.stream == stream => frames.push(next),
+            Some(other) => {
+                calls.track(&other, true);
+                frames.push(other);
+                return Ok((frames, None));
+            }
+            None => return Ok((frames, None)),
+        }
     }
 }
 

@@ -18,6 +18,7 @@
 //! - **Retention.** Peers not seen for `retention`, and the least recently seen beyond `max_peers`, are pruned
 //!   by the writer at start and every `prune_interval`; each peer keeps at most 32 addresses.
 
+mod apply;
 mod checkpoint;
 mod codec;
 mod read;

@@ -86,23 +86,7 @@ pub(crate) fn topic_peer_count(conn: &Connection, topic: &str) -> Result<u64, St
 
 /// One page of peers in the query's order, after its cursor, with the number of all matching peers.
 pub(crate) fn list_peers(conn: &mut Connection, query: &PeerQuery) -> Result<PeerPage, StoreError> {
-    let mut conditions: Vec<String> = Vec::new();
-    let mut values: Vec<Value> = Vec::new();
-    if let Some(topic) = &query.topic {
-        values.push(Value::Text(topic.clone()));
-        conditions.push(format!(
-            "EXISTS (SELECT 1 FROM peer_topics t WHERE t.peer = p.id AND t.topic = ?{})",
-            values.len()
-        ));
-    }
-    if let Some(node_type) = query.node_type {
-        values.push(Value::Integer(node_type as i64));
-        conditions.push(format!("p.node_type = ?{}", values.len()));
-    }
-    if let Some(since) = query.seen_since_ms {
-        values.push(Value::Integer(since));
-        conditions.push(format!("p.last_seen >= ?{}", values.len()));
-    }
+    let (conditions, values) = filter_conditions(query);
     let count_sql = format!("SELECT COUNT(*) FROM peers p{}", where_clause(&conditions));
 
     // Keyset pagination: rows strictly after the cursor in (key DESC, tiebreak ASC) order. The first
@@ -170,6 +154,28 @@ pub(crate) fn list_peers(conn: &mut Connection, query: &PeerQuery) -> Result<Pee
         None
     };
     Ok(PeerPage { peers, next, total: count_from_stored(total) })
+}
+
+/// The query's filters as SQL conditions on `peers p`, with their values bound in order.
+fn filter_conditions(query: &PeerQuery) -> (Vec<String>, Vec<Value>) {
+    let mut conditions: Vec<String> = Vec::new();
+    let mut values: Vec<Value> = Vec::new();
+    if let Some(topic) = &query.topic {
+        values.push(Value::Text(topic.clone()));
+        conditions.push(format!(
+            "EXISTS (SELECT 1 FROM peer_topics t WHERE t.peer = p.id AND t.topic = ?{})",
+            values.len()
+        ));
+    }
+    if let Some(node_type) = query.node_type {
+        values.push(Value::Integer(node_type as i64));
+        conditions.push(format!("p.node_type = ?{}", values.len()));
+    }
+    if let Some(since) = query.seen_since_ms {
+        values.push(Value::Integer(since));
+        conditions.push(format!("p.last_seen >= ?{}", values.len()));
+    }
+    (conditions, values)
 }
 
 fn where_clause(conditions: &[String]) -> String {
