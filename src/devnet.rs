@@ -18,10 +18,10 @@ use remote_network::api::control::node_service_client::NodeServiceClient;
 use remote_network::api::control::peer_service_client::PeerServiceClient;
 use remote_network::api::control::{GetNodeInfoRequest, ListPeersRequest};
 
-/// How long a daemon may take to open its control socket.
+/// How long a daemon may take to report ready.
 const START_TIMEOUT: Duration = Duration::from_secs(30);
-/// How often the summary is refreshed.
-const POLL_INTERVAL: Duration = Duration::from_millis(500);
+/// How often the summary is redrawn: a display refresh, as watch(1) does, not a wait for a state change.
+const REFRESH_INTERVAL: Duration = Duration::from_millis(500);
 
 /// One daemon of the devnet.
 struct DevNode {
@@ -102,7 +102,7 @@ pub fn run(
             }
             if stop_after.is_some_and(|limit| started.elapsed() >= limit) {
                 if until_verified {
-                    stop(&mut devnet);
+                    stop(&mut devnet).await;
                     bail!("not every node verified every other within {:?}", stop_after.unwrap_or_default());
                 }
                 break;
@@ -112,10 +112,10 @@ pub fn run(
                     println!("{name}: stopping the devnet");
                     break;
                 }
-                _ = tokio::time::sleep(POLL_INTERVAL) => {}
+                _ = tokio::time::sleep(REFRESH_INTERVAL) => {}
             }
         }
-        stop(&mut devnet);
+        stop(&mut devnet).await;
         Ok(())
     })
 }
@@ -192,8 +192,11 @@ async fn verified_peers(socket: &Path, topic: &str) -> BTreeSet<String> {
     }
 }
 
+/// How long a daemon may take to stop (it flushes its store) before the devnet gives up waiting for it.
+const STOP_TIMEOUT: Duration = Duration::from_secs(15);
+
 /// SIGTERM to every daemon, then wait for each (they flush their stores).
-fn stop(devnet: &mut Devnet) {
+async fn stop(devnet: &mut Devnet) {
     for node in &devnet.nodes {
         if let Ok(pid) = i32::try_from(node.child.id()) {
             // SAFETY: kill(2) on a child we spawned and have not reaped.
@@ -201,12 +204,14 @@ fn stop(devnet: &mut Devnet) {
         }
     }
     for node in &mut devnet.nodes {
-        let deadline = Instant::now() + Duration::from_secs(15);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = node.child.try_wait() {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(20));
+        match tokio::time::timeout(STOP_TIMEOUT, remote_network::loopback::exited(&mut node.child)).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => eprintln!("cannot wait for {}: {e}", node.label),
+            Err(_) => eprintln!(
+                "{} did not stop within {STOP_TIMEOUT:?}; see {}/daemon.log",
+                node.label,
+                node.dir.display()
+            ),
         }
     }
 }

@@ -118,8 +118,6 @@ pub fn hangup_signals() -> std::io::Result<tokio::sync::mpsc::Receiver<()>> {
 /// What a graceful stop is doing, for the stop deadline's message: set by each stage of the stop.
 static STOP_STAGE: std::sync::Mutex<&'static str> =
     std::sync::Mutex::new("the runtime had not yet handled the signal");
-/// Set from the signal handler itself, so the deadline runs even if the async runtime never sees the signal.
-static STOP_REQUESTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 /// Records the stage a graceful stop has reached (see [`arm_stop_deadline`]).
 pub fn stop_stage(stage: &'static str) {
@@ -131,17 +129,29 @@ pub fn stop_stage(stage: &'static str) {
 /// after the first one, says which stage of the stop hung and exits with `exit_code`. A service manager would
 /// otherwise wait for its own stop timeout and then kill the daemon without a word.
 pub fn arm_stop_deadline(limit: Duration, exit_code: i32) -> std::io::Result<()> {
-    use std::sync::atomic::Ordering;
+    use std::io::Read;
+    use std::os::fd::IntoRawFd;
+    // A self-pipe: the signal handler itself writes a byte, so the deadline starts even if the async runtime
+    // never sees the signal, and the thread sleeps in `read` until then instead of polling a flag.
+    let (mut woken, wake) = std::os::unix::net::UnixStream::pair()?;
+    wake.set_nonblocking(true)?;
+    // The write end lives as long as the process: the handlers may run at any time.
+    let wake = wake.into_raw_fd();
     for signal in [libc::SIGTERM, libc::SIGINT] {
-        // SAFETY: the action only stores to an atomic, which is async-signal-safe; it runs beside tokio's own
-        // handler for the same signals (the registry chains them).
+        // SAFETY: the action only calls write(2), which is async-signal-safe, on a non-blocking socket that is
+        // never closed (a full buffer just drops the byte: one is enough); it runs beside tokio's own handler
+        // for the same signals (the registry chains them).
         unsafe {
-            signal_hook_registry::register(signal, || STOP_REQUESTED.store(true, Ordering::SeqCst))?;
+            signal_hook_registry::register(signal, move || {
+                let _ = libc::write(wake, [1u8].as_ptr().cast(), 1);
+            })?;
         }
     }
     std::thread::Builder::new().name("stop-deadline".to_owned()).spawn(move || {
-        while !STOP_REQUESTED.load(Ordering::SeqCst) {
-            std::thread::sleep(Duration::from_millis(100));
+        let mut byte = [0u8; 1];
+        if woken.read_exact(&mut byte).is_err() {
+            // Cannot happen while the write end is open; without a wake-up there is no deadline to keep.
+            return;
         }
         std::thread::sleep(limit);
         let stage = *STOP_STAGE.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
@@ -200,6 +210,41 @@ impl ExclusiveLock {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Set in the child process of the stop-deadline test.
+    const DEADLINE_CHILD: &str = "RN_STOP_DEADLINE_CHILD";
+
+    /// A process whose stop hangs is ended by the deadline, with the stage it hung in: the test runs itself as a
+    /// child that arms the deadline, signals itself and then never stops on its own.
+    #[test]
+    fn a_stop_that_hangs_is_ended_by_the_deadline_with_the_stage_it_hung_in() {
+        if std::env::var_os(DEADLINE_CHILD).is_some() {
+            arm_stop_deadline(Duration::from_millis(200), 7).expect("arm");
+            stop_stage("pretending to flush the store");
+            // SAFETY: raise(3) on our own process; the registered handler replaces the default action.
+            unsafe { libc::raise(libc::SIGTERM) };
+            std::thread::sleep(Duration::from_secs(60));
+            return;
+        }
+        let this = std::env::current_exe().expect("test binary");
+        let output = std::process::Command::new(this)
+            .args([
+                "--exact",
+                "lifecycle::tests::a_stop_that_hangs_is_ended_by_the_deadline_with_the_stage_it_hung_in",
+            ])
+            .args(["--nocapture", "--test-threads=1"])
+            .env(DEADLINE_CHILD, "1")
+            .output()
+            .expect("run the child");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(7), "exit status of the hung child; stderr: {stderr}");
+        assert!(
+            stderr.contains(
+                "did not exit within 200ms of the stop signal (stuck while: pretending to flush the store)"
+            ),
+            "{stderr}"
+        );
+    }
 
     /// A service manager that stops reading its socket must not stall the daemon: once the queue is full,
     /// sending fails at once instead of waiting (it used to block the thread that waits for SIGTERM).

@@ -2,20 +2,27 @@
 //! both do. Each daemon gets its own directory (data dir, control socket, an empty config file so the
 //! developer's own config stays out, and its log), serves the DHT from the start, and bootstraps only from the
 //! node given, never from the public routers.
+//!
+//! Readiness and exit are awaited, not polled: each daemon reports `READY=1` to a notification socket of its own
+//! (the `sd_notify` protocol it speaks to systemd), and a child's exit is seen through its pidfd.
 
+use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
 
 use tonic::transport::Channel;
 
 use crate::api::client::connect_unix;
 
-/// Where a loopback daemon keeps its files.
+/// Where a loopback daemon keeps its files, and the socket it reports readiness to.
 #[derive(Debug, Clone)]
 pub struct LoopbackPaths {
     pub socket: PathBuf,
     pub log: PathBuf,
+    /// Bound before the daemon starts, so that no notification is sent to a socket nobody listens on yet.
+    notify: Arc<UnixDatagram>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -24,8 +31,10 @@ pub enum LoopbackError {
     Io { dir: PathBuf, source: std::io::Error },
     #[error("the daemon exited with {status} at start; see {log}")]
     Exited { status: std::process::ExitStatus, log: PathBuf },
-    #[error("the daemon did not open {socket} within {timeout:?}; see {log}")]
-    NotReady { socket: PathBuf, timeout: Duration, log: PathBuf },
+    #[error("the daemon did not report ready within {timeout:?}; see {log}")]
+    NotReady { timeout: Duration, log: PathBuf },
+    #[error("the daemon reported ready but its control socket {socket} does not answer: {source}; see {log}")]
+    Connect { socket: PathBuf, log: PathBuf, source: tonic::transport::Error },
 }
 
 /// The `start` command of a DHT-serving daemon living in `dir`, bootstrapping from `bootstrap` (or starting a
@@ -39,7 +48,18 @@ pub fn command(
     std::fs::create_dir_all(dir).map_err(io)?;
     let config = dir.join("config.toml");
     std::fs::write(&config, "").map_err(io)?;
-    let paths = LoopbackPaths { socket: dir.join("control.sock"), log: dir.join("daemon.log") };
+    let notify_path = dir.join("notify.sock");
+    match std::fs::remove_file(&notify_path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(io(e)),
+        _ => {}
+    }
+    let notify = UnixDatagram::bind(&notify_path).map_err(io)?;
+    notify.set_nonblocking(true).map_err(io)?;
+    let paths = LoopbackPaths {
+        socket: dir.join("control.sock"),
+        log: dir.join("daemon.log"),
+        notify: Arc::new(notify),
+    };
     let log = std::fs::File::create(&paths.log).map_err(io)?;
     let mut command = Command::new(binary);
     command
@@ -59,8 +79,8 @@ pub fn command(
             "127.0.0.1:0",
         ])
         .arg("--dht-server")
-        // Not the caller's service manager's business.
-        .env_remove("NOTIFY_SOCKET")
+        // Readiness goes to us, not to the caller's own service manager, and nobody expects watchdog pings.
+        .env("NOTIFY_SOCKET", &notify_path)
         .env_remove("WATCHDOG_USEC")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
@@ -72,29 +92,73 @@ pub fn command(
     Ok((command, paths))
 }
 
-/// Waits until the daemon's control socket answers; kills it if it does not within `timeout`.
+/// Waits until the daemon reports `READY=1` (it does once its control servers listen), then connects to its
+/// control socket; kills it if it is not ready within `timeout`.
 pub async fn wait_ready(
     child: &mut Child,
     paths: &LoopbackPaths,
     timeout: Duration,
 ) -> Result<Channel, LoopbackError> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Ok(Some(status)) = child.try_wait() {
-            return Err(LoopbackError::Exited { status, log: paths.log.clone() });
-        }
-        if let Ok(channel) = connect_unix(&paths.socket).await {
-            return Ok(channel);
-        }
-        if Instant::now() > deadline {
+    let io = |source| LoopbackError::Io {
+        dir: paths.log.parent().unwrap_or(Path::new(".")).to_path_buf(),
+        source,
+    };
+    let started = tokio::time::timeout(timeout, ready_or_exited(child, paths)).await;
+    match started {
+        Ok(Ok(Started::Ready)) => connect_unix(&paths.socket).await.map_err(|source| {
+            LoopbackError::Connect { socket: paths.socket.clone(), log: paths.log.clone(), source }
+        }),
+        Ok(Ok(Started::Exited(status))) => Err(LoopbackError::Exited { status, log: paths.log.clone() }),
+        Ok(Err(e)) => Err(io(e)),
+        Err(_) => {
             let _ = child.kill();
             let _ = child.wait();
-            return Err(LoopbackError::NotReady {
-                socket: paths.socket.clone(),
-                timeout,
-                log: paths.log.clone(),
-            });
+            Err(LoopbackError::NotReady { timeout, log: paths.log.clone() })
         }
-        tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+enum Started {
+    Ready,
+    Exited(ExitStatus),
+}
+
+async fn ready_or_exited(child: &mut Child, paths: &LoopbackPaths) -> std::io::Result<Started> {
+    let notify = tokio::net::UnixDatagram::from_std(paths.notify.try_clone()?)?;
+    let exit = exited(child);
+    tokio::pin!(exit);
+    let mut datagram = [0u8; 4096];
+    loop {
+        tokio::select! {
+            received = notify.recv(&mut datagram) => {
+                let message = String::from_utf8_lossy(&datagram[..received?]).into_owned();
+                if message.lines().any(|line| line == "READY=1") {
+                    return Ok(Started::Ready);
+                }
+            }
+            status = &mut exit => return Ok(Started::Exited(status?)),
+        }
+    }
+}
+
+/// Waits until `child` exits, without polling (its pidfd becomes readable then), and reaps it.
+pub async fn exited(child: &mut Child) -> std::io::Result<ExitStatus> {
+    use std::os::fd::{FromRawFd, OwnedFd};
+    if let Some(status) = child.try_wait()? {
+        return Ok(status);
+    }
+    let pid = libc::pid_t::try_from(child.id()).map_err(std::io::Error::other)?;
+    // SAFETY: pidfd_open(2) on a child we have not reaped (checked just above, and nothing else reaps it):
+    // it returns a new descriptor we own, or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: `fd` was just returned by the kernel and is owned by nobody else.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd as std::os::fd::RawFd) };
+    // SAFETY: an `OwnedFd` stays open and refers to the same pidfd until the `AsyncFd` that owns it drops.
+    let fd = unsafe { tokio::io::unix::AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE) }
+        .map_err(|e| e.into_parts().1)?;
+    let _exited = fd.readable().await?;
+    child.wait()
 }

@@ -20,7 +20,8 @@ use super::{DhtError, DhtMode, bind_error};
 
 /// Query sources remembered: enough to find a way back into a small network, few enough to try all at once.
 const MAX_REQUESTERS: usize = 16;
-/// How long a rebuild waits for the old node's thread to let go of the socket (it polls every 50 ms).
+/// How long a rebuild waits for the old node's thread to let go of the socket (the thread notices the dropped
+/// handle within its 50 ms socket read timeout).
 const RELEASE_WAIT: Duration = Duration::from_secs(2);
 
 /// The sources of the queries our node received most recently, newest last, with how many each sent. UDP
@@ -114,6 +115,11 @@ impl NodeBuilder {
     }
 
     /// Waits until the socket address is free again (the old node's thread has exited), then builds.
+    ///
+    /// This is the one wait in the daemon that polls, deliberately: mainline's `Dht` owns its thread without a
+    /// join handle and says nothing when it lets the socket go, and the port must stay the same (peers know it).
+    /// A rebuild is rare (an empty routing table, at most once per back-off period) and the poll is bounded by
+    /// [`RELEASE_WAIT`].
     pub(super) async fn rebuild(&self, extra: &[SocketAddrV4]) -> Result<mainline::Dht, DhtError> {
         let deadline = Instant::now() + RELEASE_WAIT;
         while UdpSocket::bind(self.listen).is_err() && Instant::now() < deadline {
