@@ -196,9 +196,11 @@ async fn topics_list_says_why_a_lone_node_finds_nobody_and_what_lookups_find_onc
     let out = first.rnctl(&["topics", "join", "seen"]);
     assert!(out.status.success(), "{}", stderr(&out));
     let mut discovery = serde_json::Value::Null;
-    wait_until("the lone node explains that no DHT node knows it", async || {
+    // The first announce must have ended for what it stored to show.
+    wait_until("the lone node explains that no DHT node knows it, its first announce done", async || {
         discovery = discovery_of(&first, "seen");
         discovery["explanation"].as_str().is_some_and(|e| e.contains("0 contacts"))
+            && discovery["announceRunning"] == false
     })
     .await;
     assert_eq!(discovery["dhtContacts"], 0, "{discovery}");
