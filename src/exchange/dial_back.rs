@@ -139,12 +139,7 @@ pub(super) struct DialBacks {
 impl Protocol for DialBacks {
     type Request = pb::DialBackRequest;
 
-    fn accepts(kind: pb::envelope::Kind) -> Result<Self::Request, pb::envelope::Kind> {
-        match kind {
-            pb::envelope::Kind::DialBackRequest(request) => Ok(request),
-            other => Err(other),
-        }
-    }
+    super::router::accepts_variant!(DialBackRequest);
 
     async fn answer(&self, node: &Arc<Inner>, peer: NodeId, request: Self::Request) -> pb::envelope::Kind {
         let declined = |detail: &str| {

@@ -31,12 +31,7 @@ pub(super) struct PeerExchange;
 impl Protocol for PeerExchange {
     type Request = pb::PeerExchangeRequest;
 
-    fn accepts(kind: pb::envelope::Kind) -> Result<Self::Request, pb::envelope::Kind> {
-        match kind {
-            pb::envelope::Kind::PeerExchangeRequest(request) => Ok(request),
-            other => Err(other),
-        }
-    }
+    super::router::accepts_variant!(PeerExchangeRequest);
 
     async fn answer(&self, node: &Arc<Inner>, _peer: NodeId, request: Self::Request) -> pb::envelope::Kind {
         let max = request.max_records.min(wire::MAX_PEER_EXCHANGE_RECORDS as u32);

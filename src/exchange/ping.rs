@@ -13,12 +13,7 @@ pub(super) struct Ping;
 impl Protocol for Ping {
     type Request = pb::Ping;
 
-    fn accepts(kind: pb::envelope::Kind) -> Result<Self::Request, pb::envelope::Kind> {
-        match kind {
-            pb::envelope::Kind::Ping(ping) => Ok(ping),
-            other => Err(other),
-        }
-    }
+    super::router::accepts_variant!(Ping);
 
     async fn answer(&self, _node: &Arc<Inner>, _peer: NodeId, ping: Self::Request) -> pb::envelope::Kind {
         pb::envelope::Kind::Pong(pb::Pong { nonce: ping.nonce })

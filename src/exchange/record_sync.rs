@@ -18,12 +18,7 @@ pub(super) struct GetRecord;
 impl Protocol for GetRecord {
     type Request = pb::GetRecordRequest;
 
-    fn accepts(kind: pb::envelope::Kind) -> Result<Self::Request, pb::envelope::Kind> {
-        match kind {
-            pb::envelope::Kind::GetRecordRequest(request) => Ok(request),
-            other => Err(other),
-        }
-    }
+    super::router::accepts_variant!(GetRecordRequest);
 
     async fn answer(&self, node: &Arc<Inner>, _peer: NodeId, _request: Self::Request) -> pb::envelope::Kind {
         pb::envelope::Kind::GetRecordResponse(pb::GetRecordResponse {
@@ -38,12 +33,7 @@ pub(super) struct AcceptUpdate;
 impl Protocol for AcceptUpdate {
     type Request = pb::RecordUpdate;
 
-    fn accepts(kind: pb::envelope::Kind) -> Result<Self::Request, pb::envelope::Kind> {
-        match kind {
-            pb::envelope::Kind::RecordUpdate(update) => Ok(update),
-            other => Err(other),
-        }
-    }
+    super::router::accepts_variant!(RecordUpdate);
 
     async fn answer(&self, node: &Arc<Inner>, peer: NodeId, update: Self::Request) -> pb::envelope::Kind {
         let refuse = |message: String| {

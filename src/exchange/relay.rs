@@ -589,12 +589,7 @@ pub(super) struct Reservations;
 impl Protocol for Reservations {
     type Request = pb::RelayReservationRequest;
 
-    fn accepts(kind: pb::envelope::Kind) -> Result<Self::Request, pb::envelope::Kind> {
-        match kind {
-            pb::envelope::Kind::RelayReservationRequest(request) => Ok(request),
-            other => Err(other),
-        }
-    }
+    super::router::accepts_variant!(RelayReservationRequest);
 
     async fn answer(&self, node: &Arc<Inner>, peer: NodeId, _request: Self::Request) -> pb::envelope::Kind {
         node.answer_reservation(peer)
@@ -607,12 +602,7 @@ pub(super) struct Circuits;
 impl Protocol for Circuits {
     type Request = pb::CircuitRequest;
 
-    fn accepts(kind: pb::envelope::Kind) -> Result<Self::Request, pb::envelope::Kind> {
-        match kind {
-            pb::envelope::Kind::CircuitRequest(request) => Ok(request),
-            other => Err(other),
-        }
-    }
+    super::router::accepts_variant!(CircuitRequest);
 
     async fn answer(&self, node: &Arc<Inner>, peer: NodeId, request: Self::Request) -> pb::envelope::Kind {
         node.carry_circuit(peer, request).await

@@ -14,6 +14,21 @@ use super::Inner;
 use crate::api::names::NodeId;
 use crate::wire::pb::envelope::Kind;
 
+/// The `accepts` of a protocol whose request is one envelope variant, `Kind::$variant(request)`.
+macro_rules! accepts_variant {
+    ($variant:ident) => {
+        fn accepts(
+            kind: $crate::wire::pb::envelope::Kind,
+        ) -> Result<Self::Request, $crate::wire::pb::envelope::Kind> {
+            match kind {
+                $crate::wire::pb::envelope::Kind::$variant(request) => Ok(request),
+                other => Err(other),
+            }
+        }
+    };
+}
+pub(super) use accepts_variant;
+
 /// One kind of request a session answers.
 pub(super) trait Protocol: Send + Sync + Sized + 'static {
     /// What a handler gets out of the envelope.
