@@ -54,7 +54,10 @@ async fn populate(dir: &NodeDir) -> i64 {
                     remote_network::store::NodeType::Private
                 },
                 topics: if even { vec!["all".into(), "even".into()] } else { vec!["all".into()] },
-                addresses: vec![(format!("198.51.100.{}:30906", i % 250), AddressSource::Dht)],
+                addresses: vec![(
+                    format!("198.51.100.{}:30906", i % 250).parse().expect("address"),
+                    AddressSource::Dht,
+                )],
                 capabilities: (i == 7).then(|| Capabilities {
                     os: "linux".into(),
                     arch: "x86_64".into(),
@@ -70,7 +73,7 @@ async fn populate(dir: &NodeDir) -> i64 {
     }
     let sample = QualitySample {
         at_ms: base_ms,
-        address: Some("198.51.100.7:30906".into()),
+        address: Some("198.51.100.7:30906".parse().expect("address")),
         outcome: Ok(Some(Duration::from_millis(40))),
     };
     store.record_quality(peer_id(7), sample).await.expect("quality");

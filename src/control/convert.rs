@@ -172,7 +172,7 @@ pub fn peer_detail(d: &store::PeerDetail) -> pb::Peer {
             .addresses
             .iter()
             .map(|a| pb::PeerAddress {
-                address: a.address.clone(),
+                address: a.address.to_string(),
                 source: address_source(a.source) as i32,
                 first_seen: Some(timestamp(a.first_seen_ms)),
                 last_success: optional_timestamp(a.last_success_ms),
@@ -286,7 +286,7 @@ pub fn peer_from_record(record: &crate::wire::VerifiedRecord) -> pb::Peer {
             .addresses
             .into_iter()
             .map(|(address, source)| pb::PeerAddress {
-                address,
+                address: address.to_string(),
                 source: address_source(source) as i32,
                 ..Default::default()
             })

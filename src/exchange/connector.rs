@@ -248,8 +248,7 @@ impl Inner {
                 tracing::debug!(%remote, ?direction, error = %e, "exchange failed");
                 if let Some((peer, address)) = known_address {
                     let outcome = Err(e.to_string());
-                    let sample =
-                        QualitySample { at_ms: now_ms(), address: Some(address.to_string()), outcome };
+                    let sample = QualitySample { at_ms: now_ms(), address: Some(address), outcome };
                     let _ = self.store.record_quality(peer, sample).await;
                 }
             }
@@ -325,13 +324,12 @@ impl Inner {
         let now = now_ms();
         // A relay circuit's synthetic address means nothing outside this process: never stored.
         let contact = contact.filter(|(address, _)| !is_relayed(address));
-        let upsert =
-            super::record::upsert_from_record(verified, contact.map(|(a, s)| (a.to_string(), s)), now);
+        let upsert = super::record::upsert_from_record(verified, contact, now);
         // The connection that brought the record is a successful attempt at its address; the store counts it
         // in the same write, and only if the record was not a replay.
         let quality = contact.map(|(address, _)| QualitySample {
             at_ms: now,
-            address: Some(address.to_string()),
+            address: Some(address),
             outcome: Ok(rtt),
         });
         match self.store.upsert_verified(upsert, quality).await? {
@@ -403,7 +401,7 @@ impl Inner {
     pub(super) async fn reach_known(self: &Arc<Self>, peer: NodeId) -> Result<SessionHandle, ExchangeError> {
         // An unknown peer may still be reachable by punching through a connected peer that knows it.
         let addresses = self.store.get_peer(peer).await?.map(|detail| detail.addresses).unwrap_or_default();
-        let stored = addresses.iter().filter_map(|a| a.address.parse::<SocketAddr>().ok());
+        let stored = addresses.iter().map(|a| a.address);
         for address in stored.take(STORED_ADDRESSES_TRIED) {
             if self.dial(Dial::to(address, Some(peer), AddressSource::Record)).await.is_ok()
                 && let Some(session) = self.sessions.get(&peer)

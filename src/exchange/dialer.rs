@@ -289,7 +289,7 @@ impl DialerState {
                     continue;
                 }
                 let Ok(Some(detail)) = exchange.store.get_peer(peer.node_id).await else { continue };
-                let best = detail.addresses.iter().find_map(|a| a.address.parse::<SocketAddr>().ok());
+                let best = detail.addresses.first().map(|a| a.address);
                 if let Some(address) = best
                     && self.worth_dialing(address)
                     && self.queued.len() < self.options.max_queued

@@ -285,11 +285,8 @@ impl Inner {
     fn own_candidates(&self) -> Vec<SocketAddr> {
         let current = self.publisher.current();
         let Ok(body) = pb::RecordBody::decode(current.body.as_slice()) else { return Vec::new() };
-        body.addresses
-            .iter()
-            .filter(|a| a.kind != pb::AddressKind::Relay as i32)
-            .filter_map(|a| a.address.parse().ok())
-            .collect()
+        let addresses = crate::wire::RecordAddress::all_of(&body);
+        addresses.into_iter().filter(|a| !a.rendezvous).map(|a| a.address).collect()
     }
 
     /// Our NAT as our record states it.
@@ -757,12 +754,7 @@ pub(super) struct ForwardPunch;
 impl Protocol for ForwardPunch {
     type Request = pb::PunchRequest;
 
-    fn accepts(kind: pb::envelope::Kind) -> Result<Self::Request, pb::envelope::Kind> {
-        match kind {
-            pb::envelope::Kind::PunchRequest(request) => Ok(request),
-            other => Err(other),
-        }
-    }
+    super::router::accepts_variant!(PunchRequest);
 
     async fn answer(&self, node: &Arc<Inner>, peer: NodeId, request: Self::Request) -> pb::envelope::Kind {
         node.forward_punch(peer, request).await
@@ -775,12 +767,7 @@ pub(super) struct AcceptIntroduction;
 impl Protocol for AcceptIntroduction {
     type Request = pb::PunchIntroduction;
 
-    fn accepts(kind: pb::envelope::Kind) -> Result<Self::Request, pb::envelope::Kind> {
-        match kind {
-            pb::envelope::Kind::PunchIntroduction(introduction) => Ok(introduction),
-            other => Err(other),
-        }
-    }
+    super::router::accepts_variant!(PunchIntroduction);
 
     async fn answer(
         &self,

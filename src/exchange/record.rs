@@ -13,7 +13,7 @@ use tokio::sync::{Mutex, watch};
 
 use crate::api::names::NodeId;
 use crate::store::{self, AddressSource, PeerUpsert, ServiceEntry, Store, StoreError};
-use crate::wire::{self, VerifiedRecord, pb};
+use crate::wire::{self, RecordAddress, VerifiedRecord, pb};
 
 /// Rendezvous peers named in our record.
 const MAX_RENDEZVOUS: usize = 3;
@@ -294,39 +294,24 @@ fn total_memory_bytes() -> Option<u64> {
 /// Rendezvous addresses (`ADDRESS_KIND_RELAY`) are not the node's own: they are where to ask for an
 /// introduction.
 pub fn dialable_addresses(record: &VerifiedRecord) -> Vec<SocketAddr> {
-    record
-        .body
-        .addresses
-        .iter()
-        .filter(|a| a.kind != pb::AddressKind::Relay as i32)
-        .filter_map(|a| a.address.parse().ok())
-        .collect()
+    record.addresses.iter().filter(|a| !a.rendezvous).map(|a| a.address).collect()
 }
 
 /// The peers a record names as able to introduce others to its node.
 pub fn rendezvous_addresses(body: &pb::RecordBody) -> Vec<SocketAddr> {
-    body.addresses
-        .iter()
-        .filter(|a| a.kind == pb::AddressKind::Relay as i32)
-        .filter_map(|a| a.address.parse().ok())
-        .collect()
+    RecordAddress::all_of(body).into_iter().filter(|a| a.rendezvous).map(|a| a.address).collect()
 }
 
 /// The store row for a verified record. `contact` is the address the record came over, if it came over a
 /// connection of ours (the most useful address, so it goes first).
 pub fn upsert_from_record(
     record: &VerifiedRecord,
-    contact: Option<(String, AddressSource)>,
+    contact: Option<(SocketAddr, AddressSource)>,
     now_ms: i64,
 ) -> PeerUpsert {
     let body = &record.body;
-    let mut addresses: Vec<(String, AddressSource)> = contact.into_iter().collect();
-    addresses.extend(
-        body.addresses
-            .iter()
-            .filter(|a| a.kind != pb::AddressKind::Relay as i32)
-            .map(|a| (a.address.clone(), AddressSource::Record)),
-    );
+    let mut addresses: Vec<(SocketAddr, AddressSource)> = contact.into_iter().collect();
+    addresses.extend(dialable_addresses(record).into_iter().map(|a| (a, AddressSource::Record)));
     PeerUpsert {
         node_id: record.node_id,
         seq: record.seq,

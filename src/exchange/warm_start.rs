@@ -72,7 +72,7 @@ pub async fn known_contacts(store: &Store) -> Vec<KnownPeer> {
             .addresses
             .iter()
             .filter(|row| row.last_success_ms.is_some())
-            .filter_map(|row| row.address.parse().ok())
+            .map(|row| row.address)
             .collect();
         let Some(best) = addresses.first().copied() else { continue };
         let dht_port = pb::SignedRecord::decode(detail.record.as_slice())

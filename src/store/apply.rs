@@ -228,7 +228,8 @@ fn merge_addresses(
     )?;
     let mut inserted = 0i64;
     for (address, source) in &upsert.addresses {
-        inserted += insert.execute(params![id, address, *source as i64, upsert.seen_at_ms])? as i64;
+        inserted +=
+            insert.execute(params![id, address.to_string(), *source as i64, upsert.seen_at_ms])? as i64;
     }
     // Trimming sorts the peer's addresses: only worth it when they may be over the bound.
     let stored = if new_peer {
@@ -319,7 +320,7 @@ pub(super) fn apply_known_quality(
                     "UPDATE peer_addresses SET last_success = max(coalesce(last_success, ?3), ?3),
                      consecutive_failures = 0 WHERE peer = ?1 AND address = ?2",
                 )?
-                .execute(params![id, address, sample.at_ms])?;
+                .execute(params![id, address.to_string(), sample.at_ms])?;
             }
         }
         Err(message) => {
@@ -334,7 +335,7 @@ pub(super) fn apply_known_quality(
                     "UPDATE peer_addresses SET last_failure = max(coalesce(last_failure, ?3), ?3),
                      consecutive_failures = consecutive_failures + 1 WHERE peer = ?1 AND address = ?2",
                 )?
-                .execute(params![id, address, sample.at_ms])?;
+                .execute(params![id, address.to_string(), sample.at_ms])?;
             }
         }
     }

@@ -192,6 +192,32 @@ fn cursor_after(order: PeerOrder, last: &PeerSummary, stored: i64) -> PeerCursor
     }
 }
 
+/// A peer's stored addresses, the ones that worked most recently first.
+fn peer_addresses(tx: &rusqlite::Transaction<'_>, id: i64) -> Result<Vec<AddressRow>, StoreError> {
+    Ok(tx
+        .prepare_cached(
+            "SELECT address, source, first_seen, last_success, last_failure, consecutive_failures
+             FROM peer_addresses WHERE peer = ?1
+             ORDER BY last_success IS NULL, last_success DESC, address",
+        )?
+        .query_map([id], |row| {
+            let text: String = row.get(0)?;
+            // Only parsed addresses are written; a row that is not one was edited by hand or is corrupt.
+            let address = text.parse().map_err(|e| {
+                rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Text, Box::new(e))
+            })?;
+            Ok(AddressRow {
+                address,
+                source: AddressSource::from_stored(row.get(1)?),
+                first_seen_ms: row.get(2)?,
+                last_success_ms: row.get(3)?,
+                last_failure_ms: row.get(4)?,
+                consecutive_failures: u32_from_stored(row.get(5)?),
+            })
+        })?
+        .collect::<rusqlite::Result<Vec<_>>>()?)
+}
+
 /// Everything stored about one peer.
 pub(crate) fn get_peer(conn: &mut Connection, node_id: &NodeId) -> Result<Option<PeerDetail>, StoreError> {
     let tx = conn.transaction()?;
@@ -203,23 +229,7 @@ pub(crate) fn get_peer(conn: &mut Connection, node_id: &NodeId) -> Result<Option
         .prepare_cached("SELECT id, record FROM peers WHERE node_id = ?1")?
         .query_row([node_id.as_bytes().as_slice()], |row| Ok((row.get(0)?, row.get(1)?)))?;
 
-    let addresses = tx
-        .prepare_cached(
-            "SELECT address, source, first_seen, last_success, last_failure, consecutive_failures
-             FROM peer_addresses WHERE peer = ?1
-             ORDER BY last_success IS NULL, last_success DESC, address",
-        )?
-        .query_map([id], |row| {
-            Ok(AddressRow {
-                address: row.get(0)?,
-                source: AddressSource::from_stored(row.get(1)?),
-                first_seen_ms: row.get(2)?,
-                last_success_ms: row.get(3)?,
-                last_failure_ms: row.get(4)?,
-                consecutive_failures: u32_from_stored(row.get(5)?),
-            })
-        })?
-        .collect::<rusqlite::Result<Vec<_>>>()?;
+    let addresses = peer_addresses(&tx, id)?;
 
     let quality = tx
         .prepare_cached(

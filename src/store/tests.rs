@@ -23,6 +23,11 @@ fn open(dir: &TempDir) -> Store {
 }
 
 /// Distinct ids whose byte order differs from their index order, so sorting by id is really exercised.
+/// A socket address written as a test's literal.
+fn sa(text: &str) -> std::net::SocketAddr {
+    text.parse().expect("a test address")
+}
+
 fn node(index: u8) -> NodeId {
     let mut bytes = [0u8; 32];
     bytes[0] = index.wrapping_mul(37);
@@ -168,7 +173,7 @@ async fn upsert_keeps_the_higher_seq() {
     first.topics = topics(&["b", "a"]);
     first.node_type = NodeType::Public;
     first.nat_type = NatType::None;
-    first.addresses = vec![("1.2.3.4:5".to_owned(), AddressSource::Dht)];
+    first.addresses = vec![(sa("1.2.3.4:5"), AddressSource::Dht)];
     first.capabilities = Some(Capabilities {
         os: "linux".into(),
         arch: "x86_64".into(),
@@ -194,14 +199,14 @@ async fn upsert_keeps_the_higher_seq() {
 
     let mut older = peer(id, 3, now + 1000);
     older.topics = topics(&["c"]);
-    older.addresses = vec![("9.9.9.9:9".to_owned(), AddressSource::Inbound)];
+    older.addresses = vec![(sa("9.9.9.9:9"), AddressSource::Inbound)];
     assert_eq!(store.upsert_peer(older).await.unwrap(), UpsertOutcome::Stale { stored_seq: 5 });
     assert_eq!(detail(&store, id).await, stored, "a stale upsert changed something");
 
     let mut newer = peer(id, 7, now + 2000);
     newer.topics = topics(&["c"]);
     newer.node_type = NodeType::Private;
-    newer.addresses = vec![("5.6.7.8:9".to_owned(), AddressSource::PeerExchange)];
+    newer.addresses = vec![(sa("5.6.7.8:9"), AddressSource::PeerExchange)];
     assert_eq!(store.upsert_peer(newer.clone()).await.unwrap(), UpsertOutcome::Updated);
     let updated = detail(&store, id).await;
     assert_eq!(updated.summary.seq, 7);
@@ -214,8 +219,8 @@ async fn upsert_keeps_the_higher_seq() {
     assert_eq!(updated.capabilities, None);
     assert!(updated.services.is_empty());
     // Addresses are merged, never replaced.
-    let addresses: BTreeSet<_> = updated.addresses.iter().map(|a| a.address.as_str()).collect();
-    assert_eq!(addresses, BTreeSet::from(["1.2.3.4:5", "5.6.7.8:9"]));
+    let addresses: BTreeSet<_> = updated.addresses.iter().map(|a| a.address).collect();
+    assert_eq!(addresses, BTreeSet::from([sa("1.2.3.4:5"), sa("5.6.7.8:9")]));
     assert_eq!(store.get_peer(node(2)).await.unwrap(), None);
 }
 
@@ -233,7 +238,7 @@ async fn an_equal_seq_refreshes_last_seen_and_addresses_only() {
     again.record = b"different bytes".to_vec();
     again.topics = topics(&["z"]);
     again.node_type = NodeType::Public;
-    again.addresses = vec![("[::1]:4433".to_owned(), AddressSource::Manual)];
+    again.addresses = vec![(sa("[::1]:4433"), AddressSource::Manual)];
     assert_eq!(store.upsert_peer(again).await.unwrap(), UpsertOutcome::Updated);
     let stored = detail(&store, id).await;
     assert_eq!(stored.summary.last_seen_ms, now + 500);
@@ -256,39 +261,36 @@ async fn addresses_merge_and_stay_bounded() {
     let now = now_ms();
     let id = node(1);
     let mut first = peer(id, 1, now);
-    first.addresses = (0..10).map(|i| (format!("10.0.0.{i}:1"), AddressSource::Dht)).collect();
+    first.addresses = (0..10).map(|i| (sa(&format!("10.0.0.{i}:1")), AddressSource::Dht)).collect();
     store.upsert_peer(first).await.unwrap();
 
-    let sample = |address: &str, outcome| QualitySample {
-        at_ms: now + 10,
-        address: Some(address.to_owned()),
-        outcome,
-    };
+    let sample =
+        |address: &str, outcome| QualitySample { at_ms: now + 10, address: Some(sa(address)), outcome };
     store.record_quality(id, sample("10.0.0.3:1", Ok(Some(Duration::from_millis(20))))).await.unwrap();
     store.record_quality(id, sample("10.0.0.5:1", Err("refused".into()))).await.unwrap();
     let stored = detail(&store, id).await;
     // The address that worked sorts first.
-    assert_eq!(stored.addresses[0].address, "10.0.0.3:1");
+    assert_eq!(stored.addresses[0].address, sa("10.0.0.3:1"));
     assert_eq!(stored.addresses[0].last_success_ms, Some(now + 10));
-    let failing = stored.addresses.iter().find(|a| a.address == "10.0.0.5:1").unwrap();
+    let failing = stored.addresses.iter().find(|a| a.address == sa("10.0.0.5:1")).unwrap();
     assert_eq!(failing.consecutive_failures, 1);
     assert_eq!(failing.last_failure_ms, Some(now + 10));
 
     // A flood of new addresses: the bound holds, the working address survives, the failing one goes first.
     let mut flood = peer(id, 1, now + 20);
-    flood.addresses = (0..40).map(|i| (format!("192.0.2.{i}:1"), AddressSource::PeerExchange)).collect();
+    flood.addresses = (0..40).map(|i| (sa(&format!("192.0.2.{i}:1")), AddressSource::PeerExchange)).collect();
     store.upsert_peer(flood).await.unwrap();
     let stored = detail(&store, id).await;
     assert_eq!(stored.addresses.len(), MAX_ADDRESSES_PER_PEER as usize);
-    assert_eq!(stored.addresses[0].address, "10.0.0.3:1");
-    assert!(!stored.addresses.iter().any(|a| a.address == "10.0.0.5:1"));
+    assert_eq!(stored.addresses[0].address, sa("10.0.0.3:1"));
+    assert!(!stored.addresses.iter().any(|a| a.address == sa("10.0.0.5:1")));
     assert_eq!(store.stats().await.unwrap().peer_addresses, 32);
 
     // A success resets the failure streak.
     store.record_quality(id, sample("192.0.2.0:1", Err("timeout".into()))).await.unwrap();
     store.record_quality(id, sample("192.0.2.0:1", Ok(None))).await.unwrap();
     let stored = detail(&store, id).await;
-    let address = stored.addresses.iter().find(|a| a.address == "192.0.2.0:1").unwrap();
+    let address = stored.addresses.iter().find(|a| a.address == sa("192.0.2.0:1")).unwrap();
     assert_eq!(address.consecutive_failures, 0);
 }
 
@@ -304,7 +306,7 @@ async fn pruning_by_retention_then_by_max_peers_emits_removed() {
     for (index, seen_at) in seen.iter().enumerate() {
         let mut upsert = peer(node(index as u8), 1, *seen_at);
         upsert.topics = topics(&["t"]);
-        upsert.addresses = vec![("a:1".into(), AddressSource::Dht)];
+        upsert.addresses = vec![(sa("10.0.0.1:1"), AddressSource::Dht)];
         store.upsert_peer(upsert).await.unwrap();
     }
     let mut events = store.subscribe();
@@ -349,7 +351,7 @@ async fn forget_peer_cascades() {
     let id = node(1);
     let mut upsert = peer(id, 1, now);
     upsert.topics = topics(&["x", "y"]);
-    upsert.addresses = vec![("a:1".into(), AddressSource::Dht)];
+    upsert.addresses = vec![(sa("10.0.0.1:1"), AddressSource::Dht)];
     upsert.capabilities = Some(Capabilities::default());
     upsert.services = vec![ServiceEntry::default()];
     store.upsert_peer(upsert).await.unwrap();
@@ -571,7 +573,8 @@ async fn readers_are_served_while_the_writer_commits() {
                     id[..8].copy_from_slice(&index.to_be_bytes());
                     let mut upsert = peer(NodeId(id), 1, now + index as i64);
                     upsert.topics = topics(&["load"]);
-                    upsert.addresses = vec![(format!("h{index}:1"), AddressSource::Dht)];
+                    upsert.addresses =
+                        vec![(sa(&format!("10.0.0.1:{}", index % 60_000 + 1)), AddressSource::Dht)];
                     store.upsert_peer(upsert).await
                 });
             }
@@ -778,7 +781,7 @@ async fn malformed_stored_rows_are_read_without_panicking() {
         .unwrap();
         conn.execute(
             "INSERT INTO peer_addresses (peer, address, source, first_seen, consecutive_failures)
-             VALUES ((SELECT id FROM peers WHERE node_id = ?1), 'a:1', 42, 0, -5)",
+             VALUES ((SELECT id FROM peers WHERE node_id = ?1), '10.0.0.1:1', 42, 0, -5)",
             [node(1).as_bytes().as_slice()],
         )
         .unwrap();
@@ -1008,8 +1011,9 @@ async fn a_version_2_database_is_upgraded_in_place_with_every_peer_intact() {
         };
         upsert.node_type = if index % 2 == 0 { NodeType::Public } else { NodeType::Private };
         upsert.nat_type = NatType::EndpointDependent;
-        upsert.addresses =
-            (0..index % 4).map(|a| (format!("10.0.{index}.{a}:1"), AddressSource::PeerExchange)).collect();
+        upsert.addresses = (0..index % 4)
+            .map(|a| (sa(&format!("10.0.{index}.{a}:1")), AddressSource::PeerExchange))
+            .collect();
         if index % 2 == 1 {
             upsert.capabilities = Some(Capabilities {
                 os: "linux".into(),
@@ -1031,7 +1035,7 @@ async fn a_version_2_database_is_upgraded_in_place_with_every_peer_intact() {
         if index % 3 != 2 {
             let outcome =
                 if index % 5 == 0 { Err("refused".to_owned()) } else { Ok(Some(Duration::from_millis(30))) };
-            let address = (index % 4 > 0).then(|| format!("10.0.{index}.0:1"));
+            let address = (index % 4 > 0).then(|| sa(&format!("10.0.{index}.0:1")));
             store.record_quality(*id, QualitySample { at_ms: now, address, outcome }).await.unwrap();
         }
     }
@@ -1124,16 +1128,16 @@ async fn upsert_verified_is_an_upsert_then_its_quality_in_one_write() {
     let id = node(1);
     let mut first = peer(id, 5, now);
     first.topics = topics(&["a"]);
-    first.addresses = vec![("10.0.0.1:1".to_owned(), AddressSource::Inbound)];
+    first.addresses = vec![(sa("10.0.0.1:1"), AddressSource::Inbound)];
     let success = |address: &str, rtt_ms| QualitySample {
         at_ms: now,
-        address: Some(address.to_owned()),
+        address: Some(sa(address)),
         outcome: Ok(Some(Duration::from_millis(rtt_ms))),
     };
     let mut newer = peer(id, 6, now + 10);
-    newer.addresses = vec![("10.0.0.2:1".to_owned(), AddressSource::Inbound)];
+    newer.addresses = vec![(sa("10.0.0.2:1"), AddressSource::Inbound)];
     let mut stale = peer(id, 4, now + 20);
-    stale.addresses = vec![("10.0.0.3:1".to_owned(), AddressSource::Inbound)];
+    stale.addresses = vec![(sa("10.0.0.3:1"), AddressSource::Inbound)];
     let steps = vec![
         (first, Some(success("10.0.0.1:1", 40)), UpsertOutcome::Added),
         (peer(id, 5, now + 5), None, UpsertOutcome::Updated),
@@ -1164,7 +1168,7 @@ async fn upsert_verified_is_an_upsert_then_its_quality_in_one_write() {
     assert_eq!(stored.summary.seq, 6);
     assert_eq!((stored.quality.successes, stored.quality.rtt_samples), (2, 2));
     assert!(stored.summary.score > 0.0);
-    let address = |a: &str| stored.addresses.iter().find(|row| row.address == a).unwrap().clone();
+    let address = |a: &str| stored.addresses.iter().find(|row| row.address == sa(a)).unwrap().clone();
     assert_eq!(address("10.0.0.1:1").last_success_ms, Some(now));
     assert_eq!(stored.addresses.len(), 2, "a stale upsert stored its address");
 

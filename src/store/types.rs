@@ -1,5 +1,6 @@
 //! Plain data going in and out of the store. Times are Unix milliseconds (UTC); node ids are [`NodeId`].
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -104,7 +105,7 @@ pub struct PeerUpsert {
     /// Replaces the stored topic set when the record is newer.
     pub topics: Vec<String>,
     /// Merged into the stored addresses (never removes one).
-    pub addresses: Vec<(String, AddressSource)>,
+    pub addresses: Vec<(SocketAddr, AddressSource)>,
     pub capabilities: Option<Capabilities>,
     /// Replaces the stored services when the record is newer.
     pub services: Vec<ServiceEntry>,
@@ -124,7 +125,7 @@ pub enum UpsertOutcome {
 #[derive(Debug, Clone, PartialEq)]
 pub struct QualitySample {
     pub at_ms: i64,
-    pub address: Option<String>,
+    pub address: Option<SocketAddr>,
     pub outcome: Result<Option<Duration>, String>,
 }
 
@@ -180,7 +181,7 @@ pub struct PeerSummary {
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct AddressRow {
-    pub address: String,
+    pub address: SocketAddr,
     pub source: AddressSource,
     pub first_seen_ms: i64,
     pub last_success_ms: Option<i64>,

@@ -44,8 +44,8 @@ pub use punch::{
     punch_offer_parties, sign_punch_offer, verify_punch_offer,
 };
 pub use record::{
-    DEFAULT_MAX_CLOCK_SKEW, RecordError, VerifiedRecord, VerifyPolicy, check_not_replayed, parse_address,
-    sign_record, verify_record,
+    DEFAULT_MAX_CLOCK_SKEW, RecordAddress, RecordError, VerifiedRecord, VerifyPolicy, check_not_replayed,
+    parse_address, sign_record, verify_record,
 };
 
 /// Messages generated from `proto/wire.proto` (package `remote_network.wire.v1`).

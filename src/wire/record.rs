@@ -59,6 +59,31 @@ pub struct VerifiedRecord {
     pub body: pb::RecordBody,
     /// The record exactly as received: what to store and to relay in peer exchange.
     pub signed: pb::SignedRecord,
+    /// `body.addresses`, parsed (each one was checked by [`parse_address`]).
+    pub addresses: Vec<RecordAddress>,
+}
+
+/// One address a record states, parsed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RecordAddress {
+    pub address: SocketAddr,
+    /// `ADDRESS_KIND_RELAY`: not the node's own address but a peer to ask for an introduction to it.
+    pub rendezvous: bool,
+}
+
+impl RecordAddress {
+    fn parse(address: &pb::Address) -> Result<Self, &'static str> {
+        Ok(Self {
+            address: parse_address(&address.address)?,
+            rendezvous: address.kind == pb::AddressKind::Relay as i32,
+        })
+    }
+
+    /// The addresses of a body that was verified before (a stored record, our own), parsed again; any that
+    /// does not parse is left out.
+    pub fn all_of(body: &pb::RecordBody) -> Vec<Self> {
+        body.addresses.iter().filter_map(|address| Self::parse(address).ok()).collect()
+    }
 }
 
 /// Why a record was refused: one variant per rule, each naming the rule and the values that broke it.
@@ -191,7 +216,7 @@ pub fn verify_record(
     key.verify_strict(&signed_message(&signed.body), &Signature::from_bytes(&signature))
         .map_err(|_| RecordError::BadSignature { node_id })?;
 
-    check_content(node_id, &body, policy)?;
+    let addresses = check_content(node_id, &body, policy)?;
 
     Ok(VerifiedRecord {
         node_id,
@@ -199,11 +224,16 @@ pub fn verify_record(
         timestamp_ms: body.timestamp_ms,
         body,
         signed: signed.clone(),
+        addresses,
     })
 }
 
-/// The rules on what a (correctly signed) record says.
-fn check_content(node_id: NodeId, body: &pb::RecordBody, policy: &VerifyPolicy) -> Result<(), RecordError> {
+/// The rules on what a (correctly signed) record says; returns its addresses, parsed.
+fn check_content(
+    node_id: NodeId,
+    body: &pb::RecordBody,
+    policy: &VerifyPolicy,
+) -> Result<Vec<RecordAddress>, RecordError> {
     if body.seq == 0 {
         return Err(RecordError::ZeroSeq { node_id });
     }
@@ -252,18 +282,23 @@ fn check_content(node_id: NodeId, body: &pb::RecordBody, policy: &VerifyPolicy) 
             max: MAX_ADDRESSES_PER_RECORD,
         });
     }
-    for (index, address) in body.addresses.iter().enumerate() {
-        parse_address(&address.address).map_err(|reason| RecordError::Address {
-            node_id,
-            index,
-            address: quote(&address.address),
-            reason,
-        })?;
-    }
+    let addresses = body
+        .addresses
+        .iter()
+        .enumerate()
+        .map(|(index, address)| {
+            RecordAddress::parse(address).map_err(|reason| RecordError::Address {
+                node_id,
+                index,
+                address: quote(&address.address),
+                reason,
+            })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
     if u16::try_from(body.dht_port).is_err() {
         return Err(RecordError::DhtPort { node_id, port: body.dht_port });
     }
-    Ok(())
+    Ok(addresses)
 }
 
 /// Parses an address in its wire form (`Address.address`, `Hello.observed_address`): `host:port` with a

@@ -17,7 +17,7 @@ pub(super) fn verified_upserts(count: usize) -> anyhow::Result<Vec<PeerUpsert>> 
             let octets = format!("{}.{}.{}", (i >> 16) & 255, (i >> 8) & 255, i & 255);
             let signed = client_record(&key, "bench", &format!("10.{octets}:30906"));
             let verified = wire::verify_record(&signed, None, &policy)?;
-            let contact = (format!("100.{octets}:40000"), AddressSource::Inbound);
+            let contact = (format!("100.{octets}:40000").parse()?, AddressSource::Inbound);
             Ok(upsert_from_record(&verified, Some(contact), now - i as i64))
         })
         .collect()
@@ -60,7 +60,12 @@ async fn raw_upsert_rate(work: &Path, raw_rows: Vec<PeerUpsert>) -> anyhow::Resu
                     // What the peer's rows are keyed by, as the store does.
                     let id = tx.last_insert_rowid();
                     for (a, source) in &u.addresses {
-                        address.execute(rusqlite::params![id, a, *source as i64, u.seen_at_ms])?;
+                        address.execute(rusqlite::params![
+                            id,
+                            a.to_string(),
+                            *source as i64,
+                            u.seen_at_ms
+                        ])?;
                     }
                     for t in &u.topics {
                         topic.execute(rusqlite::params![id, t])?;
