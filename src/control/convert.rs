@@ -264,10 +264,10 @@ pub fn connection(info: Option<&crate::exchange::SessionInfo>) -> pb::PeerConnec
             path: match info.path {
                 crate::exchange::ConnectionPath::Direct => pb::ConnectionPath::Direct,
                 crate::exchange::ConnectionPath::Punched => pb::ConnectionPath::Punched,
-                crate::exchange::ConnectionPath::Relayed => pb::ConnectionPath::Relayed,
+                crate::exchange::ConnectionPath::Relayed { .. } => pb::ConnectionPath::Relayed,
             } as i32,
             rtt: Some(duration(info.rtt)),
-            relay: info.relay.map(|r| r.to_string()).unwrap_or_default(),
+            relay: info.path.relay().map(|r| r.to_string()).unwrap_or_default(),
         },
     }
 }

@@ -360,12 +360,11 @@ impl Inner {
         let Authenticated { peer, direction, connection, send, reader, .. } = auth;
         let id = self.next_session.fetch_add(1, Ordering::Relaxed);
         let weak = Arc::downgrade(self);
-        let path = if is_relayed(&connection.remote_address()) {
-            ConnectionPath::Relayed
-        } else if self.punch.is_active(&peer) {
-            ConnectionPath::Punched
-        } else {
-            ConnectionPath::Direct
+        // Every circuit is registered with its relay before its handshake starts.
+        let path = match self.relay.relay_of(&connection.remote_address()) {
+            Some(via) => ConnectionPath::Relayed { via },
+            None if self.punch.is_active(&peer) => ConnectionPath::Punched,
+            None => ConnectionPath::Direct,
         };
         let session = SessionHandle::start(
             session::SessionParts { id, peer, direction, path, connection, send, reader, since_ms: now_ms() },

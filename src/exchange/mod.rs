@@ -112,17 +112,30 @@ pub enum ConnectionPath {
     Direct,
     /// Both sides dialed each other at once after an introduction by a rendezvous (hole punching).
     Punched,
-    /// Through a relay circuit: end-to-end QUIC between the two peers, carried by a third node.
-    Relayed,
+    /// Through a relay circuit: end-to-end QUIC between the two peers, carried by the node `via`.
+    Relayed { via: NodeId },
+}
+
+impl ConnectionPath {
+    pub fn is_relayed(&self) -> bool {
+        matches!(self, Self::Relayed { .. })
+    }
+
+    /// The node carrying a relayed connection.
+    pub fn relay(&self) -> Option<NodeId> {
+        match self {
+            Self::Relayed { via } => Some(*via),
+            Self::Direct | Self::Punched => None,
+        }
+    }
 }
 
 /// What `GetPeer` shows about a live connection.
 #[derive(Debug, Clone)]
 pub struct SessionInfo {
     pub direction: Direction,
+    /// For a relayed connection, `remote` is the relay's address.
     pub path: ConnectionPath,
-    /// The relay carrying a relayed connection; `remote` is then the relay's address.
-    pub relay: Option<NodeId>,
     pub remote: SocketAddr,
     pub since_ms: i64,
     pub rtt: Duration,
@@ -310,14 +323,12 @@ impl Exchange {
         self.inner.sessions.get(peer).map(|s| {
             let mut remote = s.connection().remote_address();
             // A circuit's synthetic address means nothing outside this process: show the relay's.
-            let relay = self.inner.relay.relay_of(&remote);
-            if let Some(relay_session) = relay.and_then(|r| self.inner.sessions.get(&r)) {
+            if let Some(relay_session) = s.path().relay().and_then(|r| self.inner.sessions.get(&r)) {
                 remote = relay_session.connection().remote_address();
             }
             SessionInfo {
                 direction: s.direction(),
                 path: s.path(),
-                relay,
                 remote,
                 since_ms: s.since_ms(),
                 rtt: s.connection().rtt(),
@@ -344,7 +355,7 @@ impl Exchange {
     /// our NAT, and only these can introduce or relay for us.
     pub fn directly_connected(&self) -> Vec<NodeId> {
         let sessions = self.inner.sessions.all();
-        sessions.into_iter().filter(|(_, s)| s.path() != ConnectionPath::Relayed).map(|(id, _)| id).collect()
+        sessions.into_iter().filter(|(_, s)| !s.path().is_relayed()).map(|(id, _)| id).collect()
     }
 
     pub fn counters(&self) -> &ExchangeCounters {

@@ -32,7 +32,7 @@ impl NatProbes for Exchange {
 
     fn witnesses(&self) -> Vec<Witness> {
         let sessions = self.inner.sessions.all();
-        let direct = sessions.into_iter().filter(|(_, s)| s.path() != ConnectionPath::Relayed);
+        let direct = sessions.into_iter().filter(|(_, s)| !s.path().is_relayed());
         direct
             .map(|(peer, s)| Witness {
                 peer,
@@ -137,7 +137,7 @@ impl NatProbes for Exchange {
             .sessions
             .all()
             .into_iter()
-            .filter(|(_, session)| session.path() == ConnectionPath::Relayed)
+            .filter(|(_, session)| session.path().is_relayed())
             .map(|(peer, _)| peer)
             .collect();
         if relayed.is_empty() {

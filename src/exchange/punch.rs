@@ -278,7 +278,7 @@ fn dial_order(observed: Option<SocketAddr>, offer: &VerifiedPunchOffer, ours: So
 impl Inner {
     /// The live session with `peer`, unless it goes through a relay.
     pub(super) fn direct_session(&self, peer: &NodeId) -> Option<SessionHandle> {
-        self.sessions.get(peer).filter(|s| s.path() != super::ConnectionPath::Relayed)
+        self.sessions.get(peer).filter(|s| !s.path().is_relayed())
     }
 
     /// The addresses we offer: every address our record states except rendezvous ones.
@@ -360,12 +360,8 @@ impl Inner {
             .map(|body| super::record::rendezvous_addresses(&body))
             .unwrap_or_default();
         // A rendezvous must reach both sides directly: relayed sessions cannot introduce anyone.
-        let connected: Vec<(NodeId, SessionHandle)> = self
-            .sessions
-            .all()
-            .into_iter()
-            .filter(|(_, s)| s.path() != super::ConnectionPath::Relayed)
-            .collect();
+        let connected: Vec<(NodeId, SessionHandle)> =
+            self.sessions.all().into_iter().filter(|(_, s)| !s.path().is_relayed()).collect();
         for address in named {
             let session = match connected.iter().find(|(_, s)| s.connection().remote_address() == address) {
                 Some((_, session)) => Some(session.clone()),

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
-use super::{ConnectionPath, Inner};
+use super::Inner;
 use crate::api::names::NodeId;
 use crate::wire::{VerifiedRecord, pb};
 
@@ -87,7 +87,7 @@ async fn reach_behind_nat(
             None => inner.punch_or_relay(peer).await,
         };
         match attempt {
-            Ok(session) if session.path() != ConnectionPath::Relayed => {
+            Ok(session) if !session.path().is_relayed() => {
                 tracing::info!(%peer, path = ?session.path(), "connected to a peer behind a NAT");
                 return;
             }

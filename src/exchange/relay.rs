@@ -631,7 +631,7 @@ pub(super) async fn upgrade_relayed(
         }
         let Some(inner) = inner.upgrade() else { return };
         for (peer, session) in inner.sessions.all() {
-            if session.path() != super::ConnectionPath::Relayed || !inner.punch.auto_punch_due(peer) {
+            if !session.path().is_relayed() || !inner.punch.auto_punch_due(peer) {
                 continue;
             }
             let punching = inner.clone();

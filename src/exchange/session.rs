@@ -127,7 +127,7 @@ impl Arbitrable for SessionHandle {
     }
 
     fn is_relayed(&self) -> bool {
-        self.inner.path == super::ConnectionPath::Relayed
+        self.inner.path.is_relayed()
     }
 }
 
