@@ -19,7 +19,6 @@ use tokio::sync::{Semaphore, oneshot};
 use super::Inner;
 use super::router::Protocol;
 use crate::api::names::NodeId;
-use crate::quic::paths::is_relayed;
 use crate::quic::{QuicEndpoint, QuicLimits};
 use crate::wire::pb;
 
@@ -152,10 +151,10 @@ impl Protocol for DialBacks {
         let Some(session) = node.sessions.get(&peer) else {
             return declined("no session with the requester");
         };
-        let target = session.connection().remote_address();
-        if is_relayed(&target) {
+        if session.path().is_relayed() {
             return declined("we are connected through a relay: a dial-back would measure nothing");
         }
+        let target = session.connection().remote_address();
         let local = session.connection().local_ip();
         let key = node.publisher.signing_key().clone();
         let response = self.server.serve(&node.tasks, &key, peer, target, local, request.kind()).await;

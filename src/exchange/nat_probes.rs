@@ -11,7 +11,6 @@ use super::{ConnectionPath, Exchange, ExchangeError, ProtocolViolation};
 use crate::api::names::NodeId;
 use crate::nat::probes::{DialBackOutcome, NatProbes, Witness};
 use crate::quic::QuicEndpoint;
-use crate::quic::paths::is_relayed;
 use crate::store::StoreError;
 use crate::wire::pb;
 
@@ -167,12 +166,10 @@ impl NatProbes for Exchange {
     /// no DHT port or did not answer.
     async fn probe_mapping_via_dht(&self, peer: NodeId) -> Option<SocketAddr> {
         let inner = &self.inner;
+        // A direct session: a relayed one's address is a circuit's, which says nothing about our mapping.
         let session = inner.direct_session(&peer)?;
         let connection = session.connection();
         let remote = connection.remote_address();
-        if is_relayed(&remote) {
-            return None;
-        }
         // The two samples are compared: the peer's report on our connection must be recent, or a NAT that
         // rebound the flow since (or a lost mapping) would look like one that maps per destination port.
         if !inner.evidence.fresh_sample_towards(remote, MAPPING_PROBE_FRESHNESS_MS) {
