@@ -277,6 +277,17 @@ fn attach_circuit(
     address
 }
 
+/// Why one direction of a relay circuit stopped copying.
+#[derive(Debug, PartialEq, thiserror::Error)]
+enum CircuitEnd {
+    #[error("read: {0}")]
+    Read(quinn::ReadError),
+    #[error("the circuit used up its byte budget")]
+    BudgetSpent,
+    #[error("write: {0}")]
+    Write(quinn::WriteError),
+}
+
 /// Copies `from` into `to` within the circuit's limits: `rate` bytes per second, and the shared `budget`.
 async fn copy_limited(
     mut from: RecvStream,
@@ -284,7 +295,7 @@ async fn copy_limited(
     rate: u64,
     budget: Arc<AtomicU64>,
     total: Arc<AtomicU64>,
-) -> Result<(), String> {
+) -> Result<(), CircuitEnd> {
     let mut window_start = Instant::now();
     let mut in_window = 0u64;
     loop {
@@ -294,11 +305,11 @@ async fn copy_limited(
                 let _ = to.finish();
                 return Ok(());
             }
-            Err(e) => return Err(format!("read: {e}")),
+            Err(e) => return Err(CircuitEnd::Read(e)),
         };
         let len = chunk.len() as u64;
         if budget.fetch_sub(len.min(budget.load(Ordering::Relaxed)), Ordering::Relaxed) < len {
-            return Err("the circuit used up its byte budget".into());
+            return Err(CircuitEnd::BudgetSpent);
         }
         total.fetch_add(len, Ordering::Relaxed);
         in_window += len;
@@ -311,7 +322,7 @@ async fn copy_limited(
             window_start = Instant::now();
             in_window = 0;
         }
-        to.write_chunk(chunk).await.map_err(|e| format!("write: {e}"))?;
+        to.write_chunk(chunk).await.map_err(CircuitEnd::Write)?;
     }
 }
 
@@ -706,7 +717,9 @@ mod tests {
                 Err(e) => return (Err(e.to_string()), None),
             };
             let total = Arc::new(AtomicU64::new(0));
-            let outcome = copy_limited(recv, send, rate, Arc::new(AtomicU64::new(budget)), total).await;
+            let outcome = copy_limited(recv, send, rate, Arc::new(AtomicU64::new(budget)), total)
+                .await
+                .map_err(|e| e.to_string());
             (outcome, Some(inbound.connection))
         });
         let outbound = user.connect(address, Some(relay.node_id())).await.expect("connect");
@@ -733,7 +746,7 @@ mod tests {
             echoed += n;
         }
         let (outcome, _connection) = echo.await.expect("task");
-        assert_eq!(outcome, Err("the circuit used up its byte budget".to_owned()));
+        assert_eq!(outcome, Err(CircuitEnd::BudgetSpent.to_string()));
         assert!(echoed <= 10 * 1024, "{echoed} bytes passed a budget of 10 KiB");
         drop(written.await);
         for endpoint in endpoints {
